@@ -1,0 +1,164 @@
+"""The ``edgekd`` command line: wiring only. Each command validates its options through the typed
+recipe (edgekd/config.py) and calls one stage function; errors become one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from edgekd import ui
+from edgekd.errors import EdgekdError
+
+app = typer.Typer(
+    name="edgekd",
+    help="Big accurate classifier -> small INT8 model that runs fast on an edge device.\n\n"
+    "Pipeline: finetune (teacher) -> distill (student) -> export (INT8 ONNX / TensorRT) -> bench. "
+    "`edgekd build --target NAME` runs them all.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+STATE = {"debug": False}
+
+# ----------------------------------------------------------------------------- shared option types
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe file (YAML/TOML); see `edgekd build --print-config`.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key, e.g. --set student.train.epochs=3 (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). [default: 0]")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. [default: fashion-mnist]")]
+DataRootOpt = Annotated[Optional[str], typer.Option(help="Dataset folder. Fashion-MNIST default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist.")]
+TrainSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N training images (quick runs).")]
+TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validation/test images (quick runs).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs.")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Batch size.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (after warm-up).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt in --out when present.")]
+
+
+def _overrides(pairs: dict[str, Any]) -> list[str]:
+    """CLI options that were given become recipe overrides (None means 'not given')."""
+    out = []
+    for key, value in pairs.items():
+        if value is None:
+            continue
+        out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+) -> None:
+    STATE["debug"] = debug
+    ui.set_quiet(quiet)
+
+
+@app.command()
+def finetune(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Teacher backbone (any timm name). [default: efficientnet_lite0]")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file. [default: auto]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="'full' fine-tune or 'linear-probe' (frozen backbone). [default: full]")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Input side in pixels. [default: 64]")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="'adamw' or 'sgd'. [default: adamw]")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing. [default: 0.1]")] = None,
+    dataset: DatasetOpt = None,
+    data_root: DataRootOpt = None,
+    train_subset: TrainSubsetOpt = None,
+    test_subset: TestSubsetOpt = None,
+    seed: SeedOpt = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A first look in about a minute: 2,000 images, 1 epoch, 32 px.")] = False,
+    out: OutOpt = Path("runs/teacher"),
+    resume: ResumeOpt = True,
+    as_json: JsonOpt = False,
+) -> None:
+    """Stage 1: fine-tune a pretrained backbone into the teacher.
+
+    Example: edgekd finetune --epochs 4 --input-size 64 --out runs/teacher
+    """
+    from edgekd.config import load_recipe
+    from edgekd.finetune import run_finetune
+
+    quick_set = ["data.train_subset=2000", "data.test_subset=1000", "teacher.train.epochs=1", "teacher.input_size=32"] if quick else []
+    opts = _overrides({
+        "teacher.model": model, "teacher.pretrained": pretrained, "teacher.mode": mode, "teacher.input_size": input_size,
+        "teacher.train.epochs": epochs, "teacher.train.batch_size": batch_size, "teacher.train.lr": lr,
+        "teacher.train.optimizer": optimizer, "teacher.train.label_smoothing": label_smoothing,
+        "data.dataset": dataset, "data.root": data_root, "data.train_subset": train_subset, "data.test_subset": test_subset, "seed": seed,
+    })
+    recipe = load_recipe(config, quick_set + (set_ or []) + opts)
+    result = run_finetune(recipe.teacher, recipe.data, out, recipe.seed, recipe.deterministic, resume)
+    m = result["metrics"]
+    ui.show(ui.table("teacher fine-tune", ["model", "params", "val top-1", "test top-1", "train s", "img/s", "checkpoint"],
+                     [[recipe.teacher.model, f"{m['params']:,}", m["val"]["top1"], m["test"]["top1"], m["train_seconds"], m["images_per_second"], result["checkpoint"]]]))
+    emit({"checkpoint": result["checkpoint"], "metrics_file": result["metrics_file"], "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
+          "params": m["params"], "train_seconds": m["train_seconds"], "images_per_second": m["images_per_second"]}, as_json)
+
+
+@app.command()
+def models(
+    input_size: Annotated[int, typer.Option(help="Input side for the MAC count.")] = 28,
+    in_chans: Annotated[int, typer.Option(help="Input channels for students.")] = 1,
+    num_classes: Annotated[int, typer.Option(help="Classes for the head.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """List edgekd's students (nano < 100K params, small) with parameters and MACs at --input-size.
+
+    Any timm model name also works as --student or --model.
+    """
+    from edgekd.models import count_macs, count_params, create_model, list_students
+
+    rows = []
+    for spec in list_students():
+        m = create_model(spec.name, num_classes, in_chans=in_chans)
+        rows.append({"name": spec.name, "family": spec.family, "params": count_params(m), "macs": count_macs(m, input_size, in_chans), "about": spec.doc})
+    ui.show(ui.table(f"students at {input_size}x{input_size}x{in_chans}", ["name", "family", "params", "MMACs", "about"],
+                     [[r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}", r["about"]] for r in rows]))
+    emit({"models": rows}, as_json)
+
+
+def main() -> None:
+    """Console entry point: one-line errors, exit code 2, tracebacks only with --debug."""
+    try:
+        app(standalone_mode=False)
+    except EdgekdError as exc:
+        if STATE["debug"]:
+            raise
+        ui.console.print(f"[bold red]error[/]: {exc.one_line()}", soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        ui.console.print("[bold red]interrupted[/]: rerun the same command to resume", soft_wrap=True)
+        sys.exit(130)
+    except Exception as exc:  # noqa: BLE001
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        if STATE["debug"]:
+            raise
+        ui.console.print(f"[bold red]error[/]: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback and report it)", soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

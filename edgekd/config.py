@@ -1,0 +1,181 @@
+"""Typed, strict configuration for every stage, and the recipe file that holds them.
+
+One place validates everything: a recipe (YAML or TOML) is parsed into :class:`Recipe`; unknown
+keys and wrong types fail with the dotted field name. CLI options and ``key=value`` overrides
+(``teacher.train.epochs=3``) are applied on top before validation, so ``edgekd build
+--print-config`` shows exactly what will run. Pattern borrowed from torchtune recipes and
+Model Optimizer's ``extra="forbid"`` configs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgekd.errors import EdgekdError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    dataset: str = Field("fashion-mnist", description="'fashion-mnist', 'imagefolder', or a torchvision dataset name (e.g. 'cifar10')")
+    root: str | None = Field(None, description="dataset folder; default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist")
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="share of the training set held out for validation")
+    train_subset: int | None = Field(None, gt=0, description="use only this many training images (quick runs)")
+    test_subset: int | None = Field(None, gt=0, description="use only this many test images (quick runs)")
+    augment: Literal["none", "flip", "crop-flip"] = Field("crop-flip", description="train-time augmentation")
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(5, ge=0, description="passes over the training set")
+    batch_size: int = Field(64, ge=1, le=4096)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-3, gt=0, le=10)
+    weight_decay: float = Field(0.05, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD only")
+    warmup_epochs: float = Field(0.3, ge=0, description="linear warm-up before the cosine decay")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    amp: bool = Field(True, description="mixed precision where CUDA is present (ignored on CPU)")
+    grad_clip: float | None = Field(None, gt=0)
+    workers: int = Field(0, ge=0, description="reserved: data is held in memory as tensors")
+
+
+class TeacherConfig(Strict):
+    model: str = Field("efficientnet_lite0", description="timm model name (or a registered edgekd model)")
+    pretrained: str = Field("auto", description="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file path")
+    input_size: int = Field(64, ge=16, le=1024, description="square input side in pixels")
+    mode: Literal["full", "linear-probe"] = Field("full", description="fine-tune everything or only the new head")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=4, lr=1e-3, batch_size=64, label_smoothing=0.1))
+
+
+class StudentConfig(Strict):
+    model: str = Field("nano_cnn", description="edgekd student (see `edgekd models`) or a timm model name")
+    input_size: int = Field(28, ge=16, le=1024)
+    width: float = Field(1.0, gt=0, le=8, description="width multiplier for edgekd students")
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, lr=3e-3, batch_size=128, weight_decay=0.05))
+
+
+class DistillConfig(Strict):
+    losses: list[Literal["kd", "fitnet", "rkd", "at"]] = Field(default_factory=lambda: ["kd"])
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term; 1-alpha goes to hard labels")
+    feature_weight: float = Field(1.0, ge=0, description="weight of fitnet / attention terms")
+    relation_weight: float = Field(1.0, ge=0, description="weight of the RKD term")
+    student_layer: str | None = Field(None, description="student module path for feature losses (default: model's feature_layer)")
+    teacher_layer: str | None = Field(None, description="teacher module path for feature losses (default: model's feature_layer)")
+    teacher_weights: list[float] | None = Field(None, description="one weight per teacher (multi-teacher); default equal")
+    cache_teacher: bool = Field(True, description="cache teacher logits when augmentation allows it")
+
+    @field_validator("losses")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("at least one loss is needed")
+        return v
+
+
+class QuantizeConfig(Strict):
+    enabled: bool = True
+    calibrator: Literal["max", "percentile", "entropy", "mse"] = "max"
+    percentile: float = Field(99.99, gt=50, le=100)
+    calib_images: int = Field(512, ge=16)
+    fold_bn: bool = True
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=2, lr=1e-4, batch_size=128, weight_decay=0.0, warmup_epochs=0.0))
+
+
+class ExportConfig(Strict):
+    precision: Literal["int8", "fp16", "fp32"] = "int8"
+    layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="Q/DQ layout; 'auto' takes the target's")
+    opset: int = Field(17, ge=17, le=23)
+    check_batch: int = Field(256, ge=1, description="held images for the ORT-vs-PyTorch agreement check")
+
+
+class BenchConfig(Strict):
+    warmup: int = Field(20, ge=0)
+    runs: int = Field(200, ge=10)
+    batches: list[int] = Field(default_factory=lambda: [1, 64])
+    threads: int | None = Field(None, ge=1)
+
+
+class Recipe(Strict):
+    """Everything `edgekd build` needs. Each section configures one stage."""
+
+    name: str = "default"
+    seed: int = 0
+    deterministic: bool = False
+    target: str = "x86-cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    bench: BenchConfig = Field(default_factory=BenchConfig)
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    return f"{source}: {where}: {msg}"
+
+
+def parse_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML file into a dict; any parse problem becomes one clear error."""
+    p = Path(path)
+    if not p.is_file():
+        raise EdgekdError(f"config file not found: {p}", "check the path")
+    try:
+        text = p.read_text()
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EdgekdError(f"{p} is not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: {detail}", "fix the syntax") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise EdgekdError(f"{p} must hold a mapping of keys, not {type(data).__name__}", "see `edgekd build --print-config` for the layout")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings; values are parsed as YAML scalars/lists (``3``, ``true``, ``[kd,fitnet]``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise EdgekdError(f"override '{item}' is not key=value", "write e.g. teacher.train.epochs=3")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise EdgekdError(f"override '{item}': '{part}' is not a section", "check the key path with --print-config")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Defaults <- recipe file <- overrides, validated once."""
+    data: dict[str, Any] = parse_file(path) if path else {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise EdgekdError(describe_validation_error(exc, str(path or "recipe")), "see `edgekd build --print-config` for valid keys") from exc
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

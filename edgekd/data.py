@@ -1,0 +1,359 @@
+"""Datasets held in memory as uint8 tensors, and batch iterators that preprocess on the fly.
+
+Why in memory: on a 2-core machine a PyTorch DataLoader with PIL decoding per image is the
+bottleneck for small images. Fashion-MNIST (60k x 28 x 28) is 47 MB as uint8; an ImageFolder is
+decoded once at a fixed storage size. Preprocessing (resize, grey->RGB, normalisation) follows the
+*model's* data config, timm-style, so one dataset feeds a 224-px RGB teacher and a 28-px grey
+student alike.
+
+Sources:
+- ``fashion-mnist``: the four IDX files from Debian's ``dataset-fashion-mnist`` (offline).
+- ``imagefolder``: ``root/<class>/<image>``; optional ``train/`` ``val/`` ``test/`` sub-folders.
+- any torchvision dataset class name (``cifar10``, ``mnist``...) where it can be downloaded.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from edgekd.errors import EdgekdError
+
+FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_ENV = "EDGEKD_FASHION_MNIST"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+@dataclass
+class Split:
+    """Images (N, C, H, W) uint8 and labels (N,) int64."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, n: int | None) -> "Split":
+        return self if n is None or n >= len(self) else Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # uint8 (B, C, H, W), augmented
+    labels: torch.Tensor
+    indices: torch.Tensor  # positions in the split (for cached teacher outputs)
+    flipped: torch.Tensor  # bool (B,), True where the image was mirrored
+    cropped: bool  # True when a random crop was applied (teacher outputs not cacheable)
+
+
+@dataclass
+class DataSet:
+    name: str
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split
+    source: str = ""
+    info: dict = field(default_factory=dict)
+
+    @property
+    def channels(self) -> int:
+        return int(self.train.images.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def fingerprint(self) -> str:
+        """Cheap identity of the data actually used (sizes + a sample of bytes), for cache keys."""
+        import hashlib
+
+        h = hashlib.sha256(self.name.encode())
+        for split in (self.train, self.val, self.test):
+            h.update(str(tuple(split.images.shape)).encode())
+            h.update(split.images[:: max(1, len(split) // 64)].numpy().tobytes())
+            h.update(split.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class Preprocess:
+    """How a model wants its input: the same fields timm keeps in ``pretrained_cfg``."""
+
+    input_size: int
+    channels: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str = "bilinear"
+
+    def to_dict(self) -> dict:
+        return {"input_size": self.input_size, "channels": self.channels, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        return cls(int(d["input_size"]), int(d["channels"]), tuple(d["mean"]), tuple(d["std"]), d.get("interpolation", "bilinear"))
+
+    def __call__(self, images_u8: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) -> normalised float (N, channels, input_size, input_size)."""
+        x = images_u8.float().div_(255.0)
+        if x.shape[1] != self.channels:
+            if x.shape[1] == 1:
+                x = x.expand(-1, self.channels, -1, -1)
+            elif self.channels == 1:
+                w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype).view(1, 3, 1, 1)
+                x = (x[:, :3] * w).sum(1, keepdim=True)
+            else:
+                raise EdgekdError(f"cannot map {x.shape[1]}-channel images to {self.channels} channels")
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation, align_corners=False)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
+def augment_batch(images_u8: torch.Tensor, mode: str, generator: torch.Generator, pad: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random crop (zero pad, then crop back) and horizontal flip on a uint8 batch.
+
+    Returns the images and the flip mask: with ``mode='flip'`` the augmentation has only two
+    views per image, so a teacher's logits for both can be cached (see distill.py).
+    """
+    if mode == "none":
+        return images_u8, torch.zeros(images_u8.shape[0], dtype=torch.bool)
+    n, _, h, w = images_u8.shape
+    out = images_u8
+    if mode == "crop-flip":
+        p = pad if pad is not None else max(1, round(h / 14))
+        padded = F.pad(images_u8, (p, p, p, p))
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator)
+        out = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = out.clone() if out is images_u8 else out
+    out[flip] = out[flip].flip(-1)
+    return out, flip
+
+
+def iterate(
+    split: Split,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    augment: str = "none",
+    rank: int = 0,
+    world: int = 1,
+    drop_last: bool = False,
+) -> Iterator[Batch]:
+    """Yield batches. With ``world > 1`` each rank gets its shard of the same permutation."""
+    n = len(split)
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    if world > 1:
+        per_rank = n // world
+        order = order[: per_rank * world].view(per_rank, world)[:, rank].contiguous()
+    aug_gen = torch.Generator().manual_seed(seed * 7_919 + epoch * 31 + rank)
+    stop = len(order) - (len(order) % batch_size if drop_last else 0)
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size]
+        images, flipped = augment_batch(split.images[idx], augment, aug_gen)
+        yield Batch(images, split.labels[idx], idx, flipped, augment == "crop-flip")
+
+
+def num_batches(n: int, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
+    per_rank = n // world if world > 1 else n
+    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+def _read_idx(path: Path) -> torch.Tensor:
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as fh:
+            raw = fh.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+        if zero != 0 or dtype_code != 0x08:
+            raise ValueError("bad IDX magic")
+        dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+        data = torch.frombuffer(bytearray(raw[4 + 4 * ndim :]), dtype=torch.uint8)
+        return data.view(*dims)
+    except (OSError, ValueError, RuntimeError, EOFError, struct.error) as exc:
+        raise EdgekdError(f"cannot read IDX file {path}: {exc}", "the file is corrupt; reinstall the dataset (apt-get install --reinstall dataset-fashion-mnist)") from exc
+
+
+def fashion_mnist_root(root: str | None) -> Path:
+    candidates = [root] if root else [os.environ.get(FASHION_MNIST_ENV), FASHION_MNIST_DEFAULT]
+    for c in candidates:
+        if c and all((Path(c) / f).is_file() for pair in FASHION_MNIST_FILES.values() for f in pair):
+            return Path(c)
+    where = root or f"${FASHION_MNIST_ENV} or {FASHION_MNIST_DEFAULT}"
+    raise EdgekdError(
+        f"Fashion-MNIST not found at {where}",
+        "install it with `apt-get install -y dataset-fashion-mnist`, or pass --data-root / set "
+        f"{FASHION_MNIST_ENV} to a folder holding the four *-idx?-ubyte.gz files",
+    )
+
+
+def load_fashion_mnist_split(root: Path, which: str) -> Split:
+    img_file, lbl_file = FASHION_MNIST_FILES[which]
+    images = _read_idx(root / img_file)
+    labels = _read_idx(root / lbl_file).long()
+    if images.ndim != 3 or images.shape[0] != labels.shape[0]:
+        raise EdgekdError(f"Fashion-MNIST files in {root} disagree in shape", "reinstall the dataset")
+    return Split(images.unsqueeze(1).contiguous(), labels)
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+def _list_classes(folder: Path) -> list[str]:
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _load_folder(folder: Path, classes: Sequence[str], store_size: int, channels: int | None) -> tuple[Split, int, list[str]]:
+    """Decode every image once to (channels, store_size, store_size) uint8; returns the split, channel count and skipped files."""
+    from PIL import Image, UnidentifiedImageError
+
+    files: list[tuple[Path, int]] = []
+    for ci, cname in enumerate(classes):
+        cdir = folder / cname
+        if cdir.is_dir():
+            files += [(p, ci) for p in sorted(cdir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if not files:
+        raise EdgekdError(f"no images found in {folder}", f"put images in {folder}/<class name>/ (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    if channels is None:
+        modes = []
+        for p, _ in files[:64]:
+            try:
+                with Image.open(p) as im:
+                    modes.append(im.mode)
+            except (OSError, UnidentifiedImageError):
+                continue
+        channels = 1 if modes and all(m in ("L", "1", "I;16", "I") for m in modes) else 3
+    pil_mode = "L" if channels == 1 else "RGB"
+    images, labels, skipped = [], [], []
+    for p, ci in files:
+        try:
+            with Image.open(p) as im:
+                im = im.convert(pil_mode).resize((store_size, store_size), Image.BILINEAR)
+                t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(store_size, store_size, channels)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            skipped.append(str(p))
+            continue
+        images.append(t.permute(2, 0, 1))
+        labels.append(ci)
+    if not images:
+        raise EdgekdError(f"none of the {len(files)} images in {folder} could be read", "check the files are valid images")
+    return Split(torch.stack(images).contiguous(), torch.tensor(labels, dtype=torch.long)), channels, skipped
+
+
+def load_imagefolder(root: str | None, store_size: int = 64) -> tuple[dict[str, Split], list[str], dict]:
+    if not root:
+        raise EdgekdError("dataset 'imagefolder' needs a folder", "pass --data-root DIR (DIR/<class>/<image>)")
+    base = Path(root)
+    if not base.is_dir():
+        raise EdgekdError(f"dataset folder not found: {base}", "check the path passed as --data-root")
+    has_splits = (base / "train").is_dir()
+    train_dir = base / "train" if has_splits else base
+    classes = _list_classes(train_dir)
+    if not classes:
+        raise EdgekdError(f"{train_dir} has no class sub-folders", "lay the data out as DIR/<class name>/<image files>")
+    if len(classes) < 2:
+        raise EdgekdError(f"{train_dir} has only one class ({classes[0]})", "a classifier needs at least two class folders")
+    splits: dict[str, Split] = {}
+    train, channels, skipped = _load_folder(train_dir, classes, store_size, None)
+    splits["train"] = train
+    for name in ("val", "test"):
+        if has_splits and (base / name).is_dir():
+            split, _, sk = _load_folder(base / name, classes, store_size, channels)
+            splits[name] = split
+            skipped += sk
+    return splits, classes, {"skipped_files": skipped, "store_size": store_size}
+
+
+# ----------------------------------------------------------------------------- torchvision
+def load_torchvision(name: str, root: str | None) -> tuple[dict[str, Split], list[str]]:
+    import torchvision.datasets as tvd
+
+    lookup = {k.lower().replace("_", "").replace("-", ""): k for k in dir(tvd)}
+    key = name.lower().replace("_", "").replace("-", "")
+    if key not in lookup:
+        raise EdgekdError(f"unknown dataset '{name}'", "use 'fashion-mnist', 'imagefolder' (with --data-root) or a torchvision dataset name such as cifar10")
+    cls = getattr(tvd, lookup[key])
+    folder = root or str(Path.home() / ".cache" / "edgekd" / "datasets")
+    out = {}
+    try:
+        for split, train in (("train", True), ("test", False)):
+            ds = cls(folder, train=train, download=True)
+            data = torch.as_tensor(ds.data)
+            data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
+            out[split] = Split(data.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+    except Exception as exc:  # noqa: BLE001 - any download/parse failure
+        raise EdgekdError(f"could not load torchvision dataset '{name}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "check the network or pass a local --data-root") from exc
+    return out, list(getattr(ds, "classes", [str(i) for i in range(int(out["train"].labels.max()) + 1)]))
+
+
+# ----------------------------------------------------------------------------- entry point
+def _split_off_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    n = len(train)
+    n_val = int(round(n * fraction))
+    if n_val == 0:
+        return train, Split(train.images[:0], train.labels[:0])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return Split(train.images[order[n_val:]], train.labels[order[n_val:]]), Split(train.images[order[:n_val]], train.labels[order[:n_val]])
+
+
+def load_dataset(
+    dataset: str = "fashion-mnist",
+    root: str | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    store_size: int = 64,
+) -> DataSet:
+    """Load a dataset with a deterministic train/val split (same seed, same split)."""
+    info: dict = {}
+    key = dataset.lower()
+    if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
+        base = fashion_mnist_root(root)
+        splits = {"train": load_fashion_mnist_split(base, "train"), "test": load_fashion_mnist_split(base, "test")}
+        classes, source, name = list(FASHION_MNIST_CLASSES), str(base), "fashion-mnist"
+    elif key == "imagefolder":
+        splits, classes, info = load_imagefolder(root, store_size)
+        source, name = str(root), f"imagefolder:{Path(root).name}"
+    else:
+        splits, classes = load_torchvision(dataset, root)
+        source, name = root or "torchvision", dataset
+    train = splits["train"]
+    if "val" in splits:
+        val = splits["val"]
+    else:
+        train, val = _split_off_val(train, val_fraction, seed)
+    test = splits.get("test") or val
+    if "test" not in splits:
+        info["test_is_val"] = True
+    if len(train) == 0:
+        raise EdgekdError(f"dataset {name} has no training images", "check the dataset folder")
+    return DataSet(name, classes, train.subset(train_subset), val.subset(test_subset), test.subset(test_subset), source, info)
+
+
+def calibration_images(split: Split, n: int, seed: int = 0) -> torch.Tensor:
+    """A fixed random subset of uint8 images for INT8 calibration."""
+    n = min(n, len(split))
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
+    return split.images[idx]

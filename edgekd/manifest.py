@@ -1,0 +1,163 @@
+"""Artifacts on disk: atomic writes, checksums and the run manifest.
+
+Every file edgekd produces is written to a temporary sibling and renamed into place, so an
+interrupted run (Ctrl-C, SIGKILL, a full disk) never leaves a half-written artifact under its
+final name. A run directory holds ``manifest.json``: for each stage its status, config hash,
+inputs, artifacts (path + sha256), metrics and timing. The pipeline reads it to skip or resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from edgekd.errors import EdgekdError
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == 28:  # ENOSPC
+            raise EdgekdError(f"disk full while writing {final}", "free some space and rerun; nothing was left half-written") from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    return write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise EdgekdError(f"{what} not found: {p}", "check the path")
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EdgekdError(f"{what} {p} is not valid JSON: {exc}", "delete it or restore it from a good copy") from exc
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Stable hash of a JSON-able object (sorted keys), used as a config fingerprint."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that decide numerical results, recorded with every artifact."""
+    out = {"python": platform.python_version()}
+    for mod in ("edgekd", "torch", "timm", "onnx", "onnxruntime", "modelopt", "tensorrt"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "unknown")
+        except Exception:  # noqa: BLE001 - absent optional deps are simply not listed
+            continue
+    return out
+
+
+class Manifest:
+    """The run directory's ``manifest.json``: one entry per stage, written atomically after each change."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / MANIFEST_NAME
+        if self.path.exists():
+            data = read_json(self.path, "run manifest")
+            if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:
+                raise EdgekdError(f"{self.path} is not an edgekd v{MANIFEST_VERSION} manifest", "use a fresh --out directory")
+            self.data = data
+        else:
+            self.data = {"manifest_version": MANIFEST_VERSION, "created": time.time(), "versions": versions(), "stages": {}}
+
+    # -- stages -----------------------------------------------------------------------------
+    def stage(self, name: str) -> dict[str, Any] | None:
+        return self.data["stages"].get(name)
+
+    def is_done(self, name: str, config_hash: str) -> bool:
+        """A stage is done when it finished with the same config and its artifacts are intact."""
+        entry = self.stage(name)
+        if not entry or entry.get("status") != "done" or entry.get("config_hash") != config_hash:
+            return False
+        return all(self._artifact_ok(a) for a in entry.get("artifacts", {}).values())
+
+    def _artifact_ok(self, art: dict[str, Any]) -> bool:
+        p = self.run_dir / art["path"]
+        return p.is_file() and sha256_file(p) == art["sha256"]
+
+    def start(self, name: str, config_hash: str) -> None:
+        self.data["stages"][name] = {"status": "running", "config_hash": config_hash, "started": time.time()}
+        self.save()
+
+    def finish(self, name: str, artifacts: dict[str, str | os.PathLike], metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+        entry = self.data["stages"][name]
+        entry["artifacts"] = {key: self.artifact(p) for key, p in artifacts.items()}
+        entry["metrics"] = metrics or {}
+        entry["status"] = "done"
+        entry["seconds"] = round(time.time() - entry["started"], 2)
+        self.save()
+        return entry
+
+    def artifact(self, path: str | os.PathLike) -> dict[str, Any]:
+        p = Path(path)
+        rel = p.resolve().relative_to(self.run_dir.resolve()) if p.is_absolute() else p
+        full = self.run_dir / rel
+        return {"path": str(rel), "sha256": sha256_file(full), "bytes": full.stat().st_size}
+
+    def artifact_path(self, stage: str, key: str) -> Path:
+        entry = self.stage(stage)
+        if not entry or key not in entry.get("artifacts", {}):
+            raise EdgekdError(f"stage '{stage}' has no artifact '{key}' in {self.path}", "run the earlier stages first")
+        return self.run_dir / entry["artifacts"][key]["path"]
+
+    def verify(self) -> list[str]:
+        """Return a list of problems (missing file, checksum mismatch); empty means intact."""
+        problems = []
+        for name, entry in self.data["stages"].items():
+            for key, art in entry.get("artifacts", {}).items():
+                p = self.run_dir / art["path"]
+                if not p.is_file():
+                    problems.append(f"{name}.{key}: missing {art['path']}")
+                elif sha256_file(p) != art["sha256"]:
+                    problems.append(f"{name}.{key}: checksum mismatch for {art['path']}")
+        return problems
+
+    def save(self) -> None:
+        self.data["updated"] = time.time()
+        write_json_atomic(self.path, self.data)

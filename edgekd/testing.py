@@ -1,0 +1,1 @@
+"""pytest helpers for latency regression tests (see bench.py)."""
