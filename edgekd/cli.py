@@ -3,7 +3,6 @@ recipe (edgekd/config.py) and calls one stage function; errors become one line a
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -24,35 +23,8 @@ app = typer.Typer(
 )
 STATE = {"debug": False}
 
-# ----------------------------------------------------------------------------- shared option types
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe file (YAML/TOML); see `edgekd build --print-config`.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key, e.g. --set student.train.epochs=3 (repeatable).")]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). [default: 0]")]
-DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. [default: fashion-mnist]")]
-DataRootOpt = Annotated[Optional[str], typer.Option(help="Dataset folder. Fashion-MNIST default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist.")]
-TrainSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N training images (quick runs).")]
-TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validation/test images (quick runs).")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs.")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="Batch size.")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (after warm-up).")]
-ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt in --out when present.")]
-
-
-def _overrides(pairs: dict[str, Any]) -> list[str]:
-    """CLI options that were given become recipe overrides (None means 'not given')."""
-    out = []
-    for key, value in pairs.items():
-        if value is None:
-            continue
-        out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
-    return out
-
-
-def emit(result: dict, as_json: bool) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(result, default=str) + "\n")
+from edgekd.cli_options import (BatchOpt, ConfigOpt, DataRootOpt, DatasetOpt, EpochsOpt, JsonOpt, LrOpt, OutOpt, ResumeOpt, SeedOpt,
+                                SetOpt, TestSubsetOpt, TrainSubsetOpt, emit, overrides as _overrides)
 
 
 @app.callback()
@@ -130,6 +102,13 @@ def models(
     ui.show(ui.table(f"students at {input_size}x{input_size}x{in_chans}", ["name", "family", "params", "MMACs", "about"],
                      [[r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}", r["about"]] for r in rows]))
     emit({"models": rows}, as_json)
+
+
+# Each stage's commands live in edgekd/commands/<stage>.py and register themselves here.
+from edgekd.commands import bench as _bench_cmds, build as _build_cmds, deploy as _deploy_cmds, distill as _distill_cmds, export as _export_cmds, targets as _targets_cmds  # noqa: E402
+
+for _mod in (_distill_cmds, _export_cmds, _bench_cmds, _build_cmds, _targets_cmds, _deploy_cmds):
+    _mod.register(app)
 
 
 def main() -> None:

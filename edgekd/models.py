@@ -149,7 +149,7 @@ def pico_cnn(num_classes: int = 10, in_chans: int = 1, width: float = 1.0, **_: 
 
 @register_student("small")
 def small_cnn(num_classes: int = 10, in_chans: int = 1, width: float = 1.0, **_: Any) -> nn.Module:
-    """Small: plain 64-128-256 Conv-BN-ReLU stages (~1.1M params), wide enough that INT8 pays off on CPU."""
+    """Small: plain 64-128-256 Conv-BN-ReLU stages (~0.56M params), wide enough that INT8 pays off on CPU."""
     w = [[_round_ch(64 * width), _round_ch(64 * width)], [_round_ch(128 * width), _round_ch(128 * width)], [_round_ch(256 * width)]]
     return PlainCNN(w, in_chans, num_classes)
 

@@ -1,0 +1,41 @@
+"""Option types shared by every command (huggingface_hub-style): one definition, one help text."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe file (YAML/TOML); see `edgekd build --print-config`.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key, e.g. --set student.train.epochs=3 (repeatable).")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). [default: 0]")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. [default: fashion-mnist]")]
+DataRootOpt = Annotated[Optional[str], typer.Option(help="Dataset folder. Fashion-MNIST default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist.")]
+TrainSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N training images (quick runs).")]
+TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validation/test images (quick runs).")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs.")]
+BatchOpt = Annotated[Optional[int], typer.Option(help="Batch size.")]
+LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (after warm-up).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt in --out when present.")]
+
+
+def overrides(pairs: dict[str, Any]) -> list[str]:
+    """CLI options that were given become recipe overrides (None means 'not given')."""
+    out = []
+    for key, value in pairs.items():
+        if value is None:
+            continue
+        out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
+    return out
+
+
+def emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, default=str) + "\n")
+
+

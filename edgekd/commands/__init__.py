@@ -1,0 +1,1 @@
+"""One module per stage with its CLI commands; cli.py registers them."""
