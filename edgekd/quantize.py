@@ -1,0 +1,329 @@
+"""Quantization-aware distillation (QAD): INT8 fake-quant in the student, FP32 teacher, then fine-tune.
+
+Follows NVIDIA Model Optimizer's PyTorch quantization guide (``mtq.quantize(model, cfg,
+forward_loop)``; the library never sees the data loader) and the QAT recipe of Jacob et al.,
+"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"
+(CVPR 2018): fold BatchNorm into the convolutions, simulate INT8 (per-channel symmetric weights,
+per-tensor activations) and train with straight-through gradients. The loss is the caller's
+(usually the distillation loss from an FP32 teacher: Hinton et al., "Distilling the Knowledge in a
+Neural Network", 2015), so the quantized student learns from the unquantized teacher.
+
+Residual adds get a quantizer on the shortcut input (``QuantBasicBlock``), the placement TensorRT's
+explicit-quantization guide recommends so the conv + add fuse with an INT8 residual.
+
+A quantized checkpoint stores plain tensors only (weights + every quantizer's ``_amax``) and a small
+``quantize`` dict; :func:`load_quantized` rebuilds the model, re-inserts the quantizers without
+calibrating and loads the amax values, so it loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgekd import ui
+from edgekd.config import QuantizeConfig
+from edgekd.data import Batch, DataSet, Preprocess, calibration_images
+from edgekd.errors import EdgekdError
+from edgekd.models import BasicBlock, create_model, load_checkpoint, save_checkpoint
+
+QUANT_FORMAT = "edgekd-int8-fakequant-1"
+QUANTIZED_KIND = "quantized-student"
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
+# ----------------------------------------------------------------------------- modelopt access
+def _mtq():
+    """Import modelopt's quantization package quietly (it warns about CUDA/Triton on CPU hosts)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import modelopt.torch.quantization as mtq
+    return mtq
+
+
+def _tensor_quantizer_cls() -> type:
+    _mtq()
+    from modelopt.torch.quantization.nn import TensorQuantizer
+
+    return TensorQuantizer
+
+
+class QuantBasicBlock(BasicBlock):
+    """BasicBlock whose shortcut input to the residual Add is fake-quantized.
+
+    The main branch (conv2 + bn2) enters the Add unquantized so TensorRT fuses conv + add and takes
+    the output precision from the INT8 residual input (TensorRT developer guide, "Q/DQ layer
+    placement recommendations": quantize the residual input in skip connections).
+    """
+
+    def _setup(self) -> None:
+        self.residual_input_quantizer = _tensor_quantizer_cls()()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(y + self.residual_input_quantizer(self.shortcut(x)))
+
+
+_REGISTERED = {"done": False}
+
+
+def register_quantized_modules() -> None:
+    """Tell modelopt how to quantize edgekd's residual block (idempotent)."""
+    if _REGISTERED["done"]:
+        return
+    mtq = _mtq()
+    if BasicBlock not in mtq.QuantModuleRegistry:
+        mtq.register(original_cls=BasicBlock, quantized_cls=QuantBasicBlock)
+    _REGISTERED["done"] = True
+
+
+def int8_config() -> dict:
+    """INT8: per-channel (axis 0) symmetric weights, per-tensor activations, max calibration.
+
+    modelopt's ``INT8_DEFAULT_CFG``; its ``*input_quantizer`` pattern also matches
+    ``residual_input_quantizer``.
+    """
+    return copy.deepcopy(_mtq().INT8_DEFAULT_CFG)
+
+
+# ----------------------------------------------------------------------------- BN folding
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module paths where a BatchNorm2d consumes only a Conv2d's output (found by torch.fx)."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as exc:  # noqa: BLE001 - any tracing failure means "cannot fold safely"
+        raise EdgekdError(f"cannot trace {type(model).__name__} to fold BatchNorm ({str(exc).splitlines()[0][:100]})",
+                          "set quantize.fold_bn=false for this model") from exc
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if getattr(src, "op", None) == "call_module" and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1:
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * scale + bn.bias
+    conv.bias = nn.Parameter(new_bias.detach().clone())
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every Conv2d -> BatchNorm2d pair in place (BN becomes Identity); returns how many.
+
+    Folding before fake-quant makes the trained weight scales the deployed ones: both TensorRT and
+    onnxruntime fold BN before quantizing, so an unfolded QAT model trains on other weights.
+    """
+    pairs = _conv_bn_pairs(model)
+    modules = dict(model.named_modules())
+    for conv_path, bn_path in pairs:
+        _fold_pair(modules[conv_path], modules[bn_path])
+        _set_module(model, bn_path, nn.Identity())
+    model.edgekd_bn_folded = True
+    return len(pairs)
+
+
+# ----------------------------------------------------------------------------- calibration
+def enabled_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    TQ = _tensor_quantizer_cls()
+    return {n: m for n, m in model.named_modules() if isinstance(m, TQ) and m.is_enabled}
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in enabled_quantizers(model).items() if n.endswith("input_quantizer")}
+
+
+def forward_loop_over(images_u8: torch.Tensor, preprocess: Preprocess, batch_size: int = 128) -> Callable[[nn.Module], None]:
+    """modelopt's callback: run the model over the calibration images (uint8) in eval mode."""
+
+    @torch.no_grad()
+    def loop(model: nn.Module) -> None:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        for i in range(0, len(images_u8), batch_size):
+            model(preprocess(images_u8[i : i + batch_size]).to(dev))
+        model.train(was)
+
+    return loop
+
+
+def recalibrate_activations(model: nn.Module, loop: Callable[[nn.Module], None], method: str, percentile: float = 99.99) -> None:
+    """Replace max-calibrated activation ranges with histogram-based ones (percentile / entropy / MSE).
+
+    Weights keep their per-channel max: clipping weights gains nothing for INT8 (TensorRT's guide
+    and modelopt both calibrate weights by max).
+    """
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+
+    quantizers = list(activation_quantizers(model).values())
+    for q in quantizers:
+        q._calibrator = HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
+        q.disable_quant()
+        q.enable_calib()
+    loop(model)
+    for q in quantizers:
+        kwargs = {"percentile": percentile} if method == "percentile" else {}
+        q.load_calib_amax(method, **kwargs)
+        q.enable_quant()
+        q.disable_calib()
+
+
+def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess) -> nn.Module:
+    """Fold BN (if asked), insert INT8 fake-quant and calibrate activation ranges, in place.
+
+    ``calib_u8=None`` inserts quantizers without calibrating (used when amax values are loaded
+    from a checkpoint). Raises EdgekdError when nothing in the model can be quantized.
+    """
+    mtq = _mtq()
+    register_quantized_modules()
+    model.eval()
+    if cfg.fold_bn:
+        fold_batchnorm(model)
+    loop = forward_loop_over(calib_u8, preprocess) if calib_u8 is not None else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mtq.quantize(model, int8_config(), loop)
+    n_enabled = len(enabled_quantizers(model))
+    if n_enabled == 0:
+        raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)",
+                          "export it with --precision fp16 or fp32")
+    if loop is not None and cfg.calibrator in HISTOGRAM_METHODS:
+        recalibrate_activations(model, loop, cfg.calibrator, cfg.percentile)
+    model.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile}
+    return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return hasattr(model, "edgekd_quant") and bool(enabled_quantizers(model))
+
+
+def quantizer_summary(model: nn.Module) -> list[dict[str, Any]]:
+    """One row per enabled quantizer: path, kind, per-channel or per-tensor, amax range."""
+    rows = []
+    for name, q in enabled_quantizers(model).items():
+        amax = getattr(q, "amax", None)
+        rows.append({
+            "quantizer": name,
+            "axis": q.axis,
+            "channels": int(amax.numel()) if amax is not None else 0,
+            "amax_min": float(amax.min()) if amax is not None else None,
+            "amax_max": float(amax.max()) if amax is not None else None,
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_quantized(path: str | Path, model: nn.Module, classes: list[str], extra: dict[str, Any] | None = None) -> Path:
+    """Self-describing checkpoint: weights + quantizer amax buffers (tensors only) + the quantize recipe."""
+    return save_checkpoint(path, model, classes, QUANTIZED_KIND, {**(extra or {}), "quantize": dict(model.edgekd_quant)})
+
+
+def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
+    """Rebuild a quantized student from its checkpoint: architecture, BN fold, quantizers, amax."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    q = ckpt.get("quantize")
+    if not isinstance(q, dict) or q.get("format") != QUANT_FORMAT:
+        raise EdgekdError("checkpoint is not a quantized edgekd student", "run `edgekd quantize` first, or export it with --precision fp32/fp16")
+    spec = ckpt["model"]
+    model = create_model(spec["name"], spec["num_classes"], pretrained="none", in_chans=spec["in_chans"], width=spec.get("width", 1.0),
+                         input_size=ckpt["preprocess"]["input_size"])
+    model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
+    cfg = QuantizeConfig(fold_bn=q["fold_bn"], calibrator=q["calibrator"], percentile=q.get("percentile", 99.99))
+    quantize_model(model, cfg, None, model.preprocess)
+    state = ckpt["state_dict"]
+    TQ = _tensor_quantizer_cls()
+    for name, module in model.named_modules():
+        key = f"{name}._amax"
+        if isinstance(module, TQ) and key in state:
+            module.amax = state[key].clone()
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise EdgekdError(f"quantized checkpoint does not fit a {spec['name']} model: {str(exc).splitlines()[0][:160]}",
+                          "the checkpoint is from another architecture or was modified") from exc
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- losses
+def logit_kd_loss(teacher: nn.Module, teacher_preprocess: Preprocess, temperature: float = 4.0, alpha: float = 0.9) -> Callable:
+    """Hinton KD from an FP32 teacher: ``alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE``.
+
+    A small local loss so QAD works (and is tested) without the distillation module; the CLI
+    prefers ``edgekd.distill.build_distill_loss`` when it exists.
+    """
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def loss_fn(model: nn.Module, batch: Batch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        with torch.no_grad():
+            t_logits = teacher(teacher_preprocess(batch.images).to(logits.device))
+        soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1), reduction="batchmean", log_target=True)
+        hard = F.cross_entropy(logits, batch.labels.to(logits.device))
+        return alpha * temperature**2 * soft + (1 - alpha) * hard, logits
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- stage
+def run_qad(
+    student_ckpt: str | Path,
+    cfg: QuantizeConfig,
+    data: DataSet,
+    out_dir: str | Path,
+    loss_fn: Callable,
+    seed: int = 0,
+    augment: str = "flip",
+    resume: bool = True,
+) -> dict[str, Any]:
+    """Quantize a distilled FP32 student, calibrate, fine-tune with ``loss_fn``; writes best.pt/last.pt.
+
+    Returns the FP32 and fake-quant accuracies before and after fine-tuning, so the cost of
+    INT8 and what QAD recovered are both on record.
+    """
+    from edgekd.models import model_from_checkpoint
+    from edgekd.train import evaluate, final_metrics, fit, seed_everything
+
+    seed_everything(seed)
+    ckpt = load_checkpoint(student_ckpt)
+    if ckpt.get("quantize"):
+        raise EdgekdError(f"{student_ckpt} is already quantized", "pass the FP32 student from `edgekd distill`")
+    model = model_from_checkpoint(ckpt)
+    pre = model.preprocess
+    fp32_val = evaluate(model, data.val, pre, data.classes)["top1"]
+    calib = calibration_images(data.train, cfg.calib_images, seed)
+    quantize_model(model, cfg, calib, pre)
+    ptq_val = evaluate(model, data.val, pre, data.classes)["top1"]
+    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers, calibrator {cfg.calibrator} on {len(calib)} images; "
+           f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
+    extra = {"source_checkpoint": str(student_ckpt), "config": {"quantize": cfg.model_dump(), "seed": seed}}
+    result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=augment, seed=seed, kind=QUANTIZED_KIND, resume=resume,
+                 save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, description="quantization-aware distillation")
+    best = load_quantized(result.best_path)
+    metrics = final_metrics(best, data, pre, result, {"fp32_val_top1": fp32_val, "ptq_val_top1": ptq_val, "calibrator": cfg.calibrator,
+                                                      "quantizers": len(enabled_quantizers(best))})
+    return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}
