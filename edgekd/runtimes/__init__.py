@@ -1,0 +1,193 @@
+"""Runtimes that load an exported model, run it and time it: one small registry, imported lazily.
+
+Each runtime is a *runner* with the same few methods (see :class:`Runner`), so ``edgekd.bench``
+times onnxruntime on this CPU, onnxruntime's CUDA / TensorRT execution providers, and native
+TensorRT engines with one loop. The registry maps a runtime name to a factory and to an
+availability probe; nothing heavy (onnxruntime, tensorrt, torch) is imported until a runner is
+opened, so ``edgekd.testing`` (a pytest plugin) can ask "is this runtime here?" cheaply.
+Pattern borrowed from Model Optimizer's deploy registry (runtime name -> compile/profile/infer).
+
+Remote devices (``ssh``): the deploy path (``edgekd.deploy``) copies the model to the device and
+times it there; bench only needs its samples back. See :func:`remote_hook`.
+
+>>> from edgekd.runtimes import open_runner
+>>> runner = open_runner("ort-cpu", "model.onnx", threads=2)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from edgekd.errors import EdgekdError
+
+
+@dataclass
+class TensorSpec:
+    """One model input: its name, shape (``None`` where the dimension is dynamic) and numpy dtype name."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+    def batch_shape(self, batch: int) -> tuple[int, ...]:
+        """The concrete shape for ``batch`` images; refuses a fixed batch dimension of another size."""
+        if not self.shape:
+            raise EdgekdError(f"input '{self.name}' is a scalar", "benchmark a model whose input is an image batch (N, C, H, W)")
+        first = self.shape[0]
+        if first is not None and first != batch:
+            raise EdgekdError(f"input '{self.name}' has a fixed batch of {first}, cannot run batch {batch}",
+                              "export with a dynamic batch axis, or pass --batch " + str(first))
+        rest = tuple(1 if d is None else d for d in self.shape[1:])
+        return (batch, *rest)
+
+
+@dataclass
+class LayerTime:
+    """Time spent in one layer (node / fused kernel), averaged over the profiled runs."""
+
+    name: str
+    op: str
+    mean_ms: float
+    share: float = 0.0  # fraction of the summed layer time
+
+
+@dataclass
+class RuntimeInfo:
+    """What the runner really used (after fallbacks), stored with every result."""
+
+    runtime: str
+    threads: int | None
+    providers: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Runner(Protocol):
+    """The interface every runtime implements (structural; no base class needed)."""
+
+    info: RuntimeInfo
+
+    def input_specs(self) -> list[TensorSpec]: ...
+
+    def metadata(self) -> dict[str, str]: ...
+
+    def prepare(self, arrays: dict[str, Any]) -> Any:
+        """Turn host arrays into whatever ``timed_run`` consumes (pre-allocated, copied to device once)."""
+
+    def timed_run(self, prepared: Any) -> tuple[int, float | None]:
+        """Run once; return host wall time in ns and device-side time in ms where the runtime has one."""
+
+    def outputs(self, prepared: Any) -> list[Any]: ...
+
+    def layer_profile(self, arrays: dict[str, Any], runs: int) -> list[LayerTime]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class RuntimeEntry:
+    name: str
+    about: str
+    open: Callable[..., Runner]
+    available: Callable[[], tuple[bool, str]]
+
+
+def _ort_provider_available(provider: str) -> tuple[bool, str]:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False, "onnxruntime is not installed (pip install onnxruntime)"
+    import onnxruntime as ort
+
+    if provider not in ort.get_available_providers():
+        return False, f"onnxruntime has no {provider} here (install onnxruntime-gpu on a machine with an NVIDIA GPU)"
+    return True, ""
+
+
+def gpu_present() -> tuple[bool, str]:
+    """An NVIDIA GPU is visible (nvidia-smi lists one, or this is a Jetson with its tegra GPU)."""
+    if Path("/etc/nv_tegra_release").exists():
+        return True, ""
+    smi = shutil.which("nvidia-smi")
+    if not smi:
+        return False, "no NVIDIA GPU (nvidia-smi not found)"
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"nvidia-smi failed: {exc}"
+    if out.returncode != 0 or "GPU" not in out.stdout:
+        return False, "no NVIDIA GPU (nvidia-smi lists none)"
+    return True, ""
+
+
+def _tensorrt_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False, "TensorRT is not installed (pip install 'edgekd[tensorrt]' on a machine with an NVIDIA GPU)"
+    return gpu_present()
+
+
+def _open_ort(providers: list[str]) -> Callable[..., Runner]:
+    def factory(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
+        from edgekd.runtimes.ort import OrtRunner
+
+        return OrtRunner(path, providers=providers, threads=threads, **options)
+
+    return factory
+
+
+def _open_tensorrt(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
+    from edgekd.runtimes.tensorrt import TensorRTRunner
+
+    return TensorRTRunner(path, **options)
+
+
+RUNTIMES: dict[str, RuntimeEntry] = {
+    "ort-cpu": RuntimeEntry("ort-cpu", "onnxruntime, CPU execution provider", _open_ort(["CPUExecutionProvider"]),
+                            lambda: _ort_provider_available("CPUExecutionProvider")),
+    "ort-cuda": RuntimeEntry("ort-cuda", "onnxruntime, CUDA execution provider", _open_ort(["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                             lambda: _ort_provider_available("CUDAExecutionProvider")),
+    "ort-tensorrt": RuntimeEntry("ort-tensorrt", "onnxruntime, TensorRT execution provider",
+                                 _open_ort(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
+                                 lambda: _ort_provider_available("TensorrtExecutionProvider")),
+    "tensorrt": RuntimeEntry("tensorrt", "native TensorRT engine (built from a Q/DQ ONNX)", _open_tensorrt, _tensorrt_available),
+}
+
+
+def runtime_entry(name: str) -> RuntimeEntry:
+    if name not in RUNTIMES:
+        raise EdgekdError(f"unknown runtime '{name}'", f"choose one of: {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def runtime_available(name: str) -> tuple[bool, str]:
+    """(True, '') when ``name`` can run here, else (False, why) - used to skip tests cleanly."""
+    return runtime_entry(name).available()
+
+
+def open_runner(runtime: str, path: str | Path, threads: int | None = None, **options: Any) -> Runner:
+    """Open ``path`` with ``runtime``; a runtime that is absent here is a clear EdgekdError, not an ImportError."""
+    entry = runtime_entry(runtime)
+    ok, why = entry.available()
+    if not ok:
+        raise EdgekdError(f"runtime '{runtime}' is not available here: {why}", "pick another --runtime / --target, or run on the device")
+    return entry.open(path, threads=threads, **options)
+
+
+def remote_hook() -> Callable[..., dict[str, Any]]:
+    """The deploy path's remote benchmark: ``edgekd.deploy.remote_bench(model, target=..., batch=..., warmup=...,
+    runs=..., threads=...)`` must return ``{"samples_ms": [...], "fingerprint": {...}}`` measured on the device.
+
+    Kept as a hook so bench never imports ssh code unless a remote target is asked for.
+    """
+    try:
+        deploy = importlib.import_module("edgekd.deploy")
+    except ImportError as exc:
+        raise EdgekdError("remote benchmarking needs edgekd.deploy, which is not available", "benchmark locally with --runtime ort-cpu") from exc
+    fn = getattr(deploy, "remote_bench", None)
+    if fn is None:
+        raise EdgekdError("edgekd.deploy has no remote_bench()", "update edgekd, or run `edgekd bench` on the device itself")
+    return fn

@@ -1,0 +1,292 @@
+"""Native TensorRT: build an engine from a Q/DQ ONNX, save it with its metadata, run and time it.
+
+Written against the TensorRT 10 Python API as in NVIDIA's "TensorRT Developer Guide" (Python API
+sections: *Building an Engine*, *Performing Inference*, *Optimization Profiles*, *Working with
+DLA*, *Profiling*) and trtexec's timing practice: explicit-quantisation networks (Q/DQ in the
+ONNX, no calibrator), a timing cache reused between builds, an optimisation profile for the batch,
+``execute_async_v3`` on a CUDA stream with inputs already on the device (trtexec's
+``--noDataTransfers``), device time from CUDA events (trtexec's "GPU Compute Time"), per-layer
+times through ``IProfiler`` in a separate profiling pass (trtexec's ``--separateProfileRun``).
+
+Engines are specific to the GPU and TensorRT version, so each ``.engine`` has a ``.engine.json``
+beside it (TensorRT version, GPU name, compute capability, flags, source ONNX sha256); a stale
+engine is rebuilt rather than loaded. Needs ``tensorrt`` and ``cuda-python``; without a GPU every
+entry point raises an EdgekdError that says so (tests skip with that reason).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
+
+try:  # both are optional: the [tensorrt] extra
+    import tensorrt as trt
+except ImportError:  # pragma: no cover - exercised on machines without TensorRT
+    trt = None
+
+
+def _cudart() -> Any:
+    """cuda-python's runtime bindings (``cuda.bindings.runtime`` from 12.6, ``cuda.cudart`` before)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError as exc:
+            raise EdgekdError("cuda-python is not installed", "pip install 'edgekd[tensorrt]'") from exc
+    return cudart
+
+
+def _check(result: Any, what: str) -> Any:
+    """cuda-python calls return (error, value...); raise on any error, return the value(s)."""
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EdgekdError(f"CUDA call {what} failed: {err}", "check the GPU driver and that no other process holds the GPU")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def require_tensorrt() -> None:
+    if trt is None:
+        raise EdgekdError("TensorRT is not installed", "pip install 'edgekd[tensorrt]' on a machine with an NVIDIA GPU, or use --runtime ort-cpu")
+
+
+@dataclass
+class EngineOptions:
+    """How to build an engine; stored in the engine's metadata so a changed option triggers a rebuild."""
+
+    precision: str = "int8"  # int8 | fp16 | fp32 (int8 also enables fp16 for layers without Q/DQ)
+    batch: int = 1  # optimisation profile: min 1, opt batch, max max_batch
+    max_batch: int | None = None
+    workspace_mb: int = 1024
+    dla_core: int | None = None
+    gpu_fallback: bool = True
+    timing_cache: str | None = None  # path; read if present, written back after the build
+
+
+def _logger() -> Any:
+    return trt.Logger(trt.Logger.WARNING)
+
+
+def gpu_description() -> dict[str, Any]:
+    """Name and compute capability of device 0 (recorded with the engine)."""
+    cudart = _cudart()
+    props = _check(cudart.cudaGetDeviceProperties(0), "cudaGetDeviceProperties")
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"gpu": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def _parse_onnx(builder: Any, onnx_path: Path) -> Any:
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, _logger())
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EdgekdError(f"TensorRT cannot parse {onnx_path}: {errors}", "export with the 'tensorrt' layout (symmetric int8 Q/DQ), opset >= 17")
+    return network, parser
+
+
+def _configure(builder: Any, network: Any, opts: EngineOptions) -> tuple[Any, Any]:
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer names for IProfiler
+    if opts.precision in ("int8", "fp16"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if opts.precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    if opts.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = opts.dla_core
+        if opts.gpu_fallback:
+            config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    cache_bytes = Path(opts.timing_cache).read_bytes() if opts.timing_cache and Path(opts.timing_cache).is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    max_batch = max(opts.max_batch or opts.batch, opts.batch)
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        rest = tuple(tensor.shape)[1:]
+        if any(d < 0 for d in rest):
+            raise EdgekdError(f"input '{tensor.name}' has dynamic non-batch dims {tuple(tensor.shape)}", "export with a fixed image size")
+        profile.set_shape(tensor.name, (1, *rest), (opts.batch, *rest), (max_batch, *rest))
+    config.add_optimization_profile(profile)
+    return config, cache
+
+
+def engine_metadata(onnx_path: Path, opts: EngineOptions) -> dict[str, Any]:
+    from edgekd.manifest import sha256_file
+
+    return {"tensorrt": trt.__version__, **gpu_description(), "options": asdict(opts), "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path)}
+
+
+def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOptions | None = None) -> Path:
+    """Build and save ``engine_path`` (+ ``.json`` metadata) from a Q/DQ ONNX; returns the engine path."""
+    from edgekd.manifest import write_bytes_atomic, write_json_atomic
+
+    require_tensorrt()
+    opts = opts or EngineOptions()
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    builder = trt.Builder(_logger())
+    if opts.dla_core is not None and builder.num_DLA_cores <= opts.dla_core:
+        raise EdgekdError(f"DLA core {opts.dla_core} requested, this device has {builder.num_DLA_cores}", "drop --dla-core or pick an existing core")
+    network, _parser = _parse_onnx(builder, onnx_path)
+    config, _cache = _configure(builder, network, opts)
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EdgekdError(f"TensorRT failed to build an engine from {onnx_path}", "rerun with --debug and read TensorRT's log above")
+    write_bytes_atomic(engine_path, bytes(serialized))
+    if opts.timing_cache:
+        write_bytes_atomic(opts.timing_cache, bytes(config.get_timing_cache().serialize()))
+    meta = engine_metadata(onnx_path, opts) | {"build_seconds": round(time.perf_counter() - t0, 2)}
+    write_json_atomic(engine_path.with_suffix(engine_path.suffix + ".json"), meta)
+    return engine_path
+
+
+def engine_is_current(onnx_path: Path, engine_path: Path, opts: EngineOptions) -> bool:
+    """An engine can be reused when it was built from the same ONNX, options, TensorRT and GPU."""
+    from edgekd.manifest import read_json
+
+    meta_path = engine_path.with_suffix(engine_path.suffix + ".json")
+    if not engine_path.is_file() or not meta_path.is_file():
+        return False
+    old = read_json(meta_path, "engine metadata")
+    new = engine_metadata(onnx_path, opts)
+    return all(old.get(k) == new[k] for k in ("tensorrt", "gpu", "compute_capability", "options", "onnx_sha256"))
+
+
+class _LayerProfiler(trt.IProfiler if trt is not None else object):  # type: ignore[misc]
+    """Collects ``report_layer_time`` callbacks (ms per layer per run)."""
+
+    def __init__(self) -> None:
+        if trt is not None:
+            trt.IProfiler.__init__(self)
+        self.total: dict[str, float] = {}
+
+    def report_layer_time(self, layer_name: str, ms: float) -> None:
+        self.total[layer_name] = self.total.get(layer_name, 0.0) + ms
+
+
+class TensorRTRunner:
+    """Runs a TensorRT engine (an ``.engine`` file, or an ``.onnx`` built into ``<onnx>.<precision>.engine``)."""
+
+    def __init__(self, path: str | Path, precision: str = "int8", batch: int = 1, max_batch: int | None = None, workspace_mb: int = 1024,
+                 dla_core: int | None = None, gpu_fallback: bool = True, timing_cache: str | None = None, **_: Any):
+        require_tensorrt()
+        self.cudart = _cudart()
+        path = Path(path)
+        if path.suffix == ".onnx":
+            opts = EngineOptions(precision, batch, max_batch or max(batch, 64), workspace_mb, dla_core, gpu_fallback,
+                                 timing_cache or str(path.with_suffix(".timing.cache")))
+            engine_path = path.with_suffix(f".{precision}{'.dla' + str(dla_core) if dla_core is not None else ''}.engine")
+            if not engine_is_current(path, engine_path, opts):
+                build_engine(path, engine_path, opts)
+            path = engine_path
+        if not path.is_file():
+            raise EdgekdError(f"TensorRT engine not found: {path}", "pass an .engine file or the .onnx to build one from")
+        self.engine_path = path
+        self.runtime = trt.Runtime(_logger())
+        if dla_core is not None:
+            self.runtime.DLA_core = dla_core
+        self.engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EdgekdError(f"TensorRT cannot load {path}", "engines only load with the TensorRT version and GPU they were built for; rebuild it")
+        self.context = self.engine.create_execution_context()
+        self.stream = _check(self.cudart.cudaStreamCreate(), "cudaStreamCreate")
+        self.start_event = _check(self.cudart.cudaEventCreate(), "cudaEventCreate")
+        self.end_event = _check(self.cudart.cudaEventCreate(), "cudaEventCreate")
+        self._buffers: list[int] = []
+        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        meta_path = path.with_suffix(path.suffix + ".json")
+        extra = {"engine": str(path), "tensorrt": trt.__version__, **gpu_description()}
+        if meta_path.is_file():
+            from edgekd.manifest import read_json
+
+            extra["engine_metadata"] = read_json(meta_path, "engine metadata")
+        self.info = RuntimeInfo(runtime="tensorrt", threads=None, providers=["TensorRT"], device="gpu" if dla_core is None else f"dla{dla_core}", extra=extra)
+
+    def _is_input(self, name: str) -> bool:
+        return self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
+
+    def input_specs(self) -> list[TensorSpec]:
+        specs = []
+        for name in self.names:
+            if self._is_input(name):
+                shape = tuple(d if d >= 0 else None for d in self.engine.get_tensor_shape(name))
+                specs.append(TensorSpec(name, shape, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))).name))
+        return specs
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def prepare(self, arrays: dict[str, np.ndarray], context: Any = None) -> dict[str, Any]:
+        """Copy inputs to the GPU once, allocate outputs, bind every tensor address on the context."""
+        cudart = self.cudart
+        ctx = context or self.context
+        host_out: dict[str, np.ndarray] = {}
+        for name, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
+            ctx.set_input_shape(name, arr.shape)
+            ptr = _check(cudart.cudaMalloc(arr.nbytes), "cudaMalloc")
+            self._buffers.append(ptr)
+            _check(cudart.cudaMemcpy(ptr, arr.ctypes.data, arr.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice), "cudaMemcpy")
+            ctx.set_tensor_address(name, int(ptr))
+        for name in self.names:
+            if self._is_input(name):
+                continue
+            shape = tuple(ctx.get_tensor_shape(name))
+            out = np.empty(shape, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))
+            ptr = _check(cudart.cudaMalloc(max(out.nbytes, 1)), "cudaMalloc")
+            self._buffers.append(ptr)
+            ctx.set_tensor_address(name, int(ptr))
+            host_out[name] = out
+        return {"outputs": host_out, "context": ctx}
+
+    def timed_run(self, prepared: dict[str, Any]) -> tuple[int, float | None]:
+        """Host wall time around enqueue + stream sync; device time between CUDA events on the stream."""
+        cudart = self.cudart
+        t0 = time.perf_counter_ns()
+        _check(cudart.cudaEventRecord(self.start_event, self.stream), "cudaEventRecord")
+        if not prepared["context"].execute_async_v3(int(self.stream)):
+            raise EdgekdError("TensorRT execution failed", "rerun with --debug and read TensorRT's log")
+        _check(cudart.cudaEventRecord(self.end_event, self.stream), "cudaEventRecord")
+        _check(cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        host_ns = time.perf_counter_ns() - t0
+        device_ms = _check(cudart.cudaEventElapsedTime(self.start_event, self.end_event), "cudaEventElapsedTime")
+        return host_ns, float(device_ms)
+
+    def outputs(self, prepared: dict[str, Any]) -> list[np.ndarray]:
+        cudart = self.cudart
+        self.timed_run(prepared)
+        outs = []
+        for name, host in prepared["outputs"].items():
+            ptr = int(prepared["context"].get_tensor_address(name))
+            _check(cudart.cudaMemcpy(host.ctypes.data, ptr, host.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost), "cudaMemcpy")
+            outs.append(host.copy())
+        return outs
+
+    def layer_profile(self, arrays: dict[str, np.ndarray], runs: int) -> list[LayerTime]:
+        """IProfiler times per engine layer over ``runs`` runs, on a separate pass (profiling slows execution)."""
+        ctx = self.engine.create_execution_context()  # its own context: the timing context never carries a profiler
+        profiler = _LayerProfiler()
+        ctx.profiler = profiler
+        prepared = self.prepare(arrays, ctx)
+        for _ in range(runs):
+            self.timed_run(prepared)
+        grand = sum(profiler.total.values()) or 1.0
+        rows = [LayerTime(name, "trt", total / max(runs, 1), total / grand) for name, total in profiler.total.items()]
+        return sorted(rows, key=lambda r: r.mean_ms, reverse=True)
+
+    def close(self) -> None:
+        for ptr in self._buffers:
+            self.cudart.cudaFree(ptr)
+        self._buffers = []
+        for ev in (self.start_event, self.end_event):
+            self.cudart.cudaEventDestroy(ev)
+        self.cudart.cudaStreamDestroy(self.stream)
