@@ -1,0 +1,284 @@
+"""Distillation: the losses' maths, the teacher-output cache, the stage end to end and its errors.
+
+Real Fashion-MNIST subsets and real (tiny, briefly trained) teachers; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
+from edgekd.data import iterate, load_dataset
+from edgekd.distill import (AttentionTransferLoss, FeatureHook, HintLoss, KDLoss, RKDLoss, build_distill_loss, load_teacher, run_distill, soft_targets,
+                            teacher_forward)
+from edgekd.errors import EdgekdError
+from edgekd.manifest import sha256_file
+from edgekd.models import create_model, load_checkpoint, save_checkpoint
+from edgekd.train import cross_entropy_loss, fit
+
+EDGEKD = [str(Path(sys.executable).parent / "edgekd")]
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def data():
+    return load_dataset("fashion-mnist", train_subset=600, test_subset=200, seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory, data):
+    """A real teacher: pico_cnn at 32 px (so spatial sizes differ from a 28-px student), three short epochs."""
+    torch.manual_seed(0)
+    model = create_model("pico_cnn", data.num_classes, in_chans=1, input_size=32)
+    out = tmp_path_factory.mktemp("teacher")
+    fit(model, data, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess, augment="flip", kind="teacher")
+    return out / "best.pt"
+
+
+# ----------------------------------------------------------------------------- KD maths
+def test_kd_matches_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(8, 10, generator=g) * 3, torch.randn(8, 10, generator=g) * 3
+    y = torch.randint(0, 10, (8,), generator=g)
+    T, alpha = 3.0, 0.7
+    s, t = zs.double().numpy(), zt.double().numpy()
+
+    def log_softmax(a):
+        a = a - a.max(1, keepdims=True)
+        return a - np.log(np.exp(a).sum(1, keepdims=True))
+
+    p_t = np.exp(log_softmax(t / T))
+    kl = (p_t * (np.log(p_t) - log_softmax(s / T))).sum(1).mean()
+    ce = -log_softmax(s)[np.arange(8), y.numpy()].mean()
+    expected = alpha * T * T * kl + (1 - alpha) * ce
+    got = KDLoss(T, alpha)(zs, F.softmax(zt / T, 1), y)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_kd_soft_gradient_is_T_times_probability_gap_and_T_independent_at_high_T():
+    g = torch.Generator().manual_seed(1)
+    zs, zt = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    zs, zt = zs - zs.mean(1, keepdim=True), zt - zt.mean(1, keepdim=True)
+    grads = {}
+    for T in (2.0, 100.0, 200.0):
+        x = zs.clone().requires_grad_(True)
+        KDLoss(T, alpha=1.0)(x, F.softmax(zt / T, 1), torch.zeros(4, dtype=torch.long)).backward()
+        exact = T * (F.softmax(zs / T, 1) - F.softmax(zt / T, 1)) / 4
+        torch.testing.assert_close(x.grad, exact, rtol=1e-3, atol=1e-6)
+        grads[T] = x.grad
+    # Hinton §2.1: for large T the gradient tends to (z_s - z_t) / (C * B): the T^2 factor makes it T-independent.
+    limit = (zs - zt) / (10 * 4)
+    torch.testing.assert_close(grads[200.0], limit, rtol=0.03, atol=2e-5)
+    assert grads[100.0].norm() / grads[200.0].norm() == pytest.approx(1.0, abs=0.02)
+
+
+def test_soft_targets_average_teachers_with_weights():
+    z1, z2 = torch.randn(5, 10), torch.randn(5, 10)
+    got = soft_targets([z1, z2], [3.0, 1.0], temperature=2.0)
+    torch.testing.assert_close(got, 0.75 * F.softmax(z1 / 2, 1) + 0.25 * F.softmax(z2 / 2, 1))
+    torch.testing.assert_close(got.sum(1), torch.ones(5))
+
+
+# ----------------------------------------------------------------------------- RKD, AT, hints
+def _huber(x):
+    return np.where(np.abs(x) < 1, 0.5 * x * x, np.abs(x) - 0.5)
+
+
+def _rkd_reference(s: np.ndarray, t: np.ndarray) -> tuple[float, float]:
+    n = len(s)
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    ds = np.array([np.linalg.norm(s[i] - s[j]) for i, j in pairs])
+    dt = np.array([np.linalg.norm(t[i] - t[j]) for i, j in pairs])
+    dist = _huber(ds / ds.mean() - dt / dt.mean()).mean()
+
+    def cos(e, i, j, k):
+        u, v = e[i] - e[j], e[k] - e[j]
+        nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+        return 0.0 if nu == 0 or nv == 0 else float(u @ v / (nu * nv))
+
+    triples = list(itertools.product(range(n), repeat=3))
+    ang = _huber(np.array([cos(s, i, j, k) - cos(t, i, j, k) for i, j, k in triples])).mean()
+    return float(dist), float(ang)
+
+
+def test_rkd_matches_loop_reference_and_is_scale_rotation_invariant():
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(6, 3, generator=g), torch.randn(6, 5, generator=g)
+    dist, ang = _rkd_reference(s.double().numpy(), t.double().numpy())
+    assert RKDLoss.distance(s, t).item() == pytest.approx(dist, rel=1e-4)
+    assert RKDLoss.angle(s, t).item() == pytest.approx(ang, rel=1e-4)
+    assert RKDLoss()(s, t).item() == pytest.approx(dist + 2 * ang, rel=1e-4)
+    assert dist > 0.01 and ang > 0.01
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    assert RKDLoss()(s @ q * 7.0, s).item() < 1e-6
+
+
+def test_attention_transfer_on_known_maps():
+    s, t = torch.zeros(1, 3, 4, 4), torch.zeros(1, 5, 4, 4)
+    s[..., 0, 0], t[..., 3, 3] = 1.0, 2.0
+    # normalised attention maps are one-hot at different places: mean((e_0 - e_15)^2) = 2/16
+    assert AttentionTransferLoss(beta=1000)(s, t).item() == pytest.approx(500 * 2 / 16)
+    assert AttentionTransferLoss()(t.expand(1, 5, 4, 4) * 3, t).item() == pytest.approx(0.0, abs=1e-6)
+    # different sizes: a teacher whose attention equals the pooled student attention (up to scale) costs nothing
+    big = torch.rand(2, 1, 8, 8)
+    small = (5 * F.adaptive_avg_pool2d(big.pow(2), 4)).sqrt()
+    assert AttentionTransferLoss()(big, small).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_hint_loss_learns_an_adapter_across_widths_and_sizes():
+    hint = HintLoss(8, 16)
+    assert isinstance(hint.adapter, torch.nn.Conv2d)
+    assert isinstance(HintLoss(16, 16).adapter, torch.nn.Identity)
+    fs, ft = torch.randn(4, 8, 7, 7, requires_grad=True), torch.randn(4, 16, 2, 2)
+    loss = hint(fs, ft)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert hint.adapter.weight.grad is not None and fs.grad is not None
+    s_pooled = F.adaptive_avg_pool2d(hint.adapter(fs.detach()), 2)
+    assert loss.item() == pytest.approx(F.mse_loss(s_pooled, ft).item(), rel=1e-5)
+
+
+def test_feature_hook_finds_layers_by_path_and_rejects_unknown_ones():
+    model = create_model("pico_cnn", 10)
+    hook = FeatureHook(model, "features.2", "student")
+    model(torch.zeros(2, 1, 28, 28))
+    assert hook.output.shape == (2, 32, 14, 14)
+    hook.remove()
+    with pytest.raises(EdgekdError, match="student has no layer 'nope'"):
+        FeatureHook(model, "nope", "student")
+
+
+# ----------------------------------------------------------------------------- teacher cache
+def test_cached_outputs_equal_online_teacher_for_both_flip_views(data, teacher_path, tmp_path):
+    student = create_model("nano_cnn", 10)
+    teacher = load_teacher(teacher_path)
+    loss, adapters = build_distill_loss(student, [teacher], DistillConfig(losses=["kd", "fitnet"]), data, tmp_path, augment="flip", device=torch.device("cpu"))
+    cache = loss.caches[0]
+    assert cache is not None and not cache.hit and cache.path.is_file()
+    assert cache.tables["logits"].shape == (len(data.train), 2, 10)
+    assert len(adapters) == 1  # 48 student channels -> 64 teacher channels
+    batch = next(iterate(data.train, 64, shuffle=True, seed=3, augment="flip"))
+    assert batch.flipped.any() and (~batch.flipped).any()
+    cached, online = cache.lookup(batch, torch.device("cpu")), teacher_forward(teacher, batch.images, torch.device("cpu"))
+    torch.testing.assert_close(cached["logits"], online["logits"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached["feature"], online["feature"], rtol=2e-3, atol=2e-3)  # features stored as float16
+    loss.close()
+
+
+def test_cache_hit_miss_and_invalidation_when_teacher_changes(data, teacher_path, tmp_path):
+    own = tmp_path / "teacher.pt"
+    shutil.copy(teacher_path, own)
+    cfg = DistillConfig(losses=["kd"])
+
+    def cache_for(path):
+        loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(path)], cfg, data, tmp_path / "cache", augment="none", device=torch.device("cpu"))
+        return loss.caches[0]
+
+    first, second = cache_for(own), cache_for(own)
+    assert not first.hit and second.hit and first.key == second.key
+    assert second.tables["logits"].shape == (len(data.train), 1, 10)
+    torch.testing.assert_close(first.tables["logits"], second.tables["logits"])
+    ckpt = load_checkpoint(own)
+    model = create_model("pico_cnn", 10, in_chans=1, input_size=32)
+    model.load_state_dict(ckpt["state_dict"])
+    with torch.no_grad():
+        model.head.bias += 1.0
+    save_checkpoint(own, model, ckpt["classes"], "teacher")
+    third = cache_for(own)
+    assert not third.hit and third.key != first.key
+    assert not torch.allclose(third.tables["logits"], first.tables["logits"])
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+def test_random_crops_make_the_teacher_run_online(data, teacher_path, tmp_path):
+    loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(teacher_path)], DistillConfig(), data, tmp_path, augment="crop-flip", device=torch.device("cpu"))
+    assert loss.caches == [None] and not list(tmp_path.glob("*.pt"))
+
+
+def test_two_teachers_are_averaged_with_their_weights(data, teacher_path, tmp_path):
+    torch.manual_seed(5)
+    other = create_model("nano_cnn", 10)
+    save_checkpoint(tmp_path / "t2.pt", other, data.classes, "teacher")
+    teachers = [load_teacher(teacher_path), load_teacher(tmp_path / "t2.pt")]
+    cfg = DistillConfig(losses=["kd"], teacher_weights=[3.0, 1.0], temperature=2.0, alpha=0.5)
+    student = create_model("pico_cnn", 10)
+    loss, _ = build_distill_loss(student, teachers, cfg, data, tmp_path / "cache", augment="flip", device=torch.device("cpu"))
+    batch = next(iterate(data.train, 16, augment="flip"))
+    x = student.preprocess(batch.images)
+    total, logits = loss(student, batch, x)
+    zt = [teacher_forward(t, batch.images, torch.device("cpu"))["logits"] for t in teachers]
+    p = 0.75 * F.softmax(zt[0] / 2, 1) + 0.25 * F.softmax(zt[1] / 2, 1)
+    assert total.item() == pytest.approx(KDLoss(2.0, 0.5)(logits, p, batch.labels).item(), rel=1e-5)
+    with pytest.raises(EdgekdError, match="2 teachers"):
+        build_distill_loss(student, teachers, DistillConfig(teacher_weights=[1.0]), data, tmp_path / "cache", augment="flip")
+
+
+def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, tmp_path):
+    cfg = StudentConfig(model="nano_cnn", train=TrainConfig(epochs=1, batch_size=64, lr=3e-3))
+    result = run_distill([teacher_path], cfg, DistillConfig(), DataConfig(augment="flip"), tmp_path / "run", data=data, self_distill=True, cache_dir=tmp_path / "cache")
+    ckpt = load_checkpoint(result["checkpoint"])
+    teacher_ckpt = load_checkpoint(teacher_path)
+    assert ckpt["kind"] == "student" and ckpt["model"] == teacher_ckpt["model"] and ckpt["preprocess"]["input_size"] == 32
+    assert not torch.equal(ckpt["state_dict"]["head.weight"], teacher_ckpt["state_dict"]["head.weight"])
+    assert ckpt["config"]["self_distill"] is True and ckpt["teachers"][0]["sha256"] == sha256_file(teacher_path)
+
+
+# ----------------------------------------------------------------------------- CLI
+def _edgekd(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "EDGEKD_QUIET": "1"}
+    return subprocess.run(EDGEKD + list(args), capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_distill_end_to_end(teacher_path, tmp_path):
+    out = tmp_path / "student"
+    r = _edgekd("distill", "--teacher", str(teacher_path), "--student", "pico_cnn", "--loss", "kd,fitnet", "--epochs", "2", "--batch-size", "32",
+                "--lr", "0.005", "--train-subset", "1000", "--test-subset", "300", "--augment", "flip", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    for name in ("best.pt", "last.pt", "metrics.json"):
+        assert (out / name).is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 300 and 0.2 < metrics["test"]["top1"] <= 1.0  # 10 classes: chance is 0.1
+    assert summary["test_top1"] == metrics["test"]["top1"] and len(metrics["history"]) == 2
+    assert set(metrics["loss_parts"]) == {"kd", "ce", "fitnet"} and all(math.isfinite(v) for v in metrics["loss_parts"].values())
+    assert metrics["teachers"][0]["outputs"] == "cached" and metrics["images_per_second"] > 0
+    ckpt = load_checkpoint(out / "best.pt")
+    assert ckpt["kind"] == "student" and ckpt["teachers"][0]["sha256"] == sha256_file(teacher_path)
+    assert ckpt["config"]["distill"]["losses"] == ["kd", "fitnet"]
+
+
+def _one_line_error(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_cli_error_when_teacher_has_other_class_count(tmp_path):
+    bad = create_model("pico_cnn", 5)
+    save_checkpoint(tmp_path / "five.pt", bad, ["a", "b", "c", "d", "e"], "teacher")
+    line = _one_line_error(_edgekd("distill", "--teacher", str(tmp_path / "five.pt"), "--train-subset", "200", "--out", str(tmp_path / "o")))
+    assert "predicts 5 classes" in line and "has 10" in line
+
+
+def test_cli_error_for_unknown_layer(teacher_path, tmp_path):
+    line = _one_line_error(_edgekd("distill", "--teacher", str(teacher_path), "--student", "pico_cnn", "--loss", "kd,fitnet", "--student-layer", "body.9",
+                                   "--train-subset", "200", "--augment", "flip", "--out", str(tmp_path / "o")))
+    assert "student has no layer 'body.9'" in line and "features" in line
+
+
+def test_cli_error_for_unknown_student(teacher_path, tmp_path):
+    line = _one_line_error(_edgekd("distill", "--teacher", str(teacher_path), "--student", "mega_cnn_xl", "--out", str(tmp_path / "o")))
+    assert "unknown student 'mega_cnn_xl'" in line and "nano_cnn" in line
