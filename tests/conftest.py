@@ -1,0 +1,126 @@
+"""Shared fixtures: a real loopback SSH device and a small real model exported to ONNX.
+
+``sshd`` starts ``/usr/sbin/sshd`` on 127.0.0.1 (a free port) with fresh host and user keys, as in
+FACTS.md "A real SSH device on loopback"; the 'device' is this machine, its Python the one running
+the tests (it has numpy, pillow, onnxruntime). ``pico_model`` trains pico_cnn briefly on real
+Fashion-MNIST images and exports it with the TorchScript ONNX exporter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SSHD = "/usr/sbin/sshd"
+
+
+@dataclass
+class LoopbackSshd:
+    host: str
+    port: int
+    identity: Path
+    known_hosts: Path
+    python: str
+    host_pub: Path
+    log: Path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc_log: Path, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"sshd did not listen on {port}: {proc_log.read_text() if proc_log.exists() else ''}")
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory):
+    """A real sshd on 127.0.0.1 that accepts only a fresh key; skipped where sshd cannot run."""
+    if not Path(SSHD).is_file():
+        pytest.skip(f"{SSHD} not installed (apt-get install openssh-server)")
+    if not shutil.which("ssh") or not shutil.which("ssh-keygen"):
+        pytest.skip("ssh client not installed")
+    if os.geteuid() != 0:
+        pytest.skip("the loopback sshd recipe needs root (it logs in as the current user via a privilege-separated sshd)")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    port = _free_port()
+    config = d / "sshd_config"
+    config.write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'user_key.pub'}\n"
+        f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\nPermitRootLogin prohibit-password\n"
+        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\n"
+    )
+    Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+    log = d / "sshd.log"
+    subprocess.run([SSHD, "-f", str(config), "-E", str(log)], check=True)
+    try:
+        _wait_for_port(port, log)
+        host_pub = d / "host_key.pub"
+        key_type, key = host_pub.read_text().split()[:2]
+        known_hosts = d / "known_hosts"
+        known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key}\n")
+        user = "root" if os.geteuid() == 0 else os.environ.get("USER", "root")
+        yield LoopbackSshd(f"{user}@127.0.0.1", port, d / "user_key", known_hosts, sys.executable, host_pub, log)
+    finally:
+        pid_file = d / "sshd.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+@dataclass
+class PicoModel:
+    model: object
+    onnx: Path
+    classes: list
+    preprocess: object
+    images: object  # uint8 (N, 1, 28, 28) real test images
+    labels: object
+
+
+@pytest.fixture(scope="session")
+def pico_model(tmp_path_factory: pytest.TempPathFactory) -> PicoModel:
+    """pico_cnn trained for ~1 s on 2,000 real Fashion-MNIST images, exported to ONNX (dynamic batch)."""
+    import torch
+
+    from edgekd.data import iterate, load_dataset
+    from edgekd.models import create_model
+
+    torch.manual_seed(0)
+    data = load_dataset("fashion-mnist", train_subset=2000, test_subset=64, seed=0)
+    model = create_model("pico_cnn", len(data.classes))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for epoch in range(2):
+        for batch in iterate(data.train, 64, shuffle=True, seed=0, epoch=epoch):
+            loss = torch.nn.functional.cross_entropy(model(model.preprocess(batch.images)), batch.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    out = tmp_path_factory.mktemp("pico") / "pico.onnx"
+    torch.onnx.export(model, model.preprocess(data.test.images[:2]), str(out), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    return PicoModel(model, out, list(data.classes), model.preprocess, data.test.images.numpy(), data.test.labels.numpy())
