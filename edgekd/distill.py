@@ -277,18 +277,23 @@ class TeacherCache:
     """Teacher outputs for every training image and view, (N, V, ...), in memory and on disk.
 
     View 0 is the image as stored, view 1 its horizontal mirror (what ``data.augment_batch`` does
-    for 'flip'), so ``lookup`` indexes with ``batch.indices`` and ``batch.flipped``.
+    for 'flip'), so ``lookup`` indexes with ``batch.indices`` and ``batch.flipped``. Each table
+    ('logits', and 'feature' for feature losses) is its own file keyed by :func:`cache_key`, so a
+    logits-only run reuses the logits a feature run computed. ``key``/``path`` are the logits'.
     """
 
-    def __init__(self, key: str, path: Path, tables: dict[str, torch.Tensor], hit: bool, seconds: float = 0.0):
-        self.key, self.path, self.tables, self.hit, self.seconds = key, path, tables, hit, seconds
+    def __init__(self, paths: dict[str, Path], tables: dict[str, torch.Tensor], hit: bool, seconds: float = 0.0):
+        self.paths, self.tables, self.hit, self.seconds = paths, tables, hit, seconds
+        self.path = paths["logits"]
+        self.key = self.path.stem
 
     def lookup(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
         view = batch.flipped.long() if self.tables["logits"].shape[1] > 1 else torch.zeros_like(batch.flipped, dtype=torch.long)
         return {k: v[batch.indices, view].to(device).float() for k, v in self.tables.items()}
 
 
-def _read_cache(path: Path, key: str, n: int, views: int) -> dict[str, torch.Tensor] | None:
+def _read_table(path: Path, n: int, views: int) -> torch.Tensor | None:
+    """One cached table, or None (missing, unreadable or not matching its key/shape: then it is recomputed)."""
     if not path.is_file():
         return None
     try:
@@ -296,19 +301,18 @@ def _read_cache(path: Path, key: str, n: int, views: int) -> dict[str, torch.Ten
     except EdgekdError as exc:
         ui.warn(f"ignoring unreadable teacher cache {path} ({exc.message}); recomputing")
         return None
-    tables = payload.get("tables") if isinstance(payload, dict) else None
-    if payload.get("key") != key or not isinstance(tables, dict) or "logits" not in tables or tuple(tables["logits"].shape[:2]) != (n, views):
+    table = payload.get("table") if isinstance(payload, dict) else None
+    if payload.get("key") != path.stem or not isinstance(table, torch.Tensor) or tuple(table.shape[:2]) != (n, views):
         ui.warn(f"teacher cache {path} does not match its key or shape; recomputing")
         return None
-    return tables
+    return table
 
 
-def build_teacher_cache(teacher: Teacher, split: Split, augment: str, key: str, path: Path, device: torch.device, batch_size: int = 256) -> TeacherCache:
-    """Run the teacher once over every image (and its mirror for 'flip'); write the tables atomically."""
-    views = views_for(augment)
+def compute_teacher_tables(teacher: Teacher, split: Split, views: int, device: torch.device, batch_size: int = 256) -> tuple[dict[str, torch.Tensor], float]:
+    """Run the teacher once over every image (and its mirror when views=2): logits float32, features float16."""
     n = len(split)
     tables: dict[str, torch.Tensor] = {}
-    t0 = time.time()
+    t0, done = time.time(), 0
     with ui.progress() as prog:
         task = prog.add_task(f"teacher {teacher.name} -> cache", total=n * views, rate="", info="")
         for start in range(0, n, batch_size):
@@ -317,15 +321,11 @@ def build_teacher_cache(teacher: Teacher, split: Split, augment: str, key: str, 
                 out = teacher_forward(teacher, images.flip(-1) if v == 1 else images, device)
                 for k, val in out.items():
                     if k not in tables:
-                        dtype = torch.float32 if k == "logits" else torch.float16
-                        tables[k] = torch.empty((n, views, *val.shape[1:]), dtype=dtype)
+                        tables[k] = torch.empty((n, views, *val.shape[1:]), dtype=torch.float32 if k == "logits" else torch.float16)
                     tables[k][start : start + len(images), v] = val.cpu().to(tables[k].dtype)
-                prog.update(task, advance=len(images), rate=f"{(start + len(images)) * views / max(1e-9, time.time() - t0):.0f} img/s")
-    seconds = time.time() - t0
-    with atomic_path(path) as tmp:
-        torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": key, "teacher": teacher.describe(), "augment": augment, "tables": tables}, tmp)
-    ui.log(f"teacher {teacher.name}: cached {n * views:,} outputs in {seconds:.1f} s ({n * views / max(seconds, 1e-9):.0f} img/s) -> {path}")
-    return TeacherCache(key, path, tables, hit=False, seconds=seconds)
+                done += len(images)
+                prog.update(task, advance=len(images), rate=f"{done / max(1e-9, time.time() - t0):.0f} img/s")
+    return tables, time.time() - t0
 
 
 def feature_cache_bytes(teacher: Teacher, split: Split, views: int, device: torch.device) -> int:
@@ -347,14 +347,21 @@ def teacher_cache(teacher: Teacher, data: DataSet, augment: str, cache_dir: Path
         ui.log(f"teacher {teacher.name} runs online: its '{teacher.hook.path}' feature maps would take over {FEATURE_CACHE_LIMIT_BYTES >> 30} GiB to cache "
                "(pick a smaller --teacher-layer to cache them)")
         return None
-    key = cache_key(teacher, data, augment, teacher.hook.path if teacher.hook else None)
-    path = Path(cache_dir) / f"{key}.pt"
+    layers = {"logits": None, **({"feature": teacher.hook.path} if teacher.hook is not None else {})}
+    paths = {name: Path(cache_dir) / f"{cache_key(teacher, data, augment, layer)}.pt" for name, layer in layers.items()}
     t0 = time.time()
-    tables = _read_cache(path, key, len(data.train), views)
-    if tables is not None:
-        ui.log(f"teacher {teacher.name}: cache hit {path} ({time.time() - t0:.1f} s to load)")
-        return TeacherCache(key, path, tables, hit=True, seconds=time.time() - t0)
-    return build_teacher_cache(teacher, data.train, augment, key, path, device)
+    tables = {name: _read_table(p, len(data.train), views) for name, p in paths.items()}
+    if all(t is not None for t in tables.values()):
+        ui.log(f"teacher {teacher.name}: cache hit {', '.join(str(p) for p in paths.values())} ({time.time() - t0:.1f} s to load)")
+        return TeacherCache(paths, tables, hit=True, seconds=time.time() - t0)
+    tables, seconds = compute_teacher_tables(teacher, data.train, views, device)
+    for name, p in paths.items():
+        with atomic_path(p) as tmp:
+            torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": p.stem, "teacher": teacher.describe(), "augment": augment,
+                        "layer": layers[name], "table": tables[name]}, tmp)
+    n = len(data.train) * views
+    ui.log(f"teacher {teacher.name}: cached {n:,} outputs in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} img/s) -> {', '.join(str(p) for p in paths.values())}")
+    return TeacherCache(paths, tables, hit=False, seconds=seconds)
 
 
 # ============================================================================= composite loss

@@ -282,3 +282,15 @@ def test_cli_error_for_unknown_layer(teacher_path, tmp_path):
 def test_cli_error_for_unknown_student(teacher_path, tmp_path):
     line = _one_line_error(_edgekd("distill", "--teacher", str(teacher_path), "--student", "mega_cnn_xl", "--out", str(tmp_path / "o")))
     assert "unknown student 'mega_cnn_xl'" in line and "nano_cnn" in line
+
+
+def test_logits_only_run_reuses_the_logits_a_feature_run_cached(data, teacher_path, tmp_path):
+    def cache_for(losses):
+        loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(teacher_path)], DistillConfig(losses=losses), data, tmp_path, augment="flip", device=torch.device("cpu"))
+        loss.close()
+        return loss.caches[0]
+
+    with_features = cache_for(["kd", "at"])
+    logits_only = cache_for(["kd"])
+    assert not with_features.hit and logits_only.hit and set(logits_only.tables) == {"logits"}
+    assert logits_only.path == with_features.path and with_features.paths["feature"] != with_features.path
