@@ -294,8 +294,8 @@ def fingerprint_differences(baseline_fp: dict[str, Any], current_fp: dict[str, A
 # model lookup and inputs
 # --------------------------------------------------------------------------------------------
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """An .onnx / .engine file, or a bundle directory holding ``model.onnx`` or a ``bundle.json`` /
-    ``manifest.json`` that names the model file (keys ``model``, ``onnx`` or ``artifacts.onnx``)."""
+    """An .onnx / .engine file, or a bundle directory: its ``bundle.json`` / ``manifest.json`` names the model
+    (``primary`` + ``models`` as edgekd.bundle writes it, or ``model`` / ``onnx`` / ``artifacts.onnx``), else ``model.onnx``."""
     p = Path(path)
     if p.is_file():
         return p
@@ -317,26 +317,44 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     raise EdgekdError(f"no model in {p}", "a bundle holds model.onnx, or a bundle.json naming the model file")
 
 
+def bundle_preprocess(model_path: Path) -> dict[str, Any] | None:
+    """The ``preprocess`` block (input_size, channels, mean, std) of the bundle a model file sits in, if any."""
+    for folder in (model_path.parent, model_path.parent.parent):
+        meta = folder / "bundle.json"
+        if meta.is_file():
+            try:
+                pre = json.loads(meta.read_text()).get("preprocess")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return pre if isinstance(pre, dict) and {"mean", "std", "channels", "input_size"} <= set(pre) else None
+    return None
+
+
+def _path_in(value: Any) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        return value["path"]
+    return None
+
+
 def _model_named_in(meta: Path) -> str | None:
     from edgekd.manifest import read_json
 
     data = read_json(meta, "bundle description")
     if not isinstance(data, dict):
         return None
+    models = data.get("models")
+    if isinstance(models, dict) and data.get("primary") in models:
+        return _path_in(models[data["primary"]])
     for key in ("model", "onnx", "model_file"):
-        value = data.get(key)
-        if isinstance(value, str):
-            return value
-        if isinstance(value, dict) and isinstance(value.get("path"), str):
-            return value["path"]
+        if _path_in(data.get(key)):
+            return _path_in(data.get(key))
     arts = data.get("artifacts")
     if isinstance(arts, dict):
         for key in ("onnx", "model", "engine"):
-            value = arts.get(key)
-            if isinstance(value, str):
-                return value
-            if isinstance(value, dict) and isinstance(value.get("path"), str):
-                return value["path"]
+            if _path_in(arts.get(key)):
+                return _path_in(arts.get(key))
     return None
 
 
@@ -378,9 +396,11 @@ def _norm_params(meta: dict[str, str], channels: int) -> tuple[np.ndarray, np.nd
     return get("mean"), get("std")
 
 
-def sample_inputs(spec: Any, batch: int, source: str = "random", seed: int = 0, meta: dict[str, str] | None = None) -> np.ndarray:
-    """One input batch: ``random`` (seeded), ``fashion-mnist`` (real test images, resized and normalised the
-    way the model's metadata says), or a ``.npy`` file of preprocessed samples (rows repeated to fill the batch)."""
+def sample_inputs(spec: Any, batch: int, source: str = "random", seed: int = 0, meta: dict[str, str] | None = None,
+                  pre: dict[str, Any] | None = None) -> np.ndarray:
+    """One input batch: ``random`` (seeded), ``fashion-mnist`` (real test images, preprocessed with the bundle's
+    ``pre`` block when there is one, else resized and normalised the way the ONNX metadata says), or a ``.npy``
+    file of preprocessed samples (rows repeated to fill the batch)."""
     shape = spec.batch_shape(batch)
     dtype = np.dtype(spec.dtype)
     if source == "random":
@@ -392,6 +412,10 @@ def sample_inputs(spec: Any, batch: int, source: str = "random", seed: int = 0, 
     if source in ("fashion-mnist", "images"):
         if len(shape) != 4:
             raise EdgekdError(f"input '{spec.name}' has shape {shape}, not an image batch (N, C, H, W)", "use --input random")
+        if pre is not None and not np.issubdtype(dtype, np.integer):
+            from edgekd.runtime import preprocess  # torch-free, the same code the device runs
+
+            return preprocess(_real_images(batch, seed)[:, None], pre).astype(dtype)
         imgs = _resize_nearest(_real_images(batch, seed), shape[2], shape[3])[:, None].repeat(shape[1], axis=1)
         if np.issubdtype(dtype, np.integer):
             return imgs.astype(dtype)
@@ -503,9 +527,9 @@ def _open(runtime: str, path: Path, threads: int | None, options: dict[str, Any]
     return open_runner(runtime, path, threads=threads, **options)
 
 
-def _feeds(runner: Any, batch: int, source: str, seed: int) -> dict[str, np.ndarray]:
+def _feeds(runner: Any, batch: int, source: str, seed: int, pre: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     meta = runner.metadata()
-    return {spec.name: sample_inputs(spec, batch, source, seed, meta) for spec in runner.input_specs()}
+    return {spec.name: sample_inputs(spec, batch, source, seed, meta, pre) for spec in runner.input_specs()}
 
 
 def _load_average() -> list[float] | None:
@@ -526,6 +550,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
         raise EdgekdError(f"batch sizes must be >= 1, got {req.batches}", "e.g. --batch 1 --batch 64")
     model_path = resolve_model_path(req.model)
     ref_path = resolve_model_path(req.reference) if req.reference else None
+    pre = bundle_preprocess(model_path)
     runner = _open(req.runtime, model_path, req.threads, req.runtime_options)
     ref_runner = _open(req.runtime, ref_path, req.threads, req.runtime_options) if ref_path else None
     load_before = _load_average()
@@ -533,7 +558,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     try:
         for i, batch in enumerate(req.batches):
             try:
-                feeds = runner.prepare(_feeds(runner, batch, req.input_source, req.seed))
+                feeds = runner.prepare(_feeds(runner, batch, req.input_source, req.seed, pre))
             except EdgekdError as exc:
                 if i == 0:
                     raise
@@ -541,7 +566,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
                 continue
             say(f"timing {model_path.name} at batch {batch}" + (f" interleaved with {ref_path.name}" if ref_runner and i == 0 else ""))
             if ref_runner is not None and i == 0:
-                ref_feeds = ref_runner.prepare(_feeds(ref_runner, batch, req.input_source, req.seed))
+                ref_feeds = ref_runner.prepare(_feeds(ref_runner, batch, req.input_source, req.seed, bundle_preprocess(ref_path)))
                 host, ref_host = time_interleaved(runner, feeds, ref_runner, ref_feeds, req.plan)
                 device: list[float] = []
                 ref_samples = ref_host
@@ -554,7 +579,7 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
         profile = []
         if req.profile_top > 0:
             say(f"profiling layers over {req.profile_runs} runs")
-            layers = runner.layer_profile(_feeds(runner, req.batches[0], req.input_source, req.seed), req.profile_runs)
+            layers = runner.layer_profile(_feeds(runner, req.batches[0], req.input_source, req.seed, pre), req.profile_runs)
             profile = [asdict(layer) for layer in layers[: req.profile_top]]
     finally:
         runner.close()
