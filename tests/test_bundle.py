@@ -1,0 +1,238 @@
+"""Bundles: round trip through tar to the torch-free runtime, tamper refusal, safe extraction."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgekd import runtime as rt
+from edgekd.bundle import make_bundle, tar_bytes, tar_bundle, trtexec_commands
+from edgekd.errors import EdgekdError
+from edgekd.targets import get_target
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundle(pico_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("b") / "pico-bundle"
+    path = make_bundle(out, {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, get_target("x86-cpu"),
+                       {"test_top1": 0.7}, {"note": "test"}, sample_images=pico_model.images[:16])
+    return path
+
+
+def _torch_logits(model, images_u8: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(model.preprocess(torch.from_numpy(images_u8))).numpy()
+
+
+def test_round_trip_through_tar_predicts_like_onnxruntime_and_torch(bundle, pico_model, tmp_path):
+    tar = bundle.with_name(bundle.name + ".tar.gz")
+    assert tar.is_file()
+    clf = rt.Classifier(tar, workdir=tmp_path / "elsewhere")
+    assert clf.root.parent == (tmp_path / "elsewhere").resolve() and clf.backend == "onnxruntime"
+    images = pico_model.images[:64]
+    got = clf.predict_u8(images)
+    sess = ort.InferenceSession(str(pico_model.onnx), providers=["CPUExecutionProvider"])
+    x = pico_model.preprocess(torch.from_numpy(images)).numpy()
+    ort_logits = sess.run(None, {"input": x})[0]
+    torch_logits = _torch_logits(pico_model.model, images)
+    np.testing.assert_allclose(np.log(got), np.log(rt.softmax(ort_logits)), atol=1e-5)
+    assert (got.argmax(1) == ort_logits.argmax(1)).all()
+    assert (got.argmax(1) == torch_logits.argmax(1)).all()
+    np.testing.assert_allclose(clf.logits(x), torch_logits, atol=1e-4)
+    # The model is trained on real data, so the comparison is not between near-ties.
+    assert (got.argmax(1) == pico_model.labels[:64]).mean() > 0.5
+
+
+def test_image_files_go_through_the_same_pipeline(bundle, pico_model, tmp_path):
+    from PIL import Image
+
+    paths = []
+    for i in range(4):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(pico_model.images[i, 0]).save(p)
+        paths.append(p)
+    preds = rt.Classifier(bundle).classify_files(paths, top_k=3)
+    torch_top1 = _torch_logits(pico_model.model, pico_model.images[:4]).argmax(1)
+    assert [p[0][0] for p in preds] == [pico_model.classes[i] for i in torch_top1]
+    assert all(len(p) == 3 and abs(sum(pr for _, pr in p)) <= 1.0 + 1e-6 for p in preds)
+
+
+@pytest.mark.parametrize("src, size, channels", [((3, 40, 52), 28, 1), ((1, 28, 28), 64, 3), ((3, 224, 224), 64, 3), ((1, 28, 28), 28, 1)])
+def test_numpy_preprocess_matches_data_preprocess(src, size, channels):
+    from edgekd.data import Preprocess
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(2, *src), dtype=np.uint8)
+    mean, std = ((0.3,), (0.35,)) if channels == 1 else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    pre = Preprocess(size, channels, mean, std)
+    expected = pre(torch.from_numpy(images)).numpy()
+    got = rt.preprocess(images, pre.to_dict())
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_runtime_import_and_cli_stay_torch_free(bundle, pico_model, tmp_path):
+    code = "import sys, edgekd.runtime; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path).stdout.strip() == "ok"
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(pico_model.images[0, 0]).save(img)
+    # Run the copy inside the bundle, as a device does: its own edgekd/ package shadows any installed one.
+    proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", ".", str(img), "--json", "--top-k", "2"], capture_output=True, text=True, cwd=bundle)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["predictions"][0]["top"][0]["label"] == pico_model.classes[_torch_logits(pico_model.model, pico_model.images[:1]).argmax()]
+    check = subprocess.run([sys.executable, "-m", "edgekd.runtime", "selfcheck", ".", "--json"], capture_output=True, text=True, cwd=bundle)
+    res = json.loads(check.stdout)
+    assert check.returncode == 0 and res["ok"] and res["reference"]["top1_agreement"] == 1.0 and res["device"]["torch_loaded"] is False
+
+
+def test_bench_reports_percentiles_and_budget(bundle):
+    res = rt.bench(bundle, runs=20, warmup=2)
+    batches = [r["batch"] for r in res["latency"]]
+    assert batches == [1, 64]
+    for r in res["latency"]:
+        assert 0 < r["min_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["budget_ms"] in (1.0, 20.0) and isinstance(r["within_budget"], bool)
+
+
+def test_bundle_contents_and_manifest(bundle, pico_model):
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert meta["classes"] == pico_model.classes and (bundle / "labels.txt").read_text().split("\n")[:10] == pico_model.classes
+    assert meta["preprocess"] == pico_model.preprocess.to_dict()
+    assert meta["target"]["name"] == "x86-cpu" and meta["metrics"] == {"test_top1": 0.7} and meta["extra"] == {"note": "test"}
+    sums = rt.read_sums(bundle)
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"SHA256SUMS"}
+    assert set(sums) == on_disk
+    assert all(meta["files"][rel]["sha256"] == sums[rel] for rel in meta["files"])
+    assert "trtexec" not in meta  # CPU target: no engine
+
+
+def test_tar_is_deterministic(bundle, tmp_path):
+    assert tar_bytes(bundle) == tar_bytes(bundle)
+    a, b = tar_bundle(bundle, tmp_path / "a.tar.gz"), tar_bundle(bundle, tmp_path / "b.tar.gz")
+    assert a.read_bytes() == b.read_bytes()
+    with tarfile.open(a) as tar:
+        assert all(m.mtime == 0 and m.uid == 0 and not m.issym() for m in tar.getmembers())
+
+
+@pytest.mark.parametrize("victim", ["model/pico.onnx", "labels.txt", "edgekd/runtime.py", "bundle.json"])
+def test_tampered_file_is_refused(bundle, tmp_path, victim):
+    copy = tmp_path / "copy"
+    rt.safe_extract(bundle.with_name(bundle.name + ".tar.gz"), copy)
+    root = rt.bundle_root(copy)
+    p = root / victim
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    p.write_bytes(bytes(data))
+    with pytest.raises(EdgekdError, match=f"bundle file {victim} was modified"):
+        rt.Classifier(root)
+    proc = subprocess.run([sys.executable, "-m", "edgekd.runtime", "selfcheck", str(root)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "was modified" in proc.stderr
+
+
+def test_removed_file_and_unsafe_sums_are_refused(bundle, tmp_path):
+    copy = tmp_path / "copy"
+    rt.safe_extract(bundle.with_name(bundle.name + ".tar.gz"), copy)
+    root = rt.bundle_root(copy)
+    (root / "labels.txt").unlink()
+    with pytest.raises(EdgekdError, match="labels.txt is missing"):
+        rt.verify_bundle(root)
+    (root / "SHA256SUMS").write_text("0" * 64 + "  ../../etc/passwd\n")
+    with pytest.raises(EdgekdError, match="unsafe path"):
+        rt.verify_bundle(root)
+
+
+def _malicious_tar(path: Path, member: tarfile.TarInfo, data: bytes = b"pwned") -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        ok = tarfile.TarInfo("bundle/ok.txt")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        if member.isfile():
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        else:
+            tar.addfile(member)
+    return path
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tarfile.TarInfo:
+    m = tarfile.TarInfo(name)
+    m.type = kind
+    m.linkname = linkname
+    return m
+
+
+@pytest.mark.parametrize("member, why", [
+    (_member("/tmp/edgekd-evil-abs.txt"), "absolute path"),
+    (_member("bundle/../../edgekd-evil-dotdot.txt"), "'..'"),
+    (_member("bundle/link", tarfile.SYMTYPE, "/etc/passwd"), "link"),
+    (_member("bundle/hard", tarfile.LNKTYPE, "/etc/passwd"), "link"),
+    (_member("bundle/dev", tarfile.CHRTYPE), "special file"),
+    (_member("bundle/fifo", tarfile.FIFOTYPE), "special file"),
+])
+def test_malicious_tars_cannot_write_outside(tmp_path, member, why):
+    tar = _malicious_tar(tmp_path / "evil.tar.gz", member)
+    dest = tmp_path / "dest" / "inner"
+    with pytest.raises(EdgekdError, match=why):
+        rt.safe_extract(tar, dest)
+    # Nothing at all was extracted (checks run before the first write), and nothing escaped.
+    assert not any(dest.rglob("*"))
+    assert not Path("/tmp/edgekd-evil-abs.txt").exists() and not (tmp_path / "edgekd-evil-dotdot.txt").exists()
+    with pytest.raises(EdgekdError):
+        rt.Classifier(tar, workdir=tmp_path / "w")
+
+
+def test_trtexec_commands_for_dla_and_gpu_targets(pico_model):
+    nx = get_target("jetson-orin-nx").to_dict()
+    cmds = trtexec_commands(nx, "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
+    build = cmds["build"]
+    assert build[:3] == ["trtexec", "--onnx=model/pico.onnx", "--saveEngine=engine/pico.plan"]
+    for flag in ("--int8", "--fp16", "--minShapes=input:1x1x28x28", "--optShapes=input:8x1x28x28", "--maxShapes=input:8x1x28x28",
+                 "--useDLACore=0", "--allowGPUFallback", "--timingCacheFile=engine/timing.cache"):
+        assert flag in build
+    assert "--useCudaGraph" not in cmds["bench_batch1"]  # no CUDA graphs with DLA
+    assert {"--separateProfileRun", "--dumpProfile"} <= set(cmds["profile"])
+    nano = trtexec_commands(get_target("jetson").to_dict(), "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
+    assert "--useCudaGraph" in nano["bench_batch1"] and "--noDataTransfers" in nano["bench_batch1"]
+    assert not any(a.startswith("--useDLACore") for a in nano["build"])
+    assert any(a.startswith("--warmUp=") for a in nano["bench_batch1"]) and any(a.startswith("--duration=") for a in nano["bench_batch1"])
+    xavier = trtexec_commands(get_target("jetson-xavier-nx").to_dict(), "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
+    assert xavier["build"][-1] == "--buildOnly"  # TensorRT 8.5 spelling
+    fixed = trtexec_commands(get_target("jetson").to_dict(), "model/pico.onnx", "input", [1, 1, 28, 28], "pico")
+    assert not any("Shapes=" in a for a in fixed["build"])  # static graphs refuse explicit shapes
+
+
+def test_tensorrt_bundle_has_build_script(pico_model, tmp_path):
+    b = make_bundle(tmp_path / "jb", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, get_target("jetson"), {}, make_tar=False)
+    script = (b / "engine" / "build_engine.sh").read_text()
+    meta = json.loads((b / "bundle.json").read_text())
+    assert "--saveEngine=engine/pico.plan" in script and "nvpmodel -m 0" in script and meta["trtexec"]["build"][0] == "trtexec"
+    assert (b / "engine" / "build_engine.sh").stat().st_mode & 0o111
+    assert not (tmp_path / "jb.tar.gz").exists()
+    clf = rt.Classifier(b)  # no TensorRT here: onnxruntime, with the reason recorded
+    assert clf.backend == "onnxruntime" and clf.fallback_reason
+
+
+def test_make_bundle_refuses_bad_inputs_and_replaces_atomically(pico_model, tmp_path):
+    with pytest.raises(EdgekdError, match="primary model"):
+        make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "other", pico_model.classes, pico_model.preprocess, None)
+    with pytest.raises(EdgekdError, match="not found"):
+        make_bundle(tmp_path / "x", {"pico": tmp_path / "missing.onnx"}, "pico", pico_model.classes, pico_model.preprocess, None)
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
+    first = make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, None, {"v": 1}, make_tar=False)
+    make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, None, {"v": 2}, make_tar=False)
+    assert json.loads((first / "bundle.json").read_text())["metrics"] == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
