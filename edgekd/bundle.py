@@ -112,8 +112,8 @@ def build_engine_script(cmds: Mapping[str, list[str]], target: Mapping[str, Any]
         "set -eu",
         'cd "$(dirname "$0")/.."',
         "TRTEXEC=$(command -v trtexec || true)",
-        '[ -n "$TRTEXEC" ] || TRTEXEC=/usr/src/tensorrt/bin/trtexec',
-        '[ -x "$TRTEXEC" ] || { echo "trtexec not found (JetPack installs it at /usr/src/tensorrt/bin/trtexec)" >&2; exit 3; }',
+        'for p in /usr/src/tensorrt/bin/trtexec /opt/tensorrt/bin/trtexec; do [ -n "$TRTEXEC" ] || { [ -x "$p" ] && TRTEXEC=$p; } || true; done',
+        '[ -n "$TRTEXEC" ] || { echo "trtexec not found (JetPack installs it at /usr/src/tensorrt/bin/trtexec)" >&2; exit 3; }',
     ]
     if power:
         lines += [

@@ -66,7 +66,7 @@ def remote_json(device: SshDevice, command: str, timeout: float) -> dict[str, An
 def build_engine_remote(device: SshDevice, remote_dir: str, timeout: float) -> dict[str, Any]:
     """Run engine/build_engine.sh on the device when trtexec is there; bring back the timings."""
     d = shlex.quote(remote_dir)
-    probe = device.run("command -v trtexec || { test -x /usr/src/tensorrt/bin/trtexec && echo /usr/src/tensorrt/bin/trtexec; }", check=False)
+    probe = device.run("command -v trtexec || for p in /usr/src/tensorrt/bin/trtexec /opt/tensorrt/bin/trtexec; do test -x $p && echo $p && break; done", check=False)
     trtexec = probe.stdout.decode().strip()
     if probe.returncode != 0 or not trtexec:
         return {"built": False, "reason": "trtexec not found on the device (JetPack puts it at /usr/src/tensorrt/bin/trtexec)"}

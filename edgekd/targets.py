@@ -35,7 +35,7 @@ from edgekd.errors import EdgekdError
 TARGETS_ENV = "EDGEKD_TARGETS_DIR"
 BUILTIN_TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
-TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/usr/bin/trtexec")
+TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec", "/usr/bin/trtexec")  # JetPack, NGC container, deb
 
 
 class _Strict(BaseModel):
