@@ -108,6 +108,8 @@ def pico_model(tmp_path_factory: pytest.TempPathFactory) -> PicoModel:
     from edgekd.data import iterate, load_dataset
     from edgekd.models import create_model
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: extra threads only contend
     torch.manual_seed(0)
     data = load_dataset("fashion-mnist", train_subset=2000, test_subset=64, seed=0)
     model = create_model("pico_cnn", len(data.classes))
@@ -120,6 +122,7 @@ def pico_model(tmp_path_factory: pytest.TempPathFactory) -> PicoModel:
             loss.backward()
             opt.step()
     model.eval()
+    torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("pico") / "pico.onnx"
     torch.onnx.export(model, model.preprocess(data.test.images[:2]), str(out), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
