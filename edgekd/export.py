@@ -218,18 +218,23 @@ def _is_nonnegative(tensor: str, producers: dict[str, Any]) -> bool:
     return node is not None and node.op_type in NONNEGATIVE_PRODUCERS
 
 
-def u8_params(amax: float, nonnegative: bool) -> tuple[float, int]:
-    """u8 scale/zero point from a symmetric int8 amax learned in training: always the trained grid.
+def u8_params(amax: float, nonnegative: bool, relu_codes: int = 255) -> tuple[float, int]:
+    """u8 scale/zero point from a symmetric int8 amax learned in training.
 
-    scale = amax/127 keeps the exact grid the model was trained on (k * amax/127). Non-negative
-    tensors (after ReLU) get zero point 0, so values up to amax use u8 codes 0..127: the products in
-    onnxruntime's u8 x s8 kernels (``vpmaddubsw`` on x86 without VNNI) then cannot saturate
-    (2 * 127 * 127 < 32767), and zero point 0 lets onnxruntime drop the ReLU and fuse Conv+ReLU.
-    Signed tensors get zero point 128 (codes 1..255 hold -amax..amax); they are used only for ops
-    without a u8 x s8 dot product (Add); a Conv/Gemm with a signed input stays float, see
-    :func:`saturating_nodes`.
+    Non-negative tensors (after ReLU), zero point 0 (which also lets onnxruntime drop the ReLU and
+    fuse Conv+ReLU into QLinearConv):
+    - ``relu_codes=255`` (default): scale = amax/255: the same clipping range [0, amax] as in
+      training with a grid twice as fine. Codes reach 255, so on x86 without VNNI the u8 x s8
+      ``vpmaddubsw`` pairs can saturate when activations sit near amax (rare after max calibration).
+    - ``relu_codes=127``: scale = amax/127: exactly the trained grid and codes <= 127 cannot
+      saturate, but values above amax are clipped at 2*amax instead of amax (training clipped
+      at amax); measured worse after QAD, kept for comparison (benchmarks/quantization_results.md).
+    Signed tensors: scale = amax/127, zero point 128 (codes 1..255 hold -amax..amax, the trained
+    grid); they feed only ops without a u8 x s8 dot product (Add), see :func:`saturating_nodes`.
     """
-    return amax / 127.0, 0 if nonnegative else 128
+    if nonnegative:
+        return amax / float(relu_codes), 0
+    return amax / 127.0, 128
 
 
 def saturating_nodes(fp32_proto) -> list[str]:
@@ -245,7 +250,7 @@ def saturating_nodes(fp32_proto) -> list[str]:
     return [n.name for n in fp32_proto.graph.node if n.op_type in COMPUTE_OPS and n.input[0] not in inits and not _is_nonnegative(n.input[0], producers)]
 
 
-def trained_overrides(qmodel: nn.Module, fp32_proto) -> dict[str, list[dict[str, Any]]]:
+def trained_overrides(qmodel: nn.Module, fp32_proto, relu_codes: int = 255) -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` from the model's quantizers: activations and weights.
 
     Node scope names in the TorchScript export carry the module path, which maps each Conv/Gemm to
@@ -280,7 +285,7 @@ def trained_overrides(qmodel: nn.Module, fp32_proto) -> dict[str, list[dict[str,
             if rq is not None and len(node.input) == 2:
                 note(node.input[1], float(rq.amax.max()))
     for tensor, amax in act_amax.items():
-        scale, zp = u8_params(max(amax, 1e-12), _is_nonnegative(tensor, producers))
+        scale, zp = u8_params(max(amax, 1e-12), _is_nonnegative(tensor, producers), relu_codes)
         entry = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zp, dtype=np.uint8)}]
         overrides[tensor] = entry
         node = producers.get(tensor)
@@ -330,7 +335,7 @@ def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch
 
 
 def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17,
-                    fp32_path: str | Path | None = None) -> tuple[Path, list[str]]:
+                    fp32_path: str | Path | None = None, relu_codes: int = 255) -> tuple[Path, list[str]]:
     """The onnxruntime-CPU layout from a trained fake-quant model, keeping its learned scales.
 
     Returns the path and the compute nodes deliberately left in float (see :func:`saturating_nodes`).
@@ -345,7 +350,7 @@ def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess,
             export_fp32(qmodel, fp32, preprocess, opset)
         proto = onnx.load(str(fp32))
         keep_float = saturating_nodes(proto)
-        ort_quantize_static(fp32, path, calib_u8, preprocess, trained_overrides(qmodel, proto), keep_float)
+        ort_quantize_static(fp32, path, calib_u8, preprocess, trained_overrides(qmodel, proto, relu_codes), keep_float)
     return Path(path), keep_float
 
 

@@ -295,12 +295,16 @@ def run_qad(
     cfg: QuantizeConfig,
     data: DataSet,
     out_dir: str | Path,
-    loss_fn: Callable,
+    make_loss: Callable[[nn.Module], tuple[Callable, nn.Module | None]],
     seed: int = 0,
     augment: str = "flip",
     resume: bool = True,
 ) -> dict[str, Any]:
-    """Quantize a distilled FP32 student, calibrate, fine-tune with ``loss_fn``; writes best.pt/last.pt.
+    """Quantize a distilled FP32 student, calibrate, fine-tune; writes best.pt/last.pt.
+
+    ``make_loss(quantized_student) -> (loss_fn, extra_trainable or None)`` is called after the
+    quantizers are in, so feature hooks attach to the quantized modules (e.g.
+    ``edgekd.distill.build_distill_loss`` with the FP32 teacher).
 
     Returns the FP32 and fake-quant accuracies before and after fine-tuning, so the cost of
     INT8 and what QAD recovered are both on record.
@@ -321,8 +325,13 @@ def run_qad(
     ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers, calibrator {cfg.calibrator} on {len(calib)} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
     extra = {"source_checkpoint": str(student_ckpt), "config": {"quantize": cfg.model_dump(), "seed": seed}}
+    loss_fn, extra_trainable = make_loss(model)
+    trainable = nn.ModuleDict({"student": model, "distill": extra_trainable}) if extra_trainable is not None and any(True for _ in extra_trainable.parameters()) else None
     result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=augment, seed=seed, kind=QUANTIZED_KIND, resume=resume,
-                 save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, description="quantization-aware distillation")
+                 save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, trainable=trainable,
+                 description="quantization-aware distillation")
+    if hasattr(loss_fn, "close"):
+        loss_fn.close()
     best = load_quantized(result.best_path)
     metrics = final_metrics(best, data, pre, result, {"fp32_val_top1": fp32_val, "ptq_val_top1": ptq_val, "calibrator": cfg.calibrator,
                                                       "quantizers": len(enabled_quantizers(best))})
