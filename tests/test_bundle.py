@@ -236,3 +236,31 @@ def test_make_bundle_refuses_bad_inputs_and_replaces_atomically(pico_model, tmp_
     make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, None, {"v": 2}, make_tar=False)
     assert json.loads((first / "bundle.json").read_text())["metrics"] == {"v": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_in_bundle_matches_onnxruntime(pico_model, tmp_path):
+    """Where a GPU and TensorRT exist: build the engine the device way and run it through the runtime."""
+    from edgekd.targets import nvidia_gpu_present
+
+    why = rt.tensorrt_usable()
+    if why or not nvidia_gpu_present():
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU ({why or 'no GPU'})")
+    import tensorrt as trt
+
+    b = make_bundle(tmp_path / "trt", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, get_target("x86-cuda"), {}, make_tar=False)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    assert parser.parse((b / "model" / "pico.onnx").read_bytes()), parser.get_error(0)
+    config = builder.create_builder_config()
+    profile = builder.create_optimization_profile()
+    profile.set_shape("input", (1, 1, 28, 28), (8, 1, 28, 28), (64, 1, 28, 28))
+    config.add_optimization_profile(profile)
+    (b / "engine" / "pico.plan").write_bytes(bytes(builder.build_serialized_network(network, config)))
+    trt_clf, ort_clf = rt.Classifier(b, backend="tensorrt"), rt.Classifier(b, backend="ort")
+    assert trt_clf.backend == "tensorrt"
+    x = rt.preprocess(pico_model.images[:32], trt_clf.pre)
+    np.testing.assert_allclose(trt_clf.logits(x), ort_clf.logits(x), atol=1e-2)
+    assert (trt_clf.logits(x).argmax(1) == ort_clf.logits(x).argmax(1)).mean() >= 0.97
