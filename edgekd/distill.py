@@ -522,6 +522,22 @@ def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teach
     return create_model(student_cfg.model, data.num_classes, "none", in_chans=data.channels, width=student_cfg.width, input_size=student_cfg.input_size)
 
 
+def teachers_model(teacher: Teacher) -> str:
+    return teacher.spec["name"]
+
+
+def check_resume_matches(last: Path, extra: dict) -> None:
+    """Refuse to resume a run that distilled with other losses, teachers or data settings (fit only checks the optimiser settings)."""
+    if not last.is_file():
+        return
+    ckpt = safe_torch_load(last, "resume checkpoint")
+    old = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    same = (old.get("distill") == extra["config"]["distill"] and old.get("data") == extra["config"]["data"]
+            and [t.get("sha256") for t in ckpt.get("teachers", [])] == [t["sha256"] for t in extra["teachers"]])
+    if not same:
+        raise EdgekdError(f"{last} was written by a distillation with other losses, teachers or data", "use a fresh --out folder, or pass --no-resume to start over")
+
+
 def run_distill(
     teachers: list[str | Path],
     student_cfg: StudentConfig,
@@ -553,7 +569,8 @@ def run_distill(
     loaded = [load_teacher(p) for p in teachers]
     teacher_weights(distill_cfg, len(loaded))
     data = data or load_data(data_cfg, seed)
-    check_teachers(loaded, data)
+    if self_distill and student_cfg.model != teachers_model(loaded[0]):
+        ui.log(f"self-distillation: the student is a fresh {teachers_model(loaded[0])} like the teacher (student.model={student_cfg.model} is ignored)")
     student = make_student(student_cfg, data, loaded, self_distill)
     dev = train_device()
     student.to(dev)
@@ -565,6 +582,8 @@ def run_distill(
     trainable = nn.ModuleDict({"student": student, "distill": adapters}) if len(adapters) else None
     extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": seed, "self_distill": self_distill},
              "teachers": [t.describe() for t in loaded]}
+    if resume:
+        check_resume_matches(Path(out_dir) / "last.pt", extra)
     try:
         result = fit(student, data, train_cfg, out_dir, loss_fn, student.preprocess, augment=data_cfg.augment, seed=seed, kind="student",
                      resume=resume, ckpt_extra=extra, trainable=trainable, description=f"distill {name}")

@@ -294,3 +294,10 @@ def test_logits_only_run_reuses_the_logits_a_feature_run_cached(data, teacher_pa
     logits_only = cache_for(["kd"])
     assert not with_features.hit and logits_only.hit and set(logits_only.tables) == {"logits"}
     assert logits_only.path == with_features.path and with_features.paths["feature"] != with_features.path
+
+
+def test_resume_refuses_a_run_with_other_losses(data, teacher_path, tmp_path):
+    cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=1, batch_size=64))
+    run_distill([teacher_path], cfg, DistillConfig(losses=["kd"]), DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
+    with pytest.raises(EdgekdError, match="other losses, teachers or data"):
+        run_distill([teacher_path], cfg, DistillConfig(losses=["kd", "at"]), DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
