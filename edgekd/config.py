@@ -43,6 +43,7 @@ class TrainConfig(Strict):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     amp: bool = Field(True, description="mixed precision where CUDA is present (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0)
+    freeze_bn: bool = Field(False, description="keep BatchNorm statistics frozen (eval mode): small batches, or exact DDP equivalence")
     workers: int = Field(0, ge=0, description="reserved: data is held in memory as tensors")
 
 

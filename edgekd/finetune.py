@@ -26,6 +26,8 @@ def run_finetune(cfg: TeacherConfig, data_cfg: DataConfig, out_dir: str | Path, 
     data = data or load_data(data_cfg, seed, store_size=max(64, cfg.input_size) if data_cfg.dataset == "imagefolder" else 64)
     model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained, input_size=cfg.input_size)
     trainable = set_trainable(model, cfg.mode)
+    if cfg.mode == "linear-probe" and not cfg.train.freeze_bn:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"freeze_bn": True})})  # a frozen backbone keeps its BN statistics too
     ui.log(f"teacher {cfg.model}: {count_params(model):,} params ({trainable:,} trainable, {cfg.mode}), weights {model.weights_source}, "
            f"data {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test")
     extra = {"config": {"teacher": cfg.model_dump(), "data": data_cfg.model_dump(), "seed": seed}, "weights_source": model.weights_source}

@@ -105,7 +105,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch
 def predict_logits(model: nn.Module, split: Split, preprocess: Preprocess, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     dev = next(model.parameters()).device
-    outs = [model(preprocess(b.images).to(dev)).float().cpu() for b in iterate(split, batch_size)]
+    outs = [model(preprocess(b.images).to(dev).contiguous(memory_format=torch.channels_last)).float().cpu() for b in iterate(split, batch_size)]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
@@ -171,10 +171,13 @@ def fit(
     extra = dict(ckpt_extra or {})
     save = save_fn or (lambda p, m, e: save_checkpoint(p, m, data.classes, kind, e))
 
-    model.to(dev)
+    model.to(dev, memory_format=torch.channels_last)  # ~30% faster convs on CPU (oneDNN) and GPU
     trainable = trainable if trainable is not None else model
     trainable.to(dev)
     net = model
+    if env.world > 1 and dev.type == "cuda" and not cfg.freeze_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # SyncBN needs CUDA; on gloo/CPU each rank keeps its own stats
+        net = model
     if env.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     steps = num_batches(len(data.train), cfg.batch_size, env.world, drop_last=True) or 1
@@ -204,9 +207,13 @@ def fit(
         task = prog.add_task(description, total=max(0, cfg.epochs - start_epoch) * steps, rate="", info="")
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
+            if cfg.freeze_bn:
+                for mod in model.modules():
+                    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                        mod.eval()
             ep_loss, ep_n, ep_t = 0.0, 0, time.time()
             for batch in iterate(data.train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment, rank=env.rank, world=env.world, drop_last=True):
-                x = preprocess(batch.images).to(dev, non_blocking=True)
+                x = preprocess(batch.images).to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 with torch.autocast(dev.type, enabled=scaler.is_enabled()):
                     loss, _ = loss_fn(net, batch, x)
                 if not torch.isfinite(loss):

@@ -1,0 +1,30 @@
+"""Run the real `edgekd` console script in a subprocess, the way users and CI do."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EDGEKD = str(Path(sys.executable).parent / "edgekd")
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600, cwd: str | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "EDGEKD_QUIET": "1", **(env or {})}
+    return subprocess.run([EDGEKD, *map(str, args)], capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd)
+
+
+def json_out(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    """Exit code 2, a single 'error: ...' line naming the problem, and no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 or all("error" not in line.lower() for line in lines[:-1]), proc.stderr
+    assert needle in proc.stderr.replace("\n", " "), proc.stderr

@@ -1,0 +1,91 @@
+"""Data: real Fashion-MNIST, ImageFolder of mixed images, deterministic splits, preprocessing."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edgekd.data import FASHION_MNIST_DEFAULT, Preprocess, augment_batch, iterate, load_dataset
+from edgekd.errors import EdgekdError
+
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="apt-get install dataset-fashion-mnist")
+
+
+@needs_fmnist
+def test_fashion_mnist_is_real_and_split_deterministically():
+    a = load_dataset("fashion-mnist", seed=0)
+    assert (len(a.train), len(a.val), len(a.test)) == (54000, 6000, 10000)
+    assert a.train.images.shape[1:] == (1, 28, 28) and a.train.images.dtype == torch.uint8
+    assert torch.bincount(a.test.labels).tolist() == [1000] * 10  # balanced test set
+    b = load_dataset("fashion-mnist", seed=0)
+    c = load_dataset("fashion-mnist", seed=1)
+    assert torch.equal(a.val.labels, b.val.labels) and not torch.equal(a.val.labels, c.val.labels)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path):
+    with pytest.raises(EdgekdError, match="apt-get install -y dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", root=str(tmp_path))
+
+
+def test_corrupt_idx_file_is_a_clear_error(tmp_path):
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        with gzip.open(tmp_path / name, "wb") as fh:
+            fh.write(b"\x00\x00\x08\x03garbage")
+    with pytest.raises(EdgekdError, match="cannot read IDX file"):
+        load_dataset("fashion-mnist", root=str(tmp_path))
+
+
+def _write_folder(root, sizes_modes, classes=("cat", "dog")):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i, (size, mode) in enumerate(sizes_modes):
+            arr = rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(arr).convert(mode).save(root / c / f"{i}.png")
+
+
+def test_imagefolder_mixed_sizes_and_modes_and_a_truncated_file(tmp_path):
+    _write_folder(tmp_path, [((40, 30), "RGB"), ((17, 50), "L"), ((64, 64), "RGBA"), ((20, 20), "P")])
+    (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
+    ds = load_dataset("imagefolder", root=str(tmp_path), val_fraction=0.25, store_size=32)
+    assert ds.classes == ["cat", "dog"] and ds.channels == 3
+    assert len(ds.train) + len(ds.val) == 8
+    assert ds.info["skipped_files"] == [str(tmp_path / "cat" / "broken.png")]
+    assert ds.train.images.shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize("layout, needle", [("missing", "not found"), ("empty", "no class sub-folders"), ("one", "only one class"), ("noimages", "no images found")])
+def test_imagefolder_bad_layouts(tmp_path, layout, needle):
+    root = tmp_path / "d"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "one":
+        _write_folder(root, [((8, 8), "RGB")], classes=("only",))
+    if layout == "noimages":
+        (root / "a").mkdir()
+        (root / "b").mkdir()
+        (root / "a" / "x.txt").write_text("hi")
+    with pytest.raises(EdgekdError, match=needle):
+        load_dataset("imagefolder", root=str(root))
+
+
+def test_preprocess_grey_to_rgb_resize_and_normalise():
+    imgs = torch.full((2, 1, 28, 28), 255, dtype=torch.uint8)
+    pp = Preprocess(64, 3, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    x = pp(imgs)
+    assert x.shape == (2, 3, 64, 64)
+    assert torch.allclose(x, torch.full_like(x, 2.0))
+
+
+def test_augment_and_sharded_iteration_cover_the_split():
+    from edgekd.data import Split
+
+    split = Split(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous(), torch.arange(10))
+    seen = torch.cat([b.labels for r in range(2) for b in iterate(split, 3, shuffle=True, seed=1, rank=r, world=2)])
+    assert sorted(seen.tolist()) == list(range(10))
+    out, flipped = augment_batch(torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1), "flip", torch.Generator().manual_seed(0))
+    assert 10 < int(flipped.sum()) < 54
+    assert torch.equal(out[flipped][0, 0, 0], torch.tensor([3, 2, 1, 0], dtype=torch.uint8))
