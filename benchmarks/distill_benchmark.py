@@ -76,6 +76,7 @@ def args() -> argparse.Namespace:
     ap.add_argument("--work", default="benchmarks/_work/distill")
     ap.add_argument("--results", default="benchmarks/distill_results.md")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--online-check", action="store_true", help="also time one epoch of KD with the teacher online vs cached")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest on a CPU shared with other jobs)")
     a = ap.parse_args()
     if a.threads:
@@ -129,7 +130,20 @@ def run_row(row: str, a: argparse.Namespace, data: DataSet, data_cfg: DataConfig
     return m
 
 
-def markdown(a: argparse.Namespace, results: dict[str, dict], teacher_acc: dict[str, float], data: DataSet, started: str, total_s: float) -> str:
+def online_vs_cached(a: argparse.Namespace, data: DataSet, data_cfg: DataConfig, work: Path, teacher: Path) -> dict[str, float]:
+    """Student training throughput for one epoch of KD with the teacher run at every step vs read from the cache."""
+    cfg = student_cfg(a)
+    cfg.train = cfg.train.model_copy(update={"epochs": 1})
+    speeds = {}
+    for mode, cache in (("online", False), ("cached", True)):
+        m = run_distill([teacher], cfg, DistillConfig(losses=["kd"], cache_teacher=cache), data_cfg, work / f"speed-{mode}", a.seed, resume=False,
+                        data=data, cache_dir=work / "teacher-cache")["metrics"]
+        speeds[mode] = m["images_per_second"]
+    return speeds
+
+
+def markdown(a: argparse.Namespace, results: dict[str, dict], teacher_acc: dict[str, float], data: DataSet, started: str, total_s: float,
+             speeds: dict[str, float] | None = None) -> str:
     mode = "QUICK MODE (wiring check on a subset; not the issue's benchmark)" if a.quick or a.train_subset else "full"
     lines = [
         "# Distillation benchmark (issue 3)", "",
@@ -161,6 +175,9 @@ def markdown(a: argparse.Namespace, results: dict[str, dict], teacher_acc: dict[
               "KD >= +0.8 points over alone: " + ("n/a" if kd_gain is None else ("met" if kd_gain >= 0.8 else "NOT met") + f" ({kd_gain:+.2f} pts)") + ".",
               "", "'wall s' includes building the teacher-output cache for the row that builds it ('teacher outputs: cached'); "
               "'student img/s' is training throughput over the whole fit (validation included)."]
+    if speeds:
+        lines += ["", f"Teacher online vs cached (one epoch of KD, same student): {speeds['online']} img/s online vs {speeds['cached']} img/s cached "
+                  f"({speeds['cached'] / max(speeds['online'], 1e-9):.1f}x; the cache is built once beforehand and reused by every later epoch and student)."]
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +205,8 @@ def main() -> int:
         results[row] = run_row(row, a, data, data_cfg, work, teachers)
         ui.log(f"{row}: test top-1 {results[row]['test']['top1']:.4f} in {results[row]['wall_seconds']} s")
         write_json_atomic(work / "results.json", {"args": vars(a), "teacher_test_top1": teacher_acc, "rows": results})
-    text = markdown(a, results, teacher_acc, data, started, time.time() - t0)
+    speeds = online_vs_cached(a, data, data_cfg, work, teacher) if a.online_check else None
+    text = markdown(a, results, teacher_acc, data, started, time.time() - t0, speeds)
     write_bytes_atomic(a.results, text.encode())
     print(text)
     return 0
