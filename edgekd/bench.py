@@ -617,6 +617,8 @@ def busy_machine_note(result: dict[str, Any]) -> str | None:
     worst = max((v[0] for v in loads), default=0.0)
     if worst > cores:
         tail = "" if result.get("reference") else "; pass --reference to cancel such drift"
+        if (result.get("threads") or 1) > 1:
+            tail += "; --threads 1 is far more repeatable on a shared machine"
         return f"the machine was busy while measuring (load average {worst:.1f} on {cores} cores){tail}"
     return None
 
