@@ -36,6 +36,7 @@ from edgekd.models import BasicBlock, create_model, load_checkpoint, save_checkp
 QUANT_FORMAT = "edgekd-int8-fakequant-1"
 QUANTIZED_KIND = "quantized-student"
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 
 
 # ----------------------------------------------------------------------------- modelopt access
@@ -198,12 +199,18 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
     mtq = _mtq()
     register_quantized_modules()
     model.eval()
+    if not any(isinstance(m, QUANTIZABLE) for m in model.modules()):
+        raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
     if cfg.fold_bn:
         fold_batchnorm(model)
     loop = forward_loop_over(calib_u8, preprocess) if calib_u8 is not None else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(model, int8_config(), loop)
+        try:
+            mtq.quantize(model, int8_config(), loop)
+        except RuntimeError as exc:
+            raise EdgekdError(f"modelopt could not quantize {type(model).__name__}: {str(exc).splitlines()[0][:200]}",
+                              "export it with --precision fp16 or fp32") from exc
     n_enabled = len(enabled_quantizers(model))
     if n_enabled == 0:
         raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)",
