@@ -717,7 +717,8 @@ def run_checks(model: nn.Module, path: Path, x: torch.Tensor, labels: np.ndarray
         ortc = check_ort_cpu_fusion(path, float_on_purpose)
         checks["tensorrt_readiness"] = trt.to_dict()
         checks["ort_cpu_fusion"] = ortc.to_dict()
-        show_report(trt, f"TensorRT readiness: {path.name}")
+        if layout == "tensorrt":
+            show_report(trt, f"TensorRT readiness: {path.name}")
         show_report(ortc, f"onnxruntime CPU fusion: {path.name}")
         if layout == "tensorrt" and not trt.ok:
             ui.warn(f"{path.name} is not TensorRT-ready: {trt.errors[0]}")
@@ -734,7 +735,7 @@ def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.nda
         out["int8_top1"] = float((ort_logits(path, x).argmax(1) == labels).mean())
         out["fp32_top1"] = float((ort_logits(fp32_path, x).argmax(1) == labels).mean())
         out["n"] = int(len(labels))
-        if out["int8_top1"] < out["fp32_top1"] - tolerance:
+        if out["int8_top1"] < out["fp32_top1"] - max(tolerance, 1.5 / len(labels)):  # one image is not evidence
             ui.warn(f"INT8 is less accurate than FP32 on {len(labels)} held images: {out['int8_top1']:.4f} vs {out['fp32_top1']:.4f}")
     if layout == "ort-cpu":
         shape = (pre.channels, pre.input_size, pre.input_size)
