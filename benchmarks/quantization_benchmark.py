@@ -210,11 +210,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--qad-epochs", type=int, default=1)
     ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--train-subset", type=int, default=None, help="train on only N images (the 2-core CPU budget)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "quantization")
     ap.add_argument("--out", type=Path, default=None, help="results Markdown (default: benchmarks/quantization_results.md; --quick: the work dir)")
     args = ap.parse_args()
-    args.train_subset, test_subset = (3000, 1000) if args.quick else (None, None)
+    test_subset = None
+    if args.quick:
+        args.train_subset, test_subset = 3000, 1000
     if args.quick:
         args.epochs, args.qad_epochs, args.runs = 1, 1, 20
     torch.set_num_threads(2)
