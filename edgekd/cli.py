@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -31,9 +31,14 @@ from edgekd.cli_options import (BatchOpt, ConfigOpt, DataRootOpt, DatasetOpt, Ep
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for training/inference (torch). On a shared or busy machine 1 is often faster than 2+: OpenMP threads spin while waiting for a core. [default: torch's, or $OMP_NUM_THREADS]")] = None,
 ) -> None:
     STATE["debug"] = debug
     ui.set_quiet(quiet)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 @app.command()
@@ -113,6 +118,9 @@ for _mod in (_distill_cmds, _export_cmds, _bench_cmds, _build_cmds, _targets_cmd
 
 def main() -> None:
     """Console entry point: one-line errors, exit code 2, tracebacks only with --debug."""
+    import logging
+
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on every CPU run (modelopt import)
     try:
         app(standalone_mode=False)
     except EdgekdError as exc:

@@ -59,6 +59,7 @@ class StudentConfig(Strict):
     model: str = Field("nano_cnn", description="edgekd student (see `edgekd models`) or a timm model name")
     input_size: int = Field(28, ge=16, le=1024)
     width: float = Field(1.0, gt=0, le=8, description="width multiplier for edgekd students")
+    augment: Literal["none", "flip", "crop-flip"] = Field("flip", description="student augmentation in `build`: 'flip' lets teacher outputs be cached")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=30, lr=3e-3, batch_size=128, weight_decay=0.05))
 
 

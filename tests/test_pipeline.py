@@ -1,0 +1,145 @@
+"""`edgekd build` end to end on a tiny real configuration: stages, manifest, skip, resume, bundle."""
+
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+
+import numpy as np
+import pytest
+
+from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli
+from edgekd.data import FASHION_MNIST_DEFAULT
+from edgekd.manifest import Manifest
+
+pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
+
+# A real build, shrunk: pico CNN teacher and student at 28 px on 1,500 real images.
+TINY = [
+    "--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28", "--set", "teacher.train.epochs=2",
+    "--set", "teacher.train.lr=0.003", "--set", "student.model=pico_cnn", "--set", "student.train.epochs=2",
+    "--set", "data.train_subset=1500", "--set", "data.test_subset=500", "--set", "quantize.train.epochs=1",
+    "--set", "quantize.calib_images=128", "--set", "bench.runs=20", "--set", "bench.warmup=2", "--set", "bench.batches=[1,8]",
+    "--set", "export.check_batch=128",
+]
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("build") / "run"
+    t0 = time.time()
+    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--out", out, "--json", env=ENV))
+    res["_wall"] = time.time() - t0
+    return out, res
+
+
+def test_build_json_has_the_promised_fields(built):
+    out, res = built
+    for key in ("bundle", "onnx", "target", "accuracy", "params", "latency_ms", "stages"):
+        assert key in res, key
+    assert res["target"] == "x86-cpu" and res["precision"] == "int8" and res["layout"] == "ort-cpu"
+    assert set(res["stages"]) == {"teacher", "distill", "qad", "export", "evaluate", "bench", "bundle"}
+    assert all(s["status"] == "done" for s in res["stages"].values())
+    assert 0.3 < res["accuracy"] <= 1.0 and res["params"] < 100_000 and res["latency_ms"] > 0
+    assert os.path.isfile(res["onnx"]) and os.path.isdir(res["bundle"]) and os.path.isfile(res["bundle_tar"])
+    assert Manifest(out).verify() == []
+
+
+def test_accuracy_is_measured_on_the_exported_file(built):
+    """The build's accuracy is the ONNX file's own test top-1, recomputed here independently."""
+    import onnxruntime as ort
+
+    from edgekd.data import Preprocess, load_dataset
+
+    out, res = built
+    data = load_dataset("fashion-mnist", test_subset=500)
+    sess = ort.InferenceSession(res["onnx"], providers=["CPUExecutionProvider"])
+    meta = json.loads(sess.get_modelmeta().custom_metadata_map["preprocessing"])
+    x = Preprocess.from_dict(meta)(data.test.images).numpy()
+    top1 = float((sess.run(None, {"input": x})[0].argmax(1) == data.test.labels.numpy()).mean())
+    assert abs(top1 - res["accuracy"]) < 1e-9
+
+
+def test_second_build_does_no_work(built):
+    out, first = built
+    t0 = time.time()
+    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--out", out, "--json", env=ENV))
+    assert all(s["status"] == "skipped" for s in res["stages"].values()), res["stages"]
+    assert res["accuracy"] == first["accuracy"] and res["onnx"] == first["onnx"]
+    assert time.time() - t0 < first["_wall"]
+
+
+def test_changing_a_late_setting_reruns_only_later_stages(built, tmp_path):
+    out, _ = built
+    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--set", "bench.runs=25", "--out", out, "--json", "--until", "bench", env=ENV))
+    status = {k: v["status"] for k, v in res["stages"].items()}
+    assert status["teacher"] == status["distill"] == status["qad"] == status["export"] == "skipped"
+    assert status["bench"] == "done"
+
+
+def test_bundle_round_trip_predicts_like_the_pipeline(built, tmp_path):
+    """tar -> untar elsewhere -> the torch-free runtime predicts what the pipeline's own
+    preprocessing + the exported ONNX predict, on real test images."""
+    import onnxruntime as ort
+
+    from edgekd import runtime
+    from edgekd.data import Preprocess, load_dataset
+
+    out, res = built
+    root = runtime.safe_extract(res["bundle_tar"], tmp_path / "device")
+    clf = runtime.Classifier(runtime.bundle_root(root), backend="ort")
+    images = load_dataset("fashion-mnist", test_subset=64).test.images
+    probs = clf.predict_u8(images.numpy())
+    sess = ort.InferenceSession(res["onnx"], providers=["CPUExecutionProvider"])
+    pre = Preprocess.from_dict(json.loads(sess.get_modelmeta().custom_metadata_map["preprocessing"]))
+    ref = sess.run(None, {"input": pre(images).numpy()})[0]
+    assert np.array_equal(probs.argmax(1), ref.argmax(1))
+    assert clf.classes == json.loads(sess.get_modelmeta().custom_metadata_map["classes"])
+
+
+def test_jetson_target_leaves_a_tensorrt_ready_bundle(tmp_path):
+    res = json_out(run_cli("build", "--target", "jetson", *TINY, "--out", tmp_path / "j", "--json", env=ENV))
+    assert res["target"] == "jetson-orin-nano" and res["layout"] == "tensorrt"
+    assert res["checks"]["tensorrt_readiness"] is True
+    assert "build_engine.sh" in res["device_build"]
+    assert (tmp_path / "j" / "bundle" / "engine" / "build_engine.sh").is_file()
+    assert res["latency"]["on_target_runtime"] is False  # no GPU here: timed on onnxruntime CPU, and says so
+
+
+def test_killed_build_resumes_to_a_valid_manifest(tmp_path):
+    out = tmp_path / "k"
+    cmd = [EDGEKD, "build", "--target", "x86-cpu", *TINY, "--set", "student.train.epochs=6", "--out", str(out), "--json"]
+    env = {**os.environ, "EDGEKD_QUIET": "1", **ENV}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the distill stage has written an epoch, then SIGKILL
+        if (out / "student" / "last.pt").exists():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["stages"]["distill"]["status"] == "running"
+    assert not list(out.rglob(".*.tmp"))  # atomic writes: no half-written artifact left behind
+    res = json_out(run_cli(*cmd[1:], env=ENV))
+    assert res["stages"]["teacher"]["status"] == "skipped" and res["stages"]["distill"]["status"] == "done"
+    assert Manifest(out).verify() == []
+
+
+def test_unknown_target_and_bad_recipe(tmp_path):
+    assert_one_line_error(run_cli("build", "--target", "jetson-nope", "--out", tmp_path / "x"), "unknown target 'jetson-nope'")
+    bad = tmp_path / "r.yaml"
+    bad.write_text("student:\n  modle: nano_cnn\n")
+    assert_one_line_error(run_cli("build", "-c", bad, "--out", tmp_path / "x"), "student.modle: unknown key")
+
+
+def test_print_config_shows_every_default():
+    proc = run_cli("build", "--print-config", "--set", "student.train.epochs=7")
+    assert proc.returncode == 0
+    import yaml
+
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["student"]["train"]["epochs"] == 7 and cfg["teacher"]["model"] == "efficientnet_lite0" and "quantize" in cfg
