@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import platform
 import subprocess
 import sys
@@ -45,6 +46,8 @@ from edgekd.quantize import enabled_quantizers, int8_config, load_quantized, qua
 from edgekd.train import cross_entropy_loss, fit, seed_everything
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_RELU_CODES = inspect.signature(export_int8_ort).parameters["relu_codes"].default
+QAD_LABEL = f"INT8 edgekd QAD, ort-cpu layout (default relu_codes={DEFAULT_RELU_CODES})"
 TEACHER = HERE / "_work" / "teacher" / "best.pt"
 
 
@@ -73,8 +76,10 @@ def make_loss(model, data, use_teacher: bool):
     return cross_entropy_loss(), None
 
 
-def train_student(name: str, data, epochs: int, work: Path, use_teacher: bool, seed: int):
+def train_student(name: str, data, epochs: int, work: Path, use_teacher: bool, seed: int, reuse: bool = False):
     seed_everything(seed)
+    if reuse and (work / f"{name}-fp32" / "best.pt").is_file():
+        return model_from_checkpoint(work / f"{name}-fp32" / "best.pt"), 0.0
     model = create_model(name, data.num_classes)
     loss, _ = make_loss(model, data, use_teacher)
     res = fit(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=0.05), work / f"{name}-fp32", loss, model.preprocess,
@@ -82,7 +87,9 @@ def train_student(name: str, data, epochs: int, work: Path, use_teacher: bool, s
     return model_from_checkpoint(res.best_path), res.seconds
 
 
-def qad(fp32, data, epochs: int, work: Path, use_teacher: bool, calib, seed: int):
+def qad(fp32, data, epochs: int, work: Path, use_teacher: bool, calib, seed: int, reuse: bool = False):
+    if reuse and (work / f"{fp32.edgekd_spec['name']}-qad" / "last.pt").is_file():
+        return load_quantized(work / f"{fp32.edgekd_spec['name']}-qad" / "last.pt"), 0.0
     model = copy.deepcopy(fp32)
     model.edgekd_spec = fp32.edgekd_spec
     model.preprocess = fp32.preprocess
@@ -118,8 +125,8 @@ def bench_file(path: Path, x: np.ndarray, labels: np.ndarray, runs: int, shape) 
 
 def run_student(name: str, data, args, work: Path, use_teacher: bool) -> list[dict]:
     calib = calibration_images(data.train, 512, args.seed)
-    fp32, fp32_s = train_student(name, data, args.epochs, work, use_teacher, args.seed)
-    qmodel, qad_s = qad(fp32, data, args.qad_epochs, work, use_teacher, calib, args.seed)
+    fp32, fp32_s = train_student(name, data, args.epochs, work, use_teacher, args.seed, args.reuse)
+    qmodel, qad_s = qad(fp32, data, args.qad_epochs, work, use_teacher, calib, args.seed, args.reuse)
     pre = fp32.preprocess
     shape = (pre.channels, pre.input_size, pre.input_size)
     x_t = pre(data.test.images)
@@ -127,14 +134,15 @@ def run_student(name: str, data, args, work: Path, use_teacher: bool) -> list[di
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     export_fp32(fp32, d / "fp32.onnx", pre)
-    _, float_nodes = export_int8_ort(qmodel, d / "qad_ort.onnx", pre, calib)
-    export_int8_ort(qmodel, d / "qad_ort127.onnx", pre, calib, relu_codes=127)
+    _, float_nodes = export_int8_ort(qmodel, d / "qad_ort.onnx", pre, calib)  # edgekd's default relu_codes
+    other = 255 if DEFAULT_RELU_CODES == 127 else 127
+    export_int8_ort(qmodel, d / "qad_ort_other.onnx", pre, calib, relu_codes=other)
     ort_quantize_static(d / "fp32.onnx", d / "ort_static.onnx", calib, pre)
     nv = naive(fp32, calib)
     export_int8_tensorrt(nv, d / "naive.onnx", pre)
     fq_ref = _reference_logits(qmodel, x_t)
     rows = []
-    variants = [("FP32", "fp32.onnx"), ("INT8 edgekd QAD (ort-cpu layout)", "qad_ort.onnx"), ("INT8 edgekd QAD, relu_codes=127", "qad_ort127.onnx"),
+    variants = [("FP32", "fp32.onnx"), (QAD_LABEL, "qad_ort.onnx"), (f"INT8 edgekd QAD, relu_codes={other}", "qad_ort_other.onnx"),
                 ("INT8 onnxruntime quantize_static", "ort_static.onnx"), ("INT8 naive fake-quant export", "naive.onnx")]
     for label, fname in variants:
         ui.log(f"timing {name} {label}")
@@ -159,7 +167,7 @@ def goals(rows: list[dict]) -> list[str]:
     out = []
     for student in dict.fromkeys(r["student"] for r in rows):
         rs = {r["variant"]: r for r in rows if r["student"] == student}
-        fp, q, st = rs["FP32"], rs["INT8 edgekd QAD (ort-cpu layout)"], rs["INT8 onnxruntime quantize_static"]
+        fp, q, st = rs["FP32"], rs[QAD_LABEL], rs["INT8 onnxruntime quantize_static"]
         ok = lambda b: "met" if b else "NOT met"  # noqa: E731
         out.append(f"- {student}: accuracy within 0.3 pt of FP32: {ok(q['top1'] >= fp['top1'] - 0.003)} ({(q['top1'] - fp['top1']) * 100:+.2f} pt); "
                    f"not below quantize_static: {ok(q['top1'] >= st['top1'])} ({(q['top1'] - st['top1']) * 100:+.2f} pt); "
@@ -187,16 +195,23 @@ def write_markdown(rows: list[dict], args, seconds: float, use_teacher: bool, pa
     ]
     for r in rows:
         lines.append(f"| {r['student']} | {r['params']:,} | {r['variant']} | {r['top1']:.4f} | {r['b1_ms']:.3f} | {r['b64_ms']:.2f} | "
-                     f"{r['speedup_b1']:.2f}x | {r['speedup_b64']:.2f}x | {r.get('agreement', float('nan')):.4f} |".replace("nan", "-"))
+                     f"{r['speedup_b1']:.2f}x | {r['speedup_b64']:.2f}x | {agree_cell(r)} |")
+    if args.reuse:
+        lines.insert(6, "Checkpoints reused from an earlier run of this script with the same budget (--reuse); training times are that run's.  ")
     lines += ["", "Goals (from the issue):", *goals(rows), "",
               "Notes:",
               "- 'ORT~PyTorch' is the top-1 agreement of the onnxruntime INT8 file with the fake-quant PyTorch model it came from, on the whole test set.",
               f"- The QAD export leaves convs with a signed input in float (here: {', '.join(next(r for r in rows if r.get('float_nodes')).get('float_nodes', [])) or 'none'}); "
               "u8 codes up to 255 on them saturate onnxruntime's AVX2 u8 x s8 kernel.",
-              "- relu_codes=127 keeps the exact trained grid but clips at 2*amax instead of amax; relu_codes=255 (default) keeps the trained clipping range.",
+              "- relu_codes=127 keeps the exact trained grid (u8 codes <= 127 for values <= amax, so AVX2 u8 x s8 cannot saturate) but clips at 2*amax "
+              "instead of amax; relu_codes=255 keeps the trained clipping range with a grid twice as fine.",
               "- The naive export is TensorRT-style Q/DQ (inputs only): onnxruntime CPU cannot fuse it and runs it in float plus Q/DQ overhead.",
               ""]
     write_bytes_atomic(path, "\n".join(lines).encode())
+
+
+def agree_cell(row: dict) -> str:
+    return f"{row['agreement']:.4f}" if "agreement" in row else "-"
 
 
 def len_train(args) -> str:
@@ -211,6 +226,7 @@ def main() -> None:
     ap.add_argument("--qad-epochs", type=int, default=1)
     ap.add_argument("--runs", type=int, default=200)
     ap.add_argument("--train-subset", type=int, default=None, help="train on only N images (the 2-core CPU budget)")
+    ap.add_argument("--reuse", action="store_true", help="reuse FP32/QAD checkpoints this script left in --work (export + timing only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=HERE / "_work" / "quantization")
     ap.add_argument("--out", type=Path, default=None, help="results Markdown (default: benchmarks/quantization_results.md; --quick: the work dir)")

@@ -218,17 +218,18 @@ def _is_nonnegative(tensor: str, producers: dict[str, Any]) -> bool:
     return node is not None and node.op_type in NONNEGATIVE_PRODUCERS
 
 
-def u8_params(amax: float, nonnegative: bool, relu_codes: int = 255) -> tuple[float, int]:
+def u8_params(amax: float, nonnegative: bool, relu_codes: int = 127) -> tuple[float, int]:
     """u8 scale/zero point from a symmetric int8 amax learned in training.
 
-    Non-negative tensors (after ReLU), zero point 0 (which also lets onnxruntime drop the ReLU and
-    fuse Conv+ReLU into QLinearConv):
-    - ``relu_codes=255`` (default): scale = amax/255: the same clipping range [0, amax] as in
-      training with a grid twice as fine. Codes reach 255, so on x86 without VNNI the u8 x s8
-      ``vpmaddubsw`` pairs can saturate when activations sit near amax (rare after max calibration).
-    - ``relu_codes=127``: scale = amax/127: exactly the trained grid and codes <= 127 cannot
-      saturate, but values above amax are clipped at 2*amax instead of amax (training clipped
-      at amax); measured worse after QAD, kept for comparison (benchmarks/quantization_results.md).
+    Non-negative tensors (after ReLU) get zero point 0, which also lets onnxruntime drop the ReLU
+    and fuse Conv+ReLU into QLinearConv (it cannot before a Q with zero point 128):
+    - ``relu_codes=127`` (default): scale = amax/127, exactly the trained grid (k * amax/127).
+      Values up to amax use codes 0..127, so the u8 x s8 products of onnxruntime's x86 kernels
+      (``vpmaddubsw`` without VNNI) cannot saturate (2 * 127 * 127 < 32767); values above amax
+      clip at 2*amax instead of amax (rare after max calibration).
+    - ``relu_codes=255``: scale = amax/255, the trained clipping range [0, amax] on a grid twice as
+      fine; drifts more from the fake-quant model (benchmarks/quantization_results.md: ORT-vs-PyTorch
+      top-1 agreement 99.07% vs 99.59% on nano_cnn) and codes up to 255 can saturate.
     Signed tensors: scale = amax/127, zero point 128 (codes 1..255 hold -amax..amax, the trained
     grid); they feed only ops without a u8 x s8 dot product (Add), see :func:`saturating_nodes`.
     """
@@ -250,7 +251,7 @@ def saturating_nodes(fp32_proto) -> list[str]:
     return [n.name for n in fp32_proto.graph.node if n.op_type in COMPUTE_OPS and n.input[0] not in inits and not _is_nonnegative(n.input[0], producers)]
 
 
-def trained_overrides(qmodel: nn.Module, fp32_proto, relu_codes: int = 255) -> dict[str, list[dict[str, Any]]]:
+def trained_overrides(qmodel: nn.Module, fp32_proto, relu_codes: int = 127) -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` from the model's quantizers: activations and weights.
 
     Node scope names in the TorchScript export carry the module path, which maps each Conv/Gemm to
@@ -335,7 +336,7 @@ def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch
 
 
 def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17,
-                    fp32_path: str | Path | None = None, relu_codes: int = 255) -> tuple[Path, list[str]]:
+                    fp32_path: str | Path | None = None, relu_codes: int = 127) -> tuple[Path, list[str]]:
     """The onnxruntime-CPU layout from a trained fake-quant model, keeping its learned scales.
 
     Returns the path and the compute nodes deliberately left in float (see :func:`saturating_nodes`).
