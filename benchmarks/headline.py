@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
 sys.path.insert(0, str(ROOT))
 
 QUICK = ["data.train_subset=3000", "data.test_subset=1000", "teacher.input_size=48", "teacher.train.epochs=1", "student.train.epochs=2",
          "quantize.train.epochs=1", "quantize.calib_images=256"]
 
 
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), "unknown CPU")
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
 def latency(path: Path, batches: list[int], runs: int, threads: int) -> dict[int, float]:

@@ -25,7 +25,6 @@ import argparse
 import copy
 import inspect
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -42,7 +41,7 @@ from edgekd.export import (agreement, export_fp32, export_int8_ort, export_int8_
 from edgekd.finetune import load_data
 from edgekd.manifest import versions, write_bytes_atomic
 from edgekd.models import count_params, create_model, model_from_checkpoint
-from edgekd.quantize import enabled_quantizers, int8_config, load_quantized, quantize_model, save_quantized
+from edgekd.quantize import int8_config, load_quantized, quantize_model, save_quantized
 from edgekd.train import cross_entropy_loss, fit, seed_everything
 
 HERE = Path(__file__).resolve().parent

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -20,18 +18,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}"
 
 
 def main() -> int:
@@ -50,7 +40,6 @@ def main() -> int:
     if proc.returncode != 0:
         print(f"finetune failed with exit code {proc.returncode}", file=sys.stderr)
         return proc.returncode
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     metrics = json.loads((ROOT / args.out / "metrics.json").read_text())
     import torch
 

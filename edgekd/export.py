@@ -258,8 +258,6 @@ def trained_overrides(qmodel: nn.Module, fp32_proto, relu_codes: int = 127) -> d
     its ``input_quantizer`` / ``weight_quantizer`` and each residual Add to its block's
     ``residual_input_quantizer``. A tensor feeding two quantizers gets the larger amax.
     """
-    from onnx import numpy_helper  # noqa: F401 - imported for side effects of onnx availability
-
     from edgekd.quantize import enabled_quantizers
 
     quantizers = enabled_quantizers(qmodel)

@@ -6,7 +6,6 @@ parameters after training, must be identical up to float rounding.
 """
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -51,7 +51,6 @@ def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
     out = tmp_path / "r"
     args = ["finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "1024", "--test-subset", "256", "--out", out, "--json"]
     json_out(run_cli(*args, "--epochs", "2"))
-    full = json.loads((out / "metrics.json").read_text())["history"]
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["train_state"]["epoch"] == 1
 

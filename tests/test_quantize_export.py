@@ -22,7 +22,7 @@ from edgekd.errors import EdgekdError
 from edgekd.export import (check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_tensorrt, export_model, read_metadata, resolve_layout,
                            torch_to_onnx)
 from edgekd.finetune import load_data
-from edgekd.models import create_model, save_checkpoint
+from edgekd.models import create_model
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, logit_kd_loss, quantize_model, run_qad, save_quantized)
 from edgekd.train import cross_entropy_loss, fit
 

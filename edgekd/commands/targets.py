@@ -5,7 +5,6 @@ Example: edgekd targets list --targets-dir ./my-targets
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 

@@ -1,0 +1,21 @@
+"""Shared by the benchmark scripts: how the machine is described next to every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = ""
+    try:
+        load = f", load average {os.getloadavg()[0]:.1f} at the end"
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}{load}"
