@@ -95,7 +95,7 @@ def train_alone(a: argparse.Namespace, data: DataSet, out: Path) -> dict:
     seed_everything(a.seed)
     cfg = student_cfg(a)
     model = create_model(cfg.model, data.num_classes, in_chans=data.channels, width=cfg.width, input_size=cfg.input_size)
-    result = fit(model, data, cfg.train, out, cross_entropy_loss(), model.preprocess, augment=a.augment, seed=a.seed, kind="student", description=f"alone {cfg.model}")
+    result = fit(model, data, cfg.train, out, cross_entropy_loss(), model.preprocess, augment=a.augment, seed=a.seed, kind="student", resume=False, description=f"alone {cfg.model}")
     best = model_from_checkpoint(load_checkpoint(result.best_path))
     return final_metrics(best, data, best.preprocess, result, {"params": count_params(best)})
 
@@ -125,7 +125,7 @@ def run_row(row: str, a: argparse.Namespace, data: DataSet, data_cfg: DataConfig
         paths = [teachers["main"], teachers["second"]] if row == "two-teachers" else [teachers["main"]]
         cfg = DistillConfig(losses=losses, temperature=a.temperature, alpha=a.alpha, feature_weight=a.feature_weight,
                             teacher_layer=a.teacher_layer if "fitnet" in losses else None)
-        m = run_distill(paths, student_cfg(a), cfg, data_cfg, out, a.seed, data=data, cache_dir=work / "teacher-cache")["metrics"]
+        m = run_distill(paths, student_cfg(a), cfg, data_cfg, out, a.seed, resume=False, data=data, cache_dir=work / "teacher-cache")["metrics"]
     m["wall_seconds"] = round(time.time() - t0, 1)
     return m
 
