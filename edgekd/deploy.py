@@ -126,6 +126,32 @@ def deploy(
     return result
 
 
+def remote_bench(model: str | os.PathLike, target: str, batch: int, warmup: int, runs: int, threads: int | None = None,
+                 device: SshDevice | None = None, remote_dir: str | None = None, timeout: float = 1800) -> dict[str, Any]:
+    """Time a bundle on ``device`` (the hook `edgekd bench --remote` calls): copy it, verify it there,
+    run ``edgekd.runtime bench --samples`` there, and return the raw samples plus the device's
+    fingerprint so the host computes statistics and regression decisions exactly as for local runs."""
+    if device is None:
+        raise EdgekdError("remote benchmarking needs a device", "pass --host user@device (and --known-hosts / --identity as for `edgekd deploy`)")
+    root, meta = load_bundle_meta(model)
+    remote_dir = remote_dir or f"edgekd-bundles/{meta['name']}"
+    device.check()
+    device.upload_tar(tar_bytes(root), remote_dir, strip_components=1, timeout=timeout)
+    py = f"cd {shlex.quote(remote_dir)} && {shlex.quote(device.python)} -m edgekd.runtime"
+    opts = f" --threads {int(threads)}" if threads else ""
+    got = remote_json(device, f"{py} bench . --json --samples --batch {int(batch)} --runs {int(runs)} --warmup {int(warmup)}{opts}", timeout)
+    lat = got["latency"][0]
+    info = got.get("device", {})
+    fingerprint = {  # the same keys as edgekd.bench.fingerprint(), read on the device
+        "machine": info.get("machine"), "os": info.get("system"), "cpu_model": info.get("cpu_model"), "cpu_cores_physical": info.get("cpus"),
+        "cpu_cores_logical": info.get("cpus"), "gpu": None, "jetson_power_mode": info.get("nvpmodel"), "runtime": got.get("backend"),
+        "providers": got.get("providers") or [], "device": "remote", "threads": threads,
+        "software": {"python": info.get("python"), "numpy": info.get("numpy"), "onnxruntime": info.get("onnxruntime")},
+        "host": device.describe(), "device_info": info,
+    }
+    return {"samples_ms": lat["samples_ms"], "threads": threads, "fingerprint": fingerprint, "fallback_reason": got.get("fallback_reason"), "target": target}
+
+
 def _bundle_digest(root: Path) -> str:
     from edgekd.runtime import BUNDLE_JSON, sha256_file
 

@@ -407,7 +407,7 @@ class Classifier:
 
 
 # ----------------------------------------------------------------------------- selfcheck and latency
-def latency_ms(clf: Classifier, batch: int, runs: int, warmup: int, seed: int = 0) -> dict[str, float]:
+def latency_ms(clf: Classifier, batch: int, runs: int, warmup: int, seed: int = 0, samples: bool = False) -> dict[str, Any]:
     """Median/p90/p99 of end-to-end model time (host buffers in, logits out) over ``runs`` calls."""
     s = int(clf.pre["input_size"])
     x = np.random.default_rng(seed).standard_normal((batch, int(clf.pre["channels"]), s, s)).astype(np.float32)
@@ -419,8 +419,11 @@ def latency_ms(clf: Classifier, batch: int, runs: int, warmup: int, seed: int = 
         clf.logits(x)
         times[i] = (time.perf_counter() - t0) * 1e3
     p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return {"batch": batch, "runs": runs, "warmup": warmup, "p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4),
-            "mean_ms": round(float(times.mean()), 4), "min_ms": round(float(times.min()), 4), "images_per_s": round(batch * 1e3 / float(p50), 1)}
+    out: dict[str, Any] = {"batch": batch, "runs": runs, "warmup": warmup, "p50_ms": round(float(p50), 4), "p90_ms": round(float(p90), 4), "p99_ms": round(float(p99), 4),
+                           "mean_ms": round(float(times.mean()), 4), "min_ms": round(float(times.min()), 4), "images_per_s": round(batch * 1e3 / float(p50), 1)}
+    if samples:  # raw timings, so the host can run its own statistics and regression tests on device numbers
+        out["samples_ms"] = [round(float(t), 5) for t in times]
+    return out
 
 
 def _tool_output(argv: list[str]) -> dict[str, Any] | None:
@@ -434,11 +437,21 @@ def _tool_output(argv: list[str]) -> dict[str, Any] | None:
     return {"rc": r.returncode, "output": (r.stdout + r.stderr).strip()[-4000:]}
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.split(":")[0].strip() in ("model name", "Model", "Hardware"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def device_info() -> dict[str, Any]:
     """What the numbers were measured on; on a Jetson also the power mode and clock state."""
     info: dict[str, Any] = {"hostname_hash": hashlib.sha256(platform.node().encode()).hexdigest()[:12], "machine": platform.machine(),
                             "system": platform.platform(), "python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count(),
-                            "torch_loaded": "torch" in sys.modules}
+                            "torch_loaded": "torch" in sys.modules, "cpu_model": _cpu_model()}
     try:
         import onnxruntime as ort
 
@@ -480,11 +493,12 @@ def selfcheck(bundle: str | os.PathLike, backend: str = "auto", min_agreement: f
             "one_inference": {"label": one[0], "probability": round(one[1], 6)}, "reference": ref, "device": device_info()}
 
 
-def bench(bundle: str | os.PathLike, batches: Sequence[int] = (), runs: int = 200, warmup: int = 20, backend: str = "auto") -> dict[str, Any]:
+def bench(bundle: str | os.PathLike, batches: Sequence[int] = (), runs: int = 200, warmup: int = 20, backend: str = "auto",
+          samples: bool = False, threads: int | None = None) -> dict[str, Any]:
     """Latency percentiles at batch 1 and at the target's batch (or the given batches)."""
-    clf = Classifier(bundle, backend)
+    clf = Classifier(bundle, backend, threads=threads)
     sizes = list(batches) or sorted({1, int(clf.target.get("batch") or 1)})
-    results = [latency_ms(clf, b, runs, warmup) for b in sizes]
+    results = [latency_ms(clf, b, runs, warmup, samples=samples) for b in sizes]
     budget = clf.target.get("latency_budget") or {}
     for r in results:
         limit = budget.get("batch1_ms") if r["batch"] == 1 else budget.get("batch_ms") if r["batch"] == clf.target.get("batch") else None
@@ -510,6 +524,8 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--runs", type=int, default=200)
     be.add_argument("--warmup", type=int, default=20)
     be.add_argument("--batch", type=int, action="append", default=[])
+    be.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the target's, else the runtime's)")
+    be.add_argument("--samples", action="store_true", help="include every run's time (samples_ms) in the JSON")
     for sp in (pr, sc, be):
         sp.add_argument("--backend", default="auto", choices=["auto", "ort", "tensorrt"])
         sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -533,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             text = f"selfcheck {'ok' if result['ok'] else 'FAILED'}: {result['files']} files verified, backend {result['backend']}" + (
                 f", reference top-1 agreement {ref['top1_agreement']:.3f} (max |diff| {ref['max_abs_diff']:.2e})" if ref["checked"] else "")
         else:
-            result = bench(ns.bundle, ns.batch, ns.runs, ns.warmup, ns.backend)
+            result = bench(ns.bundle, ns.batch, ns.runs, ns.warmup, ns.backend, ns.samples, ns.threads)
             text = "\n".join(f"batch {r['batch']}: p50 {r['p50_ms']} ms, p90 {r['p90_ms']} ms, p99 {r['p99_ms']} ms ({r['images_per_s']} img/s)" for r in result["latency"])
     except EdgekdError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)

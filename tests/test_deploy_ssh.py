@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -104,6 +105,23 @@ def test_cli_deploy_json_and_unknown_host_error(sshd, bundle_tar, tmp_path):
     empty = tmp_path / "kh"
     empty.write_text("")
     assert_one_line_error(run_cli(*args, "--known-hosts", str(empty)), "ssh-keyscan")
+
+
+def test_bench_remote_times_on_the_device_and_regression_checks_work(sshd, bundle_tar, tmp_path):
+    """`edgekd bench --remote`: the deploy path copies the bundle, times it on the device and brings the
+    raw samples back, so the same statistics and baseline checks apply to device numbers."""
+    args = ["bench", str(bundle_tar), "--target", "x86-cpu", "--remote", "--host", sshd.host, "--port", str(sshd.port), "--identity", str(sshd.identity),
+            "--known-hosts", str(sshd.known_hosts), "--python", sshd.python, "--remote-dir", str(tmp_path / "rb"), "--runs", "30", "--warmup", "2",
+            "-b", "1", "--threads", "1"]
+    base = tmp_path / "base.json"
+    out = json_out(run_cli(*args, "--save-baseline", str(base), "--json"))
+    assert out["p50_ms"] > 0 and out["runs"] == 30
+    assert len(json.loads(base.read_text())["samples_ms"]) == 30  # the device's raw samples came back
+    assert out["fingerprint"]["host"] == f"{sshd.host}:{sshd.port}"
+    assert (tmp_path / "rb" / "SHA256SUMS").is_file()  # it really went through the device folder
+    again = run_cli(*args, "--baseline", str(base), "--max-regression", "400%", "--json")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert_one_line_error(run_cli(*[a for a in args if a not in (sshd.host,) and a != "--host"]), "--remote needs --host")
 
 
 def test_parse_trtexec_gpu_compute_time():

@@ -70,7 +70,13 @@ def bench(
     allow_other_machine: Annotated[bool, typer.Option("--allow-other-machine", help="Compare with a baseline from another machine / runtime / thread count.")] = False,
     precision: Annotated[Optional[str], typer.Option(help="TensorRT engine precision when building from ONNX: int8, fp16, fp32.")] = None,
     dla_core: Annotated[Optional[int], typer.Option(help="TensorRT: run on this DLA core (GPU fallback on).")] = None,
-    remote: Annotated[bool, typer.Option("--remote", help="Measure on the target device through the deploy path (edgekd deploy).")] = False,
+    remote: Annotated[bool, typer.Option("--remote", help="Measure on the target device through the deploy path (needs a bundle and --host).")] = False,
+    host: Annotated[Optional[str], typer.Option(help="--remote: user@device, reached with ssh (host key must already be known).")] = None,
+    port: Annotated[int, typer.Option(help="--remote: SSH port.")] = 22,
+    identity: Annotated[Optional[Path], typer.Option(help="--remote: SSH private key.")] = None,
+    known_hosts: Annotated[Optional[Path], typer.Option(help="--remote: known_hosts file holding the device's host key.")] = None,
+    python: Annotated[str, typer.Option("--python", help="--remote: the device's Python (needs numpy, onnxruntime, pillow).")] = "python3",
+    remote_dir: Annotated[Optional[str], typer.Option(help="--remote: folder on the device for the bundle (replaced). [default: edgekd-bundles/<bundle name>]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: JsonOpt = False,
@@ -101,7 +107,12 @@ def bench(
     budget = parse_percent(max_regression)  # validate before spending minutes measuring
     base = load_baseline(baseline) if baseline else None
     if remote:
-        result = _remote(model, tgt, batches, recipe.bench, threads)
+        from edgekd.runtimes.ssh import SshDevice
+
+        if not host:
+            raise EdgekdError("--remote needs --host user@device", "e.g. --remote --host jetson@192.168.1.20 --known-hosts ~/.ssh/known_hosts")
+        device = SshDevice(host, port, identity, known_hosts, python)
+        result = _remote(model, tgt, batches, recipe.bench, threads, device, remote_dir)
     else:
         if tgt and not tgt["available"] and not runtime:
             raise EdgekdError(f"target '{tgt['name']}' cannot run here: {tgt['why']}", "measure on the device with --remote, or pick --runtime ort-cpu")
@@ -140,7 +151,7 @@ def _ref_without_samples(result: dict[str, Any]) -> dict[str, Any]:
     return {"reference": {k: v for k, v in ref.items() if k != "samples_ms"}} if ref else {}
 
 
-def _remote(model: str, tgt: dict[str, Any], batches: list[int], bench_cfg: Any, threads: int | None) -> dict[str, Any]:
+def _remote(model: str, tgt: dict[str, Any], batches: list[int], bench_cfg: Any, threads: int | None, device: Any, remote_dir: str | None) -> dict[str, Any]:
     """Time on the device through edgekd.deploy's remote_bench hook; statistics are computed here, the same way."""
     from edgekd.bench import resolve_model_path, summarize
     from edgekd.runtimes import remote_hook
@@ -151,7 +162,7 @@ def _remote(model: str, tgt: dict[str, Any], batches: list[int], bench_cfg: Any,
     path = resolve_model_path(model)
     sweep, first = [], None
     for b in batches:
-        got = remote_bench(path, target=tgt["name"], batch=b, warmup=bench_cfg.warmup, runs=bench_cfg.runs, threads=threads)
+        got = remote_bench(model, target=tgt["name"], batch=b, warmup=bench_cfg.warmup, runs=bench_cfg.runs, threads=threads, device=device, remote_dir=remote_dir)
         stats = summarize(got["samples_ms"], b, got.get("device_samples_ms"))
         sweep.append(stats.to_dict())
         first = first or got
