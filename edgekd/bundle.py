@@ -44,7 +44,7 @@ import numpy as np
 
 from edgekd import runtime as rt
 from edgekd.errors import EdgekdError
-from edgekd.manifest import atomic_path, versions
+from edgekd.manifest import atomic_path, out_of_space, versions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RUNTIME_FILES = ("__init__.py", "errors.py", "runtime.py")
@@ -233,6 +233,12 @@ def make_bundle(
         os.chmod(tmp, 0o755)  # mkdtemp made it private
         rt.verify_bundle(tmp)  # what the device will do, done once here
         _swap_into_place(tmp, out)
+    except Exception as exc:
+        full = out_of_space(exc, out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise EdgekdError(f"disk full while writing the bundle {out}", "free some space and rerun; nothing was left half-written") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -89,9 +89,9 @@ def finetune(
 
 @app.command()
 def models(
-    input_size: Annotated[int, typer.Option(help="Input side for the MAC count.")] = 28,
-    in_chans: Annotated[int, typer.Option(help="Input channels for students.")] = 1,
-    num_classes: Annotated[int, typer.Option(help="Classes for the head.")] = 10,
+    input_size: Annotated[int, typer.Option(min=16, max=1024, help="Input side for the MAC count.")] = 28,
+    in_chans: Annotated[int, typer.Option(min=1, max=4, help="Input channels for students.")] = 1,
+    num_classes: Annotated[int, typer.Option(min=2, help="Classes for the head.")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
     """List edgekd's students (nano < 100K params, small) with parameters and MACs at --input-size.
@@ -116,6 +116,18 @@ for _mod in (_distill_cmds, _export_cmds, _bench_cmds, _build_cmds, _targets_cmd
     _mod.register(app)
 
 
+def _is_usage_error(exc: BaseException) -> bool:
+    """A bad command line (unknown option, missing argument, value of the wrong type or out of range)."""
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def _usage_line(exc: BaseException) -> str:
+    """Click's message and the command's --help, on one line (Click itself prints a usage block)."""
+    ctx = getattr(exc, "ctx", None)
+    where = getattr(ctx, "command_path", None) or "edgekd"
+    return f"{' '.join(exc.format_message().split()).rstrip('.')} (see `{where} --help`)"
+
+
 def main() -> None:
     """Console entry point: one-line errors, exit code 2, tracebacks only with --debug."""
     import logging
@@ -132,15 +144,14 @@ def main() -> None:
         ui.console.print("[bold red]interrupted[/]: rerun the same command to resume", soft_wrap=True)
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, typer.Exit) or type(exc).__name__ == "Exit":
+            sys.exit(getattr(exc, "exit_code", 0))
+        if isinstance(exc, typer.Abort) or type(exc).__name__ == "Abort":
+            ui.console.print("[bold red]interrupted[/]: rerun the same command to resume", soft_wrap=True)
             sys.exit(130)
+        if _is_usage_error(exc):  # Typer >= 0.26 vendors Click, so its exceptions are not click's classes
+            ui.console.print(f"[bold red]error[/]: {_usage_line(exc)}", soft_wrap=True)
+            sys.exit(2)
         if STATE["debug"]:
             raise
         ui.console.print(f"[bold red]error[/]: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback and report it)", soft_wrap=True)

@@ -110,7 +110,7 @@ class Recipe(Strict):
     """Everything `edgekd build` needs. Each section configures one stage."""
 
     name: str = "default"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (numpy and torch accept 0 .. 2**32-1)")
     deterministic: bool = False
     target: str = "x86-cpu"
     data: DataConfig = Field(default_factory=DataConfig)

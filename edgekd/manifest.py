@@ -9,6 +9,7 @@ inputs, artifacts (path + sha256), metrics and timing. The pipeline reads it to 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,14 +38,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
-    except OSError as exc:
+    except Exception as exc:
+        full = out_of_space(exc, final.parent)  # before the unlink frees the space again
         tmp.unlink(missing_ok=True)
-        if exc.errno == 28:  # ENOSPC
-            raise EdgekdError(f"disk full while writing {final}", "free some space and rerun; nothing was left half-written") from exc
+        if full:
+            raise EdgekdError(f"disk full (or file size limit reached) while writing {final}", "free some space and rerun; nothing was left half-written") from exc
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of room. torch.save and onnx wrap ENOSPC in a RuntimeError
+    without the errno, so the file system's free space is the fallback evidence."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (64 << 10)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
@@ -92,6 +112,30 @@ def versions() -> dict[str, str]:
     return out
 
 
+def manifest_shape_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a manifest's structure (hand-edited or corrupted), or None.
+
+    Artifact paths must stay inside the run directory: a manifest is never a way to make edgekd
+    read or trust a file elsewhere.
+    """
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return "'stages' is not a mapping"
+    for name, entry in stages.items():
+        if not isinstance(entry, dict):
+            return f"stage '{name}' is not a mapping"
+        arts = entry.get("artifacts", {})
+        if not isinstance(arts, dict):
+            return f"stage '{name}': 'artifacts' is not a mapping"
+        for key, art in arts.items():
+            if not isinstance(art, dict) or not isinstance(art.get("path"), str) or not isinstance(art.get("sha256"), str):
+                return f"artifact {name}.{key} needs a 'path' and a 'sha256'"
+            rel = Path(art["path"])
+            if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\x00" in art["path"]:
+                return f"artifact {name}.{key} points outside the run directory ({art['path']!r})"
+    return None
+
+
 class Manifest:
     """The run directory's ``manifest.json``: one entry per stage, written atomically after each change."""
 
@@ -102,6 +146,9 @@ class Manifest:
             data = read_json(self.path, "run manifest")
             if not isinstance(data, dict) or data.get("manifest_version") != MANIFEST_VERSION:
                 raise EdgekdError(f"{self.path} is not an edgekd v{MANIFEST_VERSION} manifest", "use a fresh --out directory")
+            problem = manifest_shape_problem(data)
+            if problem:
+                raise EdgekdError(f"{self.path} is damaged: {problem}", "delete it (the stages will rerun) or use a fresh --out directory")
             self.data = data
         else:
             self.data = {"manifest_version": MANIFEST_VERSION, "created": time.time(), "versions": versions(), "stages": {}}

@@ -254,6 +254,19 @@ def stage_config(recipe: Recipe, target, stage: str) -> dict:
     }[stage]
 
 
+def check_model_names(recipe: Recipe, teacher_checkpoint: Path | None) -> None:
+    """Refuse an unknown student/teacher name at once, not after minutes of teacher fine-tuning."""
+    import timm
+
+    from edgekd.models import list_students
+
+    students = [s.name for s in list_students()]
+    named = [("student", recipe.student.model)] + ([] if teacher_checkpoint else [("teacher", recipe.teacher.model)])
+    for role, name in named:
+        if name not in students and not timm.is_model(name):
+            raise EdgekdError(f"unknown {role} model '{name}'", f"use one of {', '.join(students)} (see `edgekd models`) or a timm model name")
+
+
 def stage_hash(ctx: BuildContext, stage: str) -> str:
     inputs = {f"{s}.{k}": ctx.sha(s, k) for s, k in _inputs(stage) if ctx.manifest.stage(s) and k in ctx.manifest.stage(s).get("artifacts", {})}
     extra = {"teacher_checkpoint": str(ctx.teacher_checkpoint) if ctx.teacher_checkpoint else None,
@@ -282,6 +295,7 @@ def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targe
 
     loaded = resolve(target_name or recipe.target, targets_dir)
     target = loaded.target
+    check_model_names(recipe, Path(teacher_checkpoint) if teacher_checkpoint else None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = BuildContext(recipe, out, target, Manifest(out), Path(teacher_checkpoint).resolve() if teacher_checkpoint else None)

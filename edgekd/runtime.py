@@ -71,11 +71,15 @@ def read_sums(root: Path) -> dict[str, str]:
     if not path.is_file():
         raise EdgekdError(f"{root} is not an edgekd bundle: {SUMS_NAME} missing", "pass the folder or .tar.gz written by make_bundle / edgekd build")
     sums: dict[str, str] = {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgekdError(f"{path} is not a text file", "the bundle was tampered with; rebuild it on the host") from exc
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         digest, sep, rel = line.partition("  ")
-        if not sep or len(digest) != 64:
+        if not sep or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise EdgekdError(f"{path}:{n} is not a '<sha256>  <path>' line", "the bundle was tampered with; rebuild it on the host")
         sums[str(safe_relpath(rel))] = digest
     return sums
@@ -93,13 +97,46 @@ def verify_bundle(root: str | os.PathLike) -> dict[str, Any]:
             raise EdgekdError(f"bundle file {rel} is missing (or not a plain file) in {root}", "copy the whole bundle again")
         if sha256_file(path) != digest:
             raise EdgekdError(f"bundle file {rel} was modified: sha256 does not match {SUMS_NAME}", "refusing to run it; copy the bundle again from the host")
-    meta = json.loads((root / BUNDLE_JSON).read_text())
-    if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
-        raise EdgekdError(f"{root} is bundle format {meta.get('format')} v{meta.get('version')}, this runtime reads {BUNDLE_FORMAT} v{BUNDLE_VERSION}", "use the runtime shipped inside the bundle")
-    unlisted = [rel for rel in meta.get("files", {}) if rel not in sums]
-    if unlisted:
-        raise EdgekdError(f"bundle files {unlisted} have no checksum in {SUMS_NAME}", "the bundle was tampered with; rebuild it on the host")
+    try:
+        meta = json.loads((root / BUNDLE_JSON).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EdgekdError(f"{root / BUNDLE_JSON} is not valid JSON", "rebuild the bundle on the host") from exc
+    if not isinstance(meta, dict) or meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
+        got = f"{meta.get('format')} v{meta.get('version')}" if isinstance(meta, dict) else type(meta).__name__
+        raise EdgekdError(f"{root} is bundle format {got}, this runtime reads {BUNDLE_FORMAT} v{BUNDLE_VERSION}", "use the runtime shipped inside the bundle")
+    problem = meta_problem(meta, sums)
+    if problem:
+        raise EdgekdError(f"{root / BUNDLE_JSON}: {problem}", "the bundle was tampered with; rebuild it on the host")
     return meta
+
+
+def meta_problem(meta: dict[str, Any], sums: dict[str, str]) -> str | None:
+    """What a Classifier would trip on in ``bundle.json`` (checked here so the device gets one clear line)."""
+    files = meta.get("files", {})
+    if not isinstance(files, dict):
+        return "'files' is not a mapping"
+    unlisted = [rel for rel in files if rel not in sums]
+    if unlisted:
+        return f"files {unlisted} have no checksum in {SUMS_NAME}"
+    classes, pre, models = meta.get("classes"), meta.get("preprocess"), meta.get("models")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        return "'classes' is not a list of class names"
+    if not isinstance(pre, dict) or not {"input_size", "channels", "mean", "std"} <= set(pre):
+        return "'preprocess' lacks input_size, channels, mean or std"
+    numbers = [pre["input_size"], pre["channels"], *(pre["mean"] if isinstance(pre["mean"], list) else [None]), *(pre["std"] if isinstance(pre["std"], list) else [None])]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers) or pre["input_size"] < 1 or pre["channels"] not in (1, 3) \
+            or len(pre["mean"]) != pre["channels"] or len(pre["std"]) != pre["channels"] or not all(s > 0 for s in pre["std"]):
+        return "'preprocess' values are not a valid input size, channel count, mean and std"
+    primary = meta.get("primary")
+    if not isinstance(models, dict) or not isinstance(primary, str) or primary not in models or not isinstance(models[primary], str):
+        return "'models' does not name the primary model's file"
+    try:
+        safe_relpath(models[meta["primary"]])
+    except EdgekdError as exc:
+        return exc.message
+    if not isinstance(meta.get("target", {}) or {}, dict):
+        return "'target' is not a mapping"
+    return None
 
 
 # ----------------------------------------------------------------------------- safe tar extraction

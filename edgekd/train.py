@@ -191,7 +191,10 @@ def fit(
         ts = state.get("train_state") if isinstance(state, dict) else None
         if not ts or ts.get("config") != cfg.model_dump():
             raise EdgekdError(f"{last_path} was written with other training settings", "use a fresh output folder, or pass --no-resume to start over")
-        model.load_state_dict(state["state_dict"])
+        try:
+            model.load_state_dict(state["state_dict"])
+        except RuntimeError as exc:
+            raise EdgekdError(f"{last_path} holds weights of another model", "use a fresh output folder, or pass --no-resume to start over") from exc
         if "trainable_state" in ts:
             trainable.load_state_dict(ts["trainable_state"])
         opt.load_state_dict(ts["optimizer"])
@@ -246,7 +249,7 @@ def fit(
             if env.world > 1:
                 dist.barrier()
     seconds = time.time() - t0
-    if env.is_main and not best_path.exists():  # zero epochs: the initial model is the result
+    if env.is_main and (cfg.epochs == 0 or not best_path.exists()):  # zero epochs: the initial model is the result (never a stale best.pt)
         save(best_path, model, {**extra, "metrics": {}})
         save(last_path, model, {**extra, "train_state": {"epoch": cfg.epochs - 1, "best_top1": best_top1, "history": history, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "config": cfg.model_dump(), "rng": _rng_state()}})
     return FitResult(best_path, last_path, metrics_path, {}, history, seconds, seen / seconds if seconds > 0 else 0.0, resumed)

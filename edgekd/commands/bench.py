@@ -59,17 +59,17 @@ def bench(
     duration: Annotated[Optional[float], typer.Option(help="Time for this many seconds per batch size instead of a fixed --runs.")] = None,
     threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads. [default: physical cores]")] = None,
     input_source: Annotated[str, typer.Option("--input", help="'random', 'fashion-mnist' (real test images) or a .npy of preprocessed samples.")] = "random",
-    seed: Annotated[int, typer.Option(help="Seed for the input samples and the bootstrap.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the input samples and the bootstrap.")] = 0,
     profile: Annotated[bool, typer.Option("--profile", help="Per-layer profile (onnxruntime profiler / TensorRT IProfiler) in a separate pass.")] = False,
-    top: Annotated[int, typer.Option(help="Layers shown by --profile.")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="Layers shown by --profile.")] = 10,
     reference: Annotated[Optional[str], typer.Option(help="A second model timed interleaved with MODEL; regressions are judged on the ratio, so a slower machine does not count.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Baseline JSON to compare against; exits 1 on a regression.")] = None,
     max_regression: Annotated[str, typer.Option(help="Allowed slowdown vs the baseline, e.g. 10%.")] = "10%",
-    confidence: Annotated[float, typer.Option(help="One-sided confidence needed to call a regression.")] = 0.95,
+    confidence: Annotated[float, typer.Option(min=0.5, max=0.9999, help="One-sided confidence needed to call a regression.")] = 0.95,
     save_baseline: Annotated[Optional[Path], typer.Option(help="Write this run as a baseline JSON.")] = None,
     allow_other_machine: Annotated[bool, typer.Option("--allow-other-machine", help="Compare with a baseline from another machine / runtime / thread count.")] = False,
     precision: Annotated[Optional[str], typer.Option(help="TensorRT engine precision when building from ONNX: int8, fp16, fp32.")] = None,
-    dla_core: Annotated[Optional[int], typer.Option(help="TensorRT: run on this DLA core (GPU fallback on).")] = None,
+    dla_core: Annotated[Optional[int], typer.Option(min=0, help="TensorRT: run on this DLA core (GPU fallback on).")] = None,
     remote: Annotated[bool, typer.Option("--remote", help="Measure on the target device through the deploy path (needs a bundle and --host).")] = False,
     host: Annotated[Optional[str], typer.Option(help="--remote: user@device, reached with ssh (host key must already be known).")] = None,
     port: Annotated[int, typer.Option(help="--remote: SSH port.")] = 22,
@@ -98,6 +98,8 @@ def bench(
     batches = batch or tgt.get("batches") or recipe.bench.batches
     options = dict(tgt.get("options", {})) if runtime_name == tgt.get("runtime") else {}
     if precision:
+        if precision not in ("int8", "fp16", "fp32"):
+            raise EdgekdError(f"unknown precision '{precision}'", "use int8, fp16 or fp32")
         options["precision"] = precision
     if dla_core is not None:
         options["dla_core"] = dla_core
