@@ -46,7 +46,7 @@ def distill(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Teacher-output cache folder. [default: $EDGEKD_CACHE_DIR or ~/.cache/edgekd/teacher-logits]")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Student input side in pixels. [default: 28]")] = None,
     width: Annotated[Optional[float], typer.Option(help="Width multiplier of edgekd students. [default: 1]")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="'none', 'flip' (teacher outputs cached) or 'crop-flip' (teacher runs online). [default: crop-flip]")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="'none', 'flip' (teacher outputs cached) or 'crop-flip' (teacher runs online). [default: flip]")] = None,
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
     lr: LrOpt = None,
@@ -69,17 +69,18 @@ def distill(
 
     if not teacher:
         raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers")
-    quick_set = ["data.train_subset=2000", "data.test_subset=1000", "student.train.epochs=2", "data.augment=flip"] if quick else []
+    quick_set = ["data.train_subset=2000", "data.test_subset=1000", "student.train.epochs=2"] if quick else []
     opts = overrides({
         "student.model": student, "student.input_size": input_size, "student.width": width,
         "student.train.epochs": epochs, "student.train.batch_size": batch_size, "student.train.lr": lr,
         "distill.losses": _names(loss), "distill.temperature": temperature, "distill.alpha": alpha, "distill.feature_weight": feature_weight,
         "distill.relation_weight": relation_weight, "distill.student_layer": student_layer, "distill.teacher_layer": teacher_layer,
         "distill.teacher_weights": _floats(teacher_weights, "--teacher-weights"), "distill.cache_teacher": cache,
-        "data.dataset": dataset, "data.root": data_root, "data.train_subset": train_subset, "data.test_subset": test_subset, "data.augment": augment, "seed": seed,
+        "data.dataset": dataset, "data.root": data_root, "data.train_subset": train_subset, "data.test_subset": test_subset, "student.augment": augment, "seed": seed,
     })
     recipe = load_recipe(config, quick_set + (set_ or []) + opts)
-    result = run_distill(list(teacher), recipe.student, recipe.distill, recipe.data, out, recipe.seed, recipe.deterministic, resume,
+    data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
+    result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, out, recipe.seed, recipe.deterministic, resume,
                          self_distill=self_distill, cache_dir=cache_dir)
     m = result["metrics"]
     modes = ", ".join(t["outputs"] for t in m["teachers"])
