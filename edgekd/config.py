@@ -9,7 +9,10 @@ Model Optimizer's ``extra="forbid"`` configs.
 
 from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (e.g. NGC TensorRT containers, JetPack 5)
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any, Literal
 

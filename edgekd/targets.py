@@ -23,7 +23,10 @@ import importlib.util
 import os
 import platform
 import shutil
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (e.g. NGC TensorRT containers, JetPack 5)
+    import tomli as tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
