@@ -134,7 +134,12 @@ def main() -> None:
 
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime is found" on every CPU run (modelopt import)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
+        # Typer turns Ctrl-C into Exit(130) and, outside standalone mode, *returns* exit codes.
+        if isinstance(code, int) and code != 0:
+            if code == 130:
+                ui.console.print("[bold red]interrupted[/]: rerun the same command to resume", soft_wrap=True)
+            sys.exit(code)
     except EdgekdError as exc:
         if STATE["debug"]:
             raise

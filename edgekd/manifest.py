@@ -39,7 +39,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(fh.fileno())
         os.replace(tmp, final)
     except Exception as exc:
-        full = out_of_space(exc, final.parent)  # before the unlink frees the space again
+        full = out_of_space(exc, final.parent, tmp)  # before the unlink frees the space again
         tmp.unlink(missing_ok=True)
         if full:
             raise EdgekdError(f"disk full (or file size limit reached) while writing {final}", "free some space and rerun; nothing was left half-written") from exc
@@ -52,14 +52,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-def out_of_space(exc: BaseException, folder: Path) -> bool:
-    """Whether a failed write ran out of room. torch.save and onnx wrap ENOSPC in a RuntimeError
-    without the errno, so the file system's free space is the fallback evidence."""
+def out_of_space(exc: BaseException, folder: Path, written: Path | None = None) -> bool:
+    """Whether a failed write ran out of room. torch.save and onnx wrap ENOSPC/EFBIG in a RuntimeError
+    without the errno, so the file system's free space (and the process's file-size limit) is the
+    fallback evidence."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in NO_SPACE_ERRNOS:
             return True
         seen = seen.__cause__ or seen.__context__
+    if written is not None and _at_file_size_limit(written):
+        return True
     try:
         st = os.statvfs(folder)
     except OSError:
@@ -134,6 +137,16 @@ def manifest_shape_problem(data: dict[str, Any]) -> str | None:
             if rel.is_absolute() or ".." in rel.parts or not rel.parts or "\x00" in art["path"]:
                 return f"artifact {name}.{key} points outside the run directory ({art['path']!r})"
     return None
+
+
+def _at_file_size_limit(path: Path) -> bool:
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        return limit != resource.RLIM_INFINITY and path.stat().st_size >= limit
+    except (ImportError, OSError, ValueError):
+        return False
 
 
 class Manifest:

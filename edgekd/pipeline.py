@@ -64,8 +64,12 @@ def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
     if ctx.teacher_checkpoint is not None:
         from edgekd.models import load_checkpoint
 
+        from edgekd.manifest import write_bytes_atomic
+
         ck = load_checkpoint(ctx.teacher_checkpoint)  # validates it before anything builds on it
-        return {"checkpoint": ctx.teacher_checkpoint}, {"provided": True, "model": ck["model"]["name"]}
+        # A copy inside the run folder: the manifest only records (and trusts) files under --out.
+        copy = write_bytes_atomic(ctx.out / "teacher" / "provided.pt", ctx.teacher_checkpoint.read_bytes())
+        return {"checkpoint": copy}, {"provided": True, "model": ck["model"]["name"], "source": str(ctx.teacher_checkpoint)}
     from edgekd.finetune import run_finetune
 
     r = run_finetune(ctx.recipe.teacher, ctx.recipe.data, ctx.out / "teacher", ctx.recipe.seed, ctx.recipe.deterministic, data=ctx.data)
@@ -296,7 +300,7 @@ def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targe
     loaded = resolve(target_name or recipe.target, targets_dir)
     target = loaded.target
     check_model_names(recipe, Path(teacher_checkpoint) if teacher_checkpoint else None)
-    out = Path(out)
+    out = Path(out).resolve()  # stage functions return absolute paths; the manifest stores them relative to the run folder
     out.mkdir(parents=True, exist_ok=True)
     ctx = BuildContext(recipe, out, target, Manifest(out), Path(teacher_checkpoint).resolve() if teacher_checkpoint else None)
     ctx.manifest.data["recipe"] = recipe.model_dump(mode="json")

@@ -289,13 +289,29 @@ class OrtModel:
         providers = ["CPUExecutionProvider"]
         if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise EdgekdError(f"onnxruntime cannot load {onnx_path}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
+                              "the file is truncated or not an ONNX model; copy the bundle again") from exc
         inp = self.session.get_inputs()[0]
+        if len(inp.shape) != 4:
+            raise EdgekdError(f"{onnx_path} takes a rank-{len(inp.shape)} input {inp.shape}, the runtime feeds images as (N, C, H, W)",
+                              "bundle an image classifier exported by edgekd")
         self.input_name = inp.name
         self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
         self.providers = self.session.get_providers()
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self._run(x)
+        except EdgekdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidArgument etc.: inputs that do not fit the model
+            raise EdgekdError(f"onnxruntime refused an input of shape {tuple(x.shape)}: {str(exc).splitlines()[0][:160]}",
+                              "the bundle's preprocess settings do not match its model; rebuild the bundle") from exc
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
             return self.session.run(None, {self.input_name: x})[0]
         outs = []
