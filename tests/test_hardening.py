@@ -1,0 +1,510 @@
+"""Hardening (issue 7): bad input, interruptions, reproducibility and trust, tried for real.
+
+Every bad input must end in one ``error: ...`` line that says what is wrong and what to do, a
+non-zero exit, no traceback (unless ``--debug``), and no partial artifact. The interruption test
+SIGINTs and SIGKILLs a real tiny ``edgekd build`` in its training stages and reruns it to a valid
+manifest. docs/hardening.md is the table of what was tried and what happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli
+from edgekd.data import FASHION_MNIST_DEFAULT
+from edgekd.errors import EdgekdError
+from edgekd.manifest import Manifest, write_json_atomic
+
+needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+ENV = {"OMP_NUM_THREADS": "1"}
+ROOT = Path(__file__).resolve().parents[1]
+PICO = ["--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28", "--set", "teacher.train.lr=0.003",
+        "--set", "student.model=pico_cnn", "--set", "quantize.calib_images=128", "--set", "bench.runs=20", "--set", "bench.warmup=2",
+        "--set", "bench.batches=[1,8]", "--set", "export.check_batch=128"]
+
+
+def run_inprocess(*args: str) -> subprocess.CompletedProcess:
+    """``edgekd ARGS`` through the real entry point (edgekd.cli.main), in this process: the same
+    error handling as the console script without paying Python + torch start-up for every case."""
+    from edgekd import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["edgekd", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["edgekd", *args], code, out.getvalue(), err.getvalue())
+
+
+# ----------------------------------------------------------------------------- every option at bad values
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A real pico checkpoint (a teacher and a student look alike to the CLI), a real ONNX and a bundle folder."""
+    from edgekd.bundle import make_bundle
+    from edgekd.models import create_model, save_checkpoint
+
+    d = tmp_path_factory.mktemp("inputs")
+    model = create_model("pico_cnn", 10)
+    ck = save_checkpoint(d / "pico.pt", model, [str(i) for i in range(10)], "teacher")
+    onnx_path = d / "pico.onnx"
+    torch.onnx.export(model.eval(), torch.zeros(1, 1, 28, 28), str(onnx_path), input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
+    bundle = make_bundle(d / "bundle", {"model": onnx_path}, "model", [str(i) for i in range(10)], model.preprocess.to_dict(),
+                         {"name": "x86-cpu", "runtime": "ort-cpu"})
+    return {"ck": ck, "onnx": onnx_path, "bundle": bundle, "dir": d}
+
+
+# (command line, what the one error line must say). {ck} {onnx} {bundle} {out} are filled in.
+BAD_OPTIONS = [
+    # numbers that are not numbers, for each command (Click's message, now one line and exit 2)
+    ("--threads abc models", "Invalid value for '--threads'"),
+    ("finetune --epochs abc --out {out}", "Invalid value for '--epochs'"),
+    ("finetune --lr 1e-3x --out {out}", "Invalid value for '--lr'"),
+    ("models --input-size abc", "Invalid value for '--input-size'"),
+    ("distill --teacher {ck} --temperature warm --out {out}", "Invalid value for '--temperature'"),
+    ("quantize {ck} --calib-images many --out {out}", "Invalid value for '--calib-images'"),
+    ("export {ck} --target x86-cpu --opset x --out {out}", "Invalid value for '--opset'"),
+    ("bench {onnx} --runs abc", "Invalid value for '--runs'"),
+    ("bench {onnx} --duration abc", "Invalid value for '--duration'"),
+    ("build --seed abc --out {out}", "Invalid value for '--seed'"),
+    ("deploy {bundle} --host a@b --port ssh", "Invalid value for '--port'"),
+    # zero and negative numbers
+    ("--threads 0 models", "'--threads'"),
+    ("finetune --input-size 0 --out {out}", "teacher.input_size"),
+    ("finetune --batch-size 0 --out {out}", "teacher.train.batch_size"),
+    ("finetune --epochs -1 --out {out}", "teacher.train.epochs"),
+    ("finetune --lr -1 --out {out}", "teacher.train.lr"),
+    ("finetune --label-smoothing -0.1 --out {out}", "teacher.train.label_smoothing"),
+    ("finetune --train-subset 0 --out {out}", "data.train_subset"),
+    ("finetune --test-subset -5 --out {out}", "data.test_subset"),
+    ("finetune --seed -1 --out {out}", "seed: Input should be greater than or equal to 0"),
+    ("models --input-size 0", "'--input-size'"),
+    ("models --in-chans -1", "'--in-chans'"),
+    ("models --num-classes 0", "'--num-classes'"),
+    ("distill --teacher {ck} --temperature 0 --out {out}", "distill.temperature"),
+    ("distill --teacher {ck} --alpha 1.5 --out {out}", "distill.alpha"),
+    ("distill --teacher {ck} --feature-weight -1 --out {out}", "distill.feature_weight"),
+    ("distill --teacher {ck} --relation-weight -1 --out {out}", "distill.relation_weight"),
+    ("distill --teacher {ck} --width 0 --out {out}", "student.width"),
+    ("distill --teacher {ck} --input-size 8 --out {out}", "student.input_size"),
+    ("distill --teacher {ck} --batch-size 0 --out {out}", "student.train.batch_size"),
+    ("distill --teacher {ck} --teacher-weights a,b --out {out}", "not a comma-separated list of numbers"),
+    ("quantize {ck} --calib-images 0 --out {out}", "quantize.calib_images"),
+    ("quantize {ck} --epochs -1 --out {out}", "quantize.train.epochs"),
+    ("quantize {ck} --lr 0 --out {out}", "quantize.train.lr"),
+    ("export {ck} --target x86-cpu --opset 0 --out {out}", "export.opset"),
+    ("export {ck} --target x86-cpu --check-batch 0 --out {out}", "export.check_batch"),
+    ("bench {onnx} --batch 0", "batch sizes must be >= 1"),
+    ("bench {onnx} --runs 0", "bench.runs"),
+    ("bench {onnx} --warmup -1", "bench.warmup"),
+    ("bench {onnx} --duration 0", "--duration must be positive"),
+    ("bench {onnx} --threads -2", "bench.threads"),
+    ("bench {onnx} --top 0", "'--top'"),
+    ("bench {onnx} --confidence 2", "'--confidence'"),
+    ("bench {onnx} --dla-core -1", "'--dla-core'"),
+    ("bench {onnx} --max-regression -5%", "as a percentage"),
+    ("build --seed -1 --out {out}", "seed"),
+    ("deploy {bundle} --host a@b --port 0", "'--port'"),
+    ("deploy {bundle} --host a@b --runs 0", "'--runs'"),
+    ("deploy {bundle} --host a@b --warmup -1", "'--warmup'"),
+    # enum options at unknown values
+    ("finetune --mode sideways --out {out}", "teacher.mode"),
+    ("finetune --optimizer adam2 --out {out}", "teacher.train.optimizer"),
+    ("finetune --dataset nosuchset --out {out}", "unknown dataset 'nosuchset'"),
+    ("distill --teacher {ck} --augment rotate --out {out}", ".augment: Input should be"),
+    ("distill --teacher {ck} --loss kd,magic --out {out}", "distill.losses"),
+    ("distill --teacher {ck} --student resnet9000 --out {out}", "unknown student 'resnet9000'"),
+    ("quantize {ck} --calibrator guess --out {out}", "quantize.calibrator"),
+    ("export {ck} --precision int4 --out {out}", "unknown precision 'int4'"),
+    ("export {ck} --target nowhere --out {out}", "unknown target 'nowhere'"),
+    ("bench {onnx} --runtime nnapi", "unknown runtime 'nnapi'"),
+    ("bench {onnx} --input webcam", "unknown input source 'webcam'"),
+    ("bench {onnx} --precision int4", "unknown precision 'int4'"),
+    ("bench {onnx} --target nowhere", "unknown target 'nowhere'"),
+    ("build --target nowhere --out {out}", "unknown target 'nowhere'"),
+    ("build --until deploy --out {out}", "unknown stage 'deploy'"),
+    ("build --student resnet9000 --out {out}", "unknown student model 'resnet9000'"),
+    ("build --set teacher.model=vit_nonexistent --out {out}", "unknown teacher model 'vit_nonexistent'"),
+    ("targets show nowhere", "unknown target 'nowhere'"),
+    ("targets list --targets-dir {out}/missing", "targets folder not found"),
+    # the command line itself
+    ("finetune --no-such-option", "No such option: --no-such-option"),
+    ("bench", "Missing argument"),
+    ("frobnicate", "No such command"),
+    ("build --set teacher.train.epochs", "not key=value"),
+]
+
+
+@pytest.mark.parametrize("line, needle", BAD_OPTIONS, ids=[c[0].split(" {")[0][:60] for c in BAD_OPTIONS])
+def test_bad_option_values_give_one_line_errors(files, tmp_path, line, needle):
+    args = line.format(ck=files["ck"], onnx=files["onnx"], bundle=files["bundle"], out=tmp_path / "o").split()
+    assert_one_line_error(run_inprocess(*args), needle)
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt")), "nothing may be trained before the error"
+
+
+def test_usage_errors_from_the_console_script_are_one_line_exit_2(files):
+    """The subprocess path (what users and CI see): Click usage errors and validation errors alike."""
+    assert_one_line_error(run_cli("finetune", "--epochs", "abc"), "Invalid value for '--epochs'")
+    assert_one_line_error(run_cli("bench", files["onnx"], "--runs", "0"), "bench.runs")
+
+
+def test_debug_shows_the_traceback(files):
+    proc = run_cli("--debug", "bench", files["onnx"], "--runtime", "nnapi")
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "unknown runtime 'nnapi'" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- recipe files
+@pytest.mark.parametrize("name, content, needle", [
+    ("r.yaml", "teacher: {model: pico_cnn\n", "not valid YAML"),
+    ("r.toml", "[teacher\nmodel = 'x'\n", "not valid TOML"),
+    ("r.yaml", "- a\n- b\n", "must hold a mapping"),
+    ("r.yaml", "tacher:\n  model: pico_cnn\n", "tacher: unknown key"),
+    ("r.toml", "[student.train]\nepochz = 3\n", "student.train.epochz: unknown key"),
+    ("r.yaml", "student:\n  train:\n    epochs: three\n", "student.train.epochs"),
+    ("r.yaml", "seed: !!python/object/apply:os.system ['touch /tmp/edgekd-pwned']\n", "not valid YAML"),
+    ("r.yaml", b"\xff\xfe\x00binary\x00", "not valid YAML"),
+])
+def test_bad_recipe_files(tmp_path, name, content, needle):
+    p = tmp_path / name
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert_one_line_error(run_inprocess("build", "-c", p, "--out", tmp_path / "o"), needle)
+    assert not Path("/tmp/edgekd-pwned").exists()
+
+
+def test_recipe_path_that_is_missing_or_a_folder(tmp_path):
+    assert_one_line_error(run_inprocess("build", "-c", tmp_path / "nope.yaml", "--out", tmp_path / "o"), "config file not found")
+    assert_one_line_error(run_inprocess("build", "-c", tmp_path, "--out", tmp_path / "o"), "config file not found")
+
+
+# ----------------------------------------------------------------------------- dataset folders
+def _image_folder(root: Path, classes=("a", "b"), n=4, bad: dict | None = None) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (20 + 3 * i, 24, 3), dtype=np.uint8)).convert(["RGB", "L", "RGBA", "P"][i % 4]).save(root / c / f"{i}.png")
+    for rel, data in (bad or {}).items():
+        (root / rel).write_bytes(data)
+    return root
+
+
+def test_dataset_folders_that_cannot_train(tmp_path):
+    unreadable = tmp_path / "unreadable"
+    for c in ("a", "b"):
+        (unreadable / c).mkdir(parents=True)
+        (unreadable / c / "x.png").write_bytes(b"not a png at all")
+        (unreadable / c / "y.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    one = _image_folder(tmp_path / "one", classes=("only",))
+    (tmp_path / "empty").mkdir()
+    base = ["finetune", "--dataset", "imagefolder", "--model", "pico_cnn", "--pretrained", "none", "--out", tmp_path / "o", "--data-root"]
+    assert_one_line_error(run_inprocess(*base, unreadable), "none of the 4 images")
+    assert_one_line_error(run_inprocess(*base, one), "only one class")
+    assert_one_line_error(run_inprocess(*base, tmp_path / "empty"), "no class sub-folders")
+    assert_one_line_error(run_inprocess(*base, tmp_path / "missing"), "dataset folder not found")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt"))
+
+
+def test_folder_with_mixed_sizes_modes_and_a_truncated_image_trains(tmp_path):
+    """Mixed sizes and modes are decoded to one size; the truncated file is skipped, not fatal."""
+    root = _image_folder(tmp_path / "mixed", n=6, bad={"a/broken.png": b"\x89PNG\r\n\x1a\n\x00\x00truncated"})
+    res = json_out(run_cli("finetune", "--dataset", "imagefolder", "--data-root", root, "--model", "pico_cnn", "--pretrained", "none",
+                           "--input-size", "28", "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "o", "--json", env=ENV))
+    assert 0.0 <= res["test_top1"] <= 1.0 and (tmp_path / "o" / "best.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture()
+def bad_checkpoints(files, tmp_path):
+    from edgekd.models import create_model
+
+    good = files["ck"].read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good[: len(good) // 2])
+    evil = tmp_path / "evil.pt"
+    marker = tmp_path / "pwned"
+    torch.save({"format": "edgekd-checkpoint", "payload": _RunsCode(str(marker))}, evil)
+    other = tmp_path / "other.pt"  # a pico checkpoint whose weights are a nano_cnn's
+    ck = torch.load(files["ck"], weights_only=True)
+    ck["state_dict"] = create_model("nano_cnn", 10).state_dict()
+    torch.save(ck, other)
+    plain = tmp_path / "plain.pt"
+    torch.save(create_model("pico_cnn", 10).state_dict(), plain)
+    return {"trunc": trunc, "evil": evil, "other": other, "plain": plain, "marker": marker}
+
+
+@pytest.mark.parametrize("which, needle", [("trunc", "truncated or corrupt"), ("evil", "refusing to load"), ("other", "do not fit a pico_cnn"),
+                                           ("plain", "not an edgekd checkpoint")])
+def test_bad_checkpoints_in_every_command_that_reads_one(bad_checkpoints, tmp_path, which, needle):
+    ck = bad_checkpoints[which]
+    for args in (["distill", "--teacher", ck, "--student", "pico_cnn", "--train-subset", "64", "--test-subset", "64", "--out", tmp_path / "d"],
+                 ["quantize", ck, "--train-subset", "64", "--test-subset", "64", "--out", tmp_path / "q"],
+                 ["export", ck, "--target", "x86-cpu", "--out", tmp_path / "e"],
+                 ["build", "--teacher", ck, *PICO, "--set", "data.train_subset=64", "--set", "data.test_subset=64", "--out", tmp_path / "b"]):
+        assert_one_line_error(run_inprocess(*args), needle)
+    assert not bad_checkpoints["marker"].exists(), "the pickle's code ran"
+    assert not list(tmp_path.rglob("*.onnx")) and not list(tmp_path.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- ONNX files
+@pytest.fixture()
+def bad_onnx(files, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    good = files["onnx"].read_bytes()
+    trunc = tmp_path / "trunc.onnx"
+    trunc.write_bytes(good[: len(good) // 3])
+    junk = tmp_path / "junk.onnx"
+    junk.write_text("this is not a protobuf\n")
+    rank2 = tmp_path / "rank2.onnx"
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 784])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])
+    w = helper.make_tensor("W", TensorProto.FLOAT, [784, 10], np.zeros(7840, np.float32))
+    graph = helper.make_graph([helper.make_node("MatMul", ["input", "W"], ["logits"])], "flat", [x], [y], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, rank2)
+    return {"trunc": trunc, "junk": junk, "rank2": rank2}
+
+
+@pytest.mark.parametrize("which", ["trunc", "junk"])
+def test_broken_onnx_files_everywhere(bad_onnx, which):
+    from edgekd import runtime
+    from edgekd.export import ort_session
+
+    path = bad_onnx[which]
+    assert_one_line_error(run_inprocess("bench", path, "--runs", "10"), "cannot load")
+    with pytest.raises(EdgekdError, match="cannot load"):
+        ort_session(path)
+    with pytest.raises(EdgekdError, match="cannot load"):
+        runtime.OrtModel(path)
+
+
+def test_onnx_with_the_wrong_input_rank(bad_onnx, tmp_path):
+    """bench times any model (the input is built from its own signature), but real images cannot feed a
+    flat input; the on-device runtime refuses the model when it loads."""
+    from edgekd import runtime
+
+    with pytest.raises(EdgekdError, match="rank-2 input"):
+        runtime.OrtModel(bad_onnx["rank2"])
+    proc = run_inprocess("bench", bad_onnx["rank2"], "--runs", "10", "--input", "fashion-mnist")
+    if os.path.isdir(FASHION_MNIST_DEFAULT):
+        assert_one_line_error(proc, "not an image batch")
+
+
+# ----------------------------------------------------------------------------- bundles
+def test_tampered_bundle_is_refused_before_any_connection(files, tmp_path):
+    """`edgekd deploy` verifies the checksums on the host first: the tamper error comes before ssh is tried."""
+    import shutil
+
+    bundle = tmp_path / "b"
+    shutil.copytree(files["bundle"], bundle)
+    (bundle / "labels.txt").write_text("cat\ndog\n")
+    assert_one_line_error(run_inprocess("deploy", bundle, "--host", "nobody@192.0.2.1", "--port", "9"), "labels.txt was modified")
+    (bundle / "labels.txt").unlink()
+    assert_one_line_error(run_inprocess("deploy", bundle, "--host", "nobody@192.0.2.1", "--port", "9"), "labels.txt is missing")
+
+
+# ----------------------------------------------------------------------------- full disk
+@pytest.fixture()
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (needs root); skipped where mounting is refused (the RLIMIT_FSIZE test covers that case)."""
+    d = tmp_path / "tmpfs"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", str(d)], check=False)
+
+
+def _no_partial_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or ".tmp" in p.name]
+
+
+def test_full_disk_while_writing_artifacts(tiny_tmpfs, files):
+    from edgekd.bundle import make_bundle
+    from edgekd.models import create_model, save_checkpoint
+
+    (tiny_tmpfs / "filler").write_bytes(b"\0" * (1024 * 1024 - 40 * 1024))  # leave ~40 KiB
+    with pytest.raises(EdgekdError, match="disk full"):
+        write_json_atomic(tiny_tmpfs / "big.json", {"x": "y" * 100_000})
+    with pytest.raises(EdgekdError, match="disk full"):  # torch.save hides ENOSPC in a RuntimeError
+        save_checkpoint(tiny_tmpfs / "best.pt", create_model("nano_cnn", 10), ["a"], "student")
+    with pytest.raises(EdgekdError, match="disk full"):
+        pre = json.loads((files["bundle"] / "bundle.json").read_text())["preprocess"]
+        make_bundle(tiny_tmpfs / "bundle", {"model": files["onnx"]}, "model", [str(i) for i in range(10)], pre, {"name": "x86-cpu", "runtime": "ort-cpu"})
+    assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["filler"], "a partial artifact was left"
+
+
+@needs_fmnist
+def test_full_disk_during_a_cli_run(tiny_tmpfs):
+    (tiny_tmpfs / "filler").write_bytes(b"\0" * (1024 * 1024 - 60 * 1024))
+    proc = run_cli("finetune", "--model", "small_cnn", "--pretrained", "none", "--input-size", "28", "--epochs", "1", "--train-subset", "256",
+                   "--test-subset", "64", "--out", tiny_tmpfs / "run", env=ENV)
+    assert_one_line_error(proc, "disk full")
+    assert _no_partial_files(tiny_tmpfs) == [] and not (tiny_tmpfs / "run" / "best.pt").exists()
+
+
+def _limit_file_size() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write past the limit fails with EFBIG instead of killing
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200 * 1024, 200 * 1024))
+
+
+@needs_fmnist
+def test_file_size_limit_during_a_cli_run(tmp_path):
+    """Without root (no tmpfs): RLIMIT_FSIZE in the child makes every write past 200 KiB fail."""
+    env = {**os.environ, "EDGEKD_QUIET": "1", **ENV}
+    proc = subprocess.run([EDGEKD, "finetune", "--model", "small_cnn", "--pretrained", "none", "--input-size", "28", "--epochs", "1",
+                           "--train-subset", "256", "--test-subset", "64", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, env=env, preexec_fn=_limit_file_size, timeout=300)
+    assert_one_line_error(proc, "disk full (or file size limit reached)")
+    assert _no_partial_files(tmp_path) == [] and not (tmp_path / "run" / "best.pt").exists()
+
+
+# ----------------------------------------------------------------------------- interruptions, resume, secrets
+SECRET = "AKIAedgekdSECRETvalue9f3e1"
+TOKEN = "ghp_edgekdTOKENvalue7c2d"
+
+
+def _start_build(out: Path, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "EDGEKD_QUIET": "1", **ENV, "AWS_SECRET_ACCESS_KEY": SECRET, "GITHUB_TOKEN": TOKEN}
+    cmd = [EDGEKD, "build", "--target", "x86-cpu", *PICO, *extra, "--out", str(out), "--json"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_when(proc: subprocess.Popen, ready: Path, sig: int, timeout: float = 240) -> tuple[int, str, str]:
+    """Wait until ``ready`` exists (an epoch of the stage has been checkpointed), then send ``sig``."""
+    deadline = time.time() + timeout
+    while not ready.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the stage finished before it could be interrupted: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+@needs_fmnist
+def test_sigint_and_sigkill_in_each_training_stage_then_resume(tmp_path):
+    """teacher: SIGINT; distill: SIGKILL then SIGINT; qad: SIGKILL. Each rerun resumes; the last one
+    finishes with a manifest whose every checksum matches, and no secret from the environment
+    appears in any output or file."""
+    out = tmp_path / "run"
+    extra = ["--set", "data.train_subset=1500", "--set", "data.test_subset=300", "--set", "teacher.train.epochs=5",
+             "--set", "student.train.epochs=6", "--set", "quantize.train.epochs=4"]
+    logs = []
+
+    def manifest_status(stage: str) -> str | None:
+        m = json.loads((out / "manifest.json").read_text())
+        return m["stages"].get(stage, {}).get("status")
+
+    # 1. SIGINT (Ctrl-C) in the teacher stage: exit 130, one line, no traceback, no partial file
+    rc, so, se = _interrupt_when(_start_build(out, extra), out / "teacher" / "last.pt", signal.SIGINT)
+    logs += [so, se]
+    assert rc == 130, se[-2000:]
+    assert "interrupted: rerun the same command to resume" in se and "Traceback" not in se
+    assert manifest_status("teacher") == "running" and not list(out.rglob("*.tmp"))
+    # 2. SIGKILL in the distill stage (the rerun resumes the teacher from its last epoch)
+    rc, so, se = _interrupt_when(_start_build(out, extra), out / "student" / "last.pt", signal.SIGKILL)
+    logs += [so, se]
+    assert rc == -signal.SIGKILL and manifest_status("teacher") == "done" and manifest_status("distill") == "running"
+    assert json.loads((out / "teacher" / "metrics.json").read_text())["resumed_from_epoch"] >= 1
+    assert not list(out.rglob("*.tmp"))
+    # 3. SIGKILL in the QAD stage
+    rc, so, se = _interrupt_when(_start_build(out, extra), out / "qad" / "last.pt", signal.SIGKILL)
+    logs += [so, se]
+    assert manifest_status("distill") == "done" and manifest_status("qad") == "running"
+    assert json.loads((out / "student" / "metrics.json").read_text())["resumed_from_epoch"] >= 1
+    # 4. the same command again: finishes, resumed QAD, valid manifest
+    proc = _start_build(out, extra)
+    so, se = proc.communicate(timeout=600)
+    logs += [so, se]
+    assert proc.returncode == 0, se[-3000:]
+    res = json.loads(so.strip().splitlines()[-1])
+    assert res["stages"]["teacher"]["status"] == res["stages"]["distill"]["status"] == "skipped"
+    assert res["stages"]["qad"]["status"] == "done" and json.loads((out / "qad" / "metrics.json").read_text())["resumed_from_epoch"] >= 1
+    assert Manifest(out).verify() == []
+    assert not list(out.rglob("*.tmp"))
+    # secrets from the environment never reach the run directory, the bundle or the logs
+    for text in logs:
+        assert SECRET not in text and TOKEN not in text
+    for p in out.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            assert SECRET.encode() not in data and TOKEN.encode() not in data, p
+    assert "environ" not in json.loads((out / "manifest.json").read_text())
+
+
+# ----------------------------------------------------------------------------- reproducibility
+@needs_fmnist
+def test_same_recipe_and_seed_give_the_same_metrics(tmp_path):
+    """deterministic: true on CPU: two builds up to the distilled student agree exactly (metrics and weights)."""
+    args = ["--set", "deterministic=true", "--set", "seed=7", "--set", "data.train_subset=800", "--set", "data.test_subset=200",
+            "--set", "teacher.train.epochs=1", "--set", "student.train.epochs=1", "--until", "distill", "--json"]
+    runs = [json_out(run_cli("build", "--target", "x86-cpu", *PICO, *args, "--out", tmp_path / f"r{i}", env=ENV)) for i in (1, 2)]
+    for stage in ("teacher", "student"):
+        a, b = (json.loads((tmp_path / f"r{i}" / stage / "metrics.json").read_text()) for i in (1, 2))
+        for key in ("val", "test"):
+            assert a[key] == b[key], (stage, key)
+        assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+        wa, wb = (torch.load(tmp_path / f"r{i}" / stage / "best.pt", weights_only=True)["state_dict"] for i in (1, 2))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert runs[0]["stages"].keys() == runs[1]["stages"].keys()
+
+
+# ----------------------------------------------------------------------------- supply chain
+def test_every_torch_load_in_edgekd_is_weights_only():
+    calls = []
+    for path in (ROOT / "edgekd").rglob("*.py"):
+        text = path.read_text()
+        for m in re.finditer(r"torch\.load\(", text):
+            depth, i = 1, m.end()
+            while depth and i < len(text):
+                depth += {"(": 1, ")": -1}.get(text[i], 0)
+                i += 1
+            calls.append((path.name, text[m.start():i]))
+    assert calls, "expected at least models.safe_torch_load"
+    unsafe = [(name, call) for name, call in calls if "weights_only=True" not in call.replace(" ", "")]
+    assert unsafe == [], unsafe
+    assert not any("pickle.load" in p.read_text() for p in (ROOT / "edgekd").rglob("*.py"))
+
+
+def test_manifest_records_versions_and_config_never_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKD_TEST_SECRET", SECRET)
+    m = Manifest(tmp_path)
+    m.start("teacher", "h")
+    m.save()
+    text = (tmp_path / "manifest.json").read_text()
+    assert SECRET not in text and "torch" in json.loads(text)["versions"]
