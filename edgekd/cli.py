@@ -30,7 +30,7 @@ from edgekd.cli_options import (BatchOpt, ConfigOpt, DataRootOpt, DatasetOpt, Ep
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", envvar="EDGEKD_QUIET", help="No progress bars or tables (also EDGEKD_QUIET=1).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for training/inference (torch). On a shared or busy machine 1 is often faster than 2+: OpenMP threads spin while waiting for a core. [default: torch's, or $OMP_NUM_THREADS]")] = None,
 ) -> None:
     STATE["debug"] = debug

@@ -28,9 +28,11 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    out = tmp_path_factory.mktemp("build") / "run"
+    work = tmp_path_factory.mktemp("build")
+    out = work / "run"
     t0 = time.time()
-    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--out", out, "--json", env=ENV))
+    # a relative --out, as in the README's `edgekd build` (default runs/build)
+    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--out", "run", "--json", env=ENV, cwd=str(work)))
     res["_wall"] = time.time() - t0
     return out, res
 
