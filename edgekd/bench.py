@@ -197,7 +197,9 @@ def parse_percent(text: str | float) -> float:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%?)\s*", str(text))
         if not m:
             raise EdgekdError(f"cannot read '{text}' as a percentage", "write e.g. 10% or 0.1")
-        value = float(m.group(1)) / 100.0 if m.group(2) else float(m.group(1))
+        if m.group(2):
+            return float(m.group(1)) / 100.0  # '400%' is a 4.0 budget, not 0.04
+        value = float(m.group(1))
     return value / 100.0 if value > 1 else value
 
 

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zlib
 import tempfile
 import time
 import weakref
@@ -176,7 +177,7 @@ def safe_extract(tar_path: str | os.PathLike, dest: str | os.PathLike) -> Path:
                 tar.extractall(dest, members=members, filter="data")
             else:  # Python < 3.11.4: our own checks above are the filter
                 tar.extractall(dest, members=members)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:  # zlib.error: a corrupted .gz stream (found by tests/test_fuzz.py)
         if isinstance(exc, tarfile.FilterError if hasattr(tarfile, "FilterError") else ()):
             raise EdgekdError(f"refusing to extract {tar_path}: {exc}", "this archive is not a bundle written by edgekd") from exc
         raise EdgekdError(f"cannot read bundle archive {tar_path}: {exc}", "copy it again; the file may be truncated") from exc

@@ -81,7 +81,7 @@ def test_summarize_refuses_no_samples() -> None:
         summarize([], 1)
 
 
-@pytest.mark.parametrize("text, value", [("10%", 0.10), ("2.5%", 0.025), ("0.1", 0.1), ("10", 0.10), (0.05, 0.05), ("0%", 0.0)])
+@pytest.mark.parametrize("text, value", [("10%", 0.10), ("2.5%", 0.025), ("0.1", 0.1), ("10", 0.10), (0.05, 0.05), ("0%", 0.0), ("150%", 1.5), ("400%", 4.0)])
 def test_parse_percent(text: str, value: float) -> None:
     assert parse_percent(text) == pytest.approx(value)
 
