@@ -46,6 +46,23 @@ def parse_trtexec_times(log: str) -> dict[str, float]:
     return out
 
 
+# TensorRT 8.x/10.x builder warnings for layers placed off the DLA, e.g.
+#   [W] [TRT] Layer '/features/Conv' (CONVOLUTION): Unsupported on DLA. Switching this layer's device type to GPU.
+#   [W] [TRT] Default DLA is enabled but layer /head/Gemm is not supported on DLA, falling back to GPU.
+DLA_FALLBACK_RES = (re.compile(r"Layer '?(.+?)'? \([A-Z_]+\): Unsupported on DLA"), re.compile(r"layer (\S+) is not supported on DLA, falling back to GPU"))
+
+
+def parse_dla_fallback(log: str) -> list[str]:
+    """Names of the layers trtexec moved from the DLA to the GPU, in log order, each once."""
+    found: list[str] = []
+    for line in log.splitlines():
+        for rx in DLA_FALLBACK_RES:
+            m = rx.search(line)
+            if m and m.group(1) not in found:
+                found.append(m.group(1))
+    return found
+
+
 def remote_json(device: SshDevice, command: str, timeout: float) -> dict[str, Any]:
     """Run a runtime command that prints one JSON object; exit 1 (check failed) still has JSON."""
     proc = device.run(command, timeout=timeout, check=False)
@@ -73,6 +90,11 @@ def build_engine_remote(device: SshDevice, remote_dir: str, timeout: float) -> d
     t0 = time.time()
     device.run(f"cd {d} && sh engine/build_engine.sh", timeout=timeout)
     result: dict[str, Any] = {"built": True, "trtexec": trtexec, "seconds": round(time.time() - t0, 1)}
+    build_log = device.run(f"cat {d}/engine/build.log", check=False).stdout.decode(errors="replace")
+    fallback = parse_dla_fallback(build_log)
+    if fallback:
+        result["dla_fallback_layers"] = fallback
+        ui.warn(f"{len(fallback)} layer(s) fall back from the DLA to the GPU on {device.describe()}: {', '.join(fallback[:10])}" + (" ..." if len(fallback) > 10 else ""))
     for key in ("bench_batch1", "bench_batch"):
         log = device.run(f"cat {d}/engine/{key}.log", check=False).stdout.decode(errors="replace")
         if log:

@@ -124,6 +124,17 @@ def test_bench_remote_times_on_the_device_and_regression_checks_work(sshd, bundl
     assert_one_line_error(run_cli(*[a for a in args if a not in (sshd.host,) and a != "--host"]), "--remote needs --host")
 
 
+def test_parse_dla_fallback_names_each_layer_once():
+    from edgekd.deploy import parse_dla_fallback
+
+    log = ("[W] [TRT] Layer '/features/features.0/Conv' (CONVOLUTION): Unsupported on DLA. Switching this layer's device type to GPU.\n"
+           "[I] [TRT] something else\n"
+           "[W] [TRT] Default DLA is enabled but layer /head/Gemm is not supported on DLA, falling back to GPU.\n"
+           "[W] [TRT] Layer '/features/features.0/Conv' (CONVOLUTION): Unsupported on DLA. Switching this layer's device type to GPU.\n")
+    assert parse_dla_fallback(log) == ["/features/features.0/Conv", "/head/Gemm"]
+    assert parse_dla_fallback("[I] [TRT] all layers on DLA\n") == []
+
+
 def test_parse_trtexec_gpu_compute_time():
     log = ("[11/23/2025-10:00:00] [I] GPU Compute Time: min = 0.0212 ms, max = 0.1311 ms, mean = 0.0241 ms, median = 0.0236 ms, "
            "percentile(90%) = 0.0256 ms, percentile(95%) = 0.0266 ms, percentile(99%) = 0.0312 ms\n")

@@ -119,6 +119,15 @@ def _configure(builder: Any, network: Any, opts: EngineOptions) -> tuple[Any, An
     return config, cache
 
 
+def dla_fallback_layers(network: Any, config: Any) -> list[str]:
+    """Layers the DLA cannot run (TensorRT places them on the GPU when GPU_FALLBACK is set).
+
+    Asked of the builder config before the build, so the user is told *which* layers leave the DLA:
+    each one costs a DLA<->GPU transfer and can make a DLA engine slower than a GPU-only one.
+    """
+    return [network.get_layer(i).name for i in range(network.num_layers) if not config.can_run_on_DLA(network.get_layer(i))]
+
+
 def engine_metadata(onnx_path: Path, opts: EngineOptions) -> dict[str, Any]:
     from edgekd.manifest import sha256_file
 
@@ -137,6 +146,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOpt
         raise EdgekdError(f"DLA core {opts.dla_core} requested, this device has {builder.num_DLA_cores}", "drop --dla-core or pick an existing core")
     network, _parser = _parse_onnx(builder, onnx_path)
     config, _cache = _configure(builder, network, opts)
+    fallback = dla_fallback_layers(network, config) if opts.dla_core is not None else []
+    if fallback:
+        if not opts.gpu_fallback:
+            raise EdgekdError(f"{len(fallback)} layer(s) cannot run on the DLA ({', '.join(fallback[:5])}) and GPU fallback is off", "allow GPU fallback or run GPU-only")
+        from edgekd import ui
+
+        ui.warn(f"{len(fallback)} of {network.num_layers} layers fall back from DLA core {opts.dla_core} to the GPU: {', '.join(fallback[:10])}"
+                + (" ..." if len(fallback) > 10 else ""))
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -144,7 +161,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOpt
     write_bytes_atomic(engine_path, bytes(serialized))
     if opts.timing_cache:
         write_bytes_atomic(opts.timing_cache, bytes(config.get_timing_cache().serialize()))
-    meta = engine_metadata(onnx_path, opts) | {"build_seconds": round(time.perf_counter() - t0, 2)}
+    meta = engine_metadata(onnx_path, opts) | {"build_seconds": round(time.perf_counter() - t0, 2), "dla_fallback_layers": fallback}
     write_json_atomic(engine_path.with_suffix(engine_path.suffix + ".json"), meta)
     return engine_path
 
