@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
 import shlex
 import sys
 import time
@@ -38,20 +36,15 @@ from edgekd.manifest import write_bytes_atomic, write_json_atomic  # noqa: E402
 from edgekd.models import count_params, create_model, load_checkpoint, model_from_checkpoint  # noqa: E402
 from edgekd.train import cross_entropy_loss, evaluate, final_metrics, fit, seed_everything  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine as common_machine  # noqa: E402
+
 ROWS = ["alone", "kd", "kd+fitnet", "two-teachers"]
 RUN_ORDER = ["alone", "kd+fitnet", "kd", "two-teachers"]  # kd+fitnet first: one teacher pass caches logits and features
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    return f"{common_machine()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
 
 
 def args() -> argparse.Namespace:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import inspect
-import platform
 import sys
 import time
 import warnings
@@ -45,25 +44,17 @@ from edgekd.quantize import int8_config, load_quantized, quantize_model, save_qu
 from edgekd.train import cross_entropy_loss, fit, seed_everything
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import machine as common_machine  # noqa: E402
 DEFAULT_RELU_CODES = inspect.signature(export_int8_ort).parameters["relu_codes"].default
 QAD_LABEL = f"INT8 edgekd QAD, ort-cpu layout (default relu_codes={DEFAULT_RELU_CODES})"
 TEACHER = HERE / "_work" / "teacher" / "best.pt"
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     vnni = "VNNI" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "no VNNI (AVX2 u8s8 kernels can saturate)"
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores visible, {vnni}, {platform.system()} {platform.release()}, no GPU"
+    return f"{common_machine()}, {vnni}, no GPU"
 
 
 def make_loss(model, data, use_teacher: bool):
