@@ -15,7 +15,7 @@ def machine() -> str:
         pass
     load = ""
     try:
-        load = f", load average {os.getloadavg()[0]:.1f} at the end"
+        load = f", 1-min load average {os.getloadavg()[0]:.1f} when this was written"
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}{load}"
