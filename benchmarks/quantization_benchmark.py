@@ -66,14 +66,26 @@ def make_loss(model, data, use_teacher: bool):
     return cross_entropy_loss(), None
 
 
+LOSS_USED: dict[str, str] = {}  # student -> the loss its FP32 checkpoint was really trained with (reused ones included)
+
+
+def loss_label(use_teacher: bool) -> str:
+    return "KD from benchmarks/_work/teacher/best.pt" if use_teacher else "hard labels (no teacher checkpoint present)"
+
+
 def train_student(name: str, data, epochs: int, work: Path, use_teacher: bool, seed: int, reuse: bool = False):
     seed_everything(seed)
     if reuse and (work / f"{name}-fp32" / "best.pt").is_file():
-        return model_from_checkpoint(work / f"{name}-fp32" / "best.pt"), 0.0
+        from edgekd.models import load_checkpoint
+
+        ck = load_checkpoint(work / f"{name}-fp32" / "best.pt")
+        LOSS_USED[name] = ck.get("bench_loss", "hard labels (reused checkpoint trained before the teacher existed; it predates the bench_loss field)")
+        return model_from_checkpoint(ck), 0.0
     model = create_model(name, data.num_classes)
     loss, _ = make_loss(model, data, use_teacher)
+    LOSS_USED[name] = loss_label(use_teacher)
     res = fit(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=0.05), work / f"{name}-fp32", loss, model.preprocess,
-              augment="flip", seed=seed, kind="student", resume=False, description=f"FP32 {name}")
+              augment="flip", seed=seed, kind="student", resume=False, description=f"FP32 {name}", ckpt_extra={"bench_loss": LOSS_USED[name]})
     return model_from_checkpoint(res.best_path), res.seconds
 
 
@@ -172,11 +184,11 @@ def write_markdown(rows: list[dict], args, seconds: float, use_teacher: bool, pa
     lines = [
         "# INT8 quantization benchmark (issue 4)",
         "",
-        f"Command: `nice -n 10 .venv/bin/python benchmarks/quantization_benchmark.py {' '.join(sys.argv[1:])}`  ",
-        f"Machine: {machine()}; the CPU was shared with other jobs while this ran, so latencies carry noise.  ",
+        f"Command: `python benchmarks/quantization_benchmark.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {machine()} (a load average well above 0 means other jobs shared the CPU and latencies carry noise).  ",
         f"Versions: torch {v.get('torch')}, onnxruntime {v.get('onnxruntime')}, modelopt {v.get('modelopt')}, onnx {v.get('onnx')}.  ",
         f"Budget: FP32 students {args.epochs} epoch(s), QAD {args.qad_epochs} epoch(s) (lr 1e-4), batch 128, flip augmentation, "
-        f"{len_train(args)} training images; loss: {'KD from benchmarks/_work/teacher/best.pt' if use_teacher else 'hard labels (no teacher checkpoint present)'}; "
+        f"{len_train(args)} training images; loss of the FP32 students (and their QAD runs, trained in the same run): {'; '.join(f'{k}: {v}' for k, v in LOSS_USED.items()) or loss_label(use_teacher)}; "
         f"calibration 512 training images (max). Test set: {args.test_n} Fashion-MNIST test images. "
         f"Latency: onnxruntime {v.get('onnxruntime')} CPU provider, 2 intra-op threads, median of {args.runs} runs. Wall time of the run: {seconds / 60:.1f} min.",
         "",
