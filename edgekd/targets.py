@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import platform
 import shutil
 try:
@@ -36,7 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgekd.errors import EdgekdError
 
 TARGETS_ENV = "EDGEKD_TARGETS_DIR"
-BUILTIN_TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+def _builtin_targets_dir() -> Path:
+    """The repo's targets/ (editable install, the README's) or the copy a wheel installs under <prefix>/share/edgekd/targets."""
+    repo = Path(__file__).resolve().parents[1] / "targets"
+    if repo.is_dir():
+        return repo
+    return Path(sys.prefix) / "share" / "edgekd" / "targets"
+
+
+BUILTIN_TARGETS_DIR = _builtin_targets_dir()
 JETSON_RELEASE_FILE = Path("/etc/nv_tegra_release")
 TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec", "/opt/tensorrt/bin/trtexec", "/usr/bin/trtexec")  # JetPack, NGC container, deb
 
