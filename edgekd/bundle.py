@@ -10,7 +10,7 @@ A bundle is a folder plus a deterministic ``.tar.gz`` of it::
       model/NAME.onnx      the INT8 (or FP16/FP32) ONNX model(s)
       reference/inputs.npy images the host ran; the device must give the same top-1 (selfcheck)
       engine/build_engine.sh  TensorRT targets: the exact trtexec build + timing commands
-      edgekd/runtime.py    the torch-free runtime (+ edgekd/__init__.py, errors.py)
+      edgekd/runtime.py    the torch-free runtime (+ edgekd/__init__.py, errors.py, manifest.py)
       run.sh, README.md
 
 The trtexec flags follow NVIDIA's TensorRT "Best Practices" guide and the Jetson benchmarking
@@ -47,7 +47,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import atomic_path, out_of_space, versions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNTIME_FILES = ("__init__.py", "errors.py", "runtime.py")
+RUNTIME_FILES = ("__init__.py", "errors.py", "manifest.py", "runtime.py")
 EXECUTABLE = {"run.sh", "engine/build_engine.sh"}
 DEFAULT_WARMUP_MS = 500
 DEFAULT_DURATION_S = 10

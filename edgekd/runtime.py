@@ -38,6 +38,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from edgekd.errors import EdgekdError
+from edgekd.manifest import sha256_file  # torch-free; shipped in the bundle beside this file
 
 BUNDLE_FORMAT = "edgekd-bundle"
 BUNDLE_VERSION = 1
@@ -50,14 +51,6 @@ JETSON_TOOLS = {"nvpmodel": ["nvpmodel", "-q"], "jetson_clocks": ["jetson_clocks
 
 
 # ----------------------------------------------------------------------------- checksums
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def safe_relpath(rel: str) -> PurePosixPath:
     """A bundle-relative path that cannot leave the bundle (no absolute path, no '..')."""
     p = PurePosixPath(rel)
