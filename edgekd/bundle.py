@@ -295,7 +295,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
     """Rename the finished temp folder onto ``out``; an older bundle there is removed only afterwards."""
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        old = out.with_name(f".{out.name}.old.{os.getpid()}.tmp")  # a killed swap leaves a name the next build cleans up
         os.replace(out, old)
     os.replace(tmp, out)
     if old is not None:

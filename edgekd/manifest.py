@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +48,41 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+TEMP_GLOB = ".*.tmp"  # what atomic_path names its temporary siblings
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed process left behind (SIGKILL skips atomic_path's cleanup).
+    Call only while holding the run folder's lock, so no live writer owns them."""
+    stale = sorted(Path(run_dir).rglob(TEMP_GLOB))
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)  # a bundle being assembled
+        else:
+            p.unlink(missing_ok=True)
+    return stale
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on a run folder for the length of a build. The kernel drops it when the
+    process dies (even by SIGKILL), so a killed build never blocks the next one, while two builds
+    writing into the same folder at once are refused."""
+    import fcntl
+
+    path = Path(run_dir) / ".edgekd.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise EdgekdError(f"another edgekd build is running in {run_dir}", "wait for it to finish, or use another --out folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}

@@ -118,6 +118,12 @@ def test_speedup_is_reported_as_faster() -> None:
     assert comp.verdict == "faster" and comp.high < 1.0
 
 
+def test_tiny_but_certain_speedup_is_ok_not_faster() -> None:
+    base = _latencies(400, 1.0, 5)
+    comp = compare_samples(base * 0.99, base, budget=0.10)
+    assert comp.high < 1.0 and comp.verdict == "ok", comp.message()
+
+
 def test_small_sample_over_budget_is_only_possible() -> None:
     # 15% slower on the point estimate, but 8 very noisy runs cannot show it exceeds 10% with 95% confidence
     base = np.array([0.6, 0.7, 0.8, 0.9, 1.1, 1.2, 1.3, 1.4])

@@ -2,7 +2,7 @@
 
 Every bad input must end in one ``error: ...`` line that says what is wrong and what to do, a
 non-zero exit, no traceback (unless ``--debug``), and no partial artifact. The interruption test
-SIGINTs and SIGKILLs a real tiny ``edgekd build`` in its training stages and reruns it to a valid
+SIGINTs and SIGKILLs a real tiny ``edgekd build`` in every stage and reruns it to a valid
 manifest. docs/hardening.md is the table of what was tried and what happened.
 """
 
@@ -399,64 +399,67 @@ SECRET = "AKIAedgekdSECRETvalue9f3e1"
 TOKEN = "ghp_edgekdTOKENvalue7c2d"
 
 
-def _start_build(out: Path, extra: list[str]) -> subprocess.Popen:
+def _build_cmd(out: Path, extra: list[str], interrupt: tuple[str, int, str] | None = None) -> list[str]:
+    args = ["build", "--target", "x86-cpu", *PICO, *extra, "--out", str(out), "--json"]
+    if interrupt is None:
+        return [EDGEKD, *args]
+    mark, nth, sig = interrupt
+    return [sys.executable, str(ROOT / "tests" / "interrupt_at.py"), mark, str(nth), sig, "--", *args]
+
+
+def _run_build(out: Path, extra: list[str], interrupt: tuple[str, int, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "EDGEKD_QUIET": "1", **ENV, "AWS_SECRET_ACCESS_KEY": SECRET, "GITHUB_TOKEN": TOKEN}
-    cmd = [EDGEKD, "build", "--target", "x86-cpu", *PICO, *extra, "--out", str(out), "--json"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(_build_cmd(out, extra, interrupt), env=env, capture_output=True, text=True, timeout=600)
 
 
-def _interrupt_when(proc: subprocess.Popen, ready: Path, sig: int, timeout: float = 240) -> tuple[int, str, str]:
-    """Wait until ``ready`` exists (an epoch of the stage has been checkpointed), then send ``sig``."""
-    deadline = time.time() + timeout
-    while not ready.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the stage finished before it could be interrupted: {proc.stderr.read()[-2000:]}"
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
+def _interrupt_points(out: Path) -> list[tuple[str, str, int, int]]:
+    """(stage, mark, nth write for SIGINT, nth write for SIGKILL): the signal lands just before that
+    artifact is renamed into place. Training stages are hit after their first epoch was saved, so
+    the rerun has something to resume from."""
+    return [("teacher", f"{out}/teacher/last.pt", 2, 2), ("distill", f"{out}/student/last.pt", 2, 2), ("qad", f"{out}/qad/last.pt", 2, 2),
+            ("export", f"{out}/export/", 1, 2), ("evaluate", f"{out}/evaluate.json", 1, 1), ("bench", f"{out}/bench.json", 1, 1),
+            ("bundle", f"{out}/bundle", 1, 2)]
 
 
 @needs_fmnist
-def test_sigint_and_sigkill_in_each_training_stage_then_resume(tmp_path):
-    """teacher: SIGINT; distill: SIGKILL then SIGINT; qad: SIGKILL. Each rerun resumes; the last one
-    finishes with a manifest whose every checksum matches, and no secret from the environment
-    appears in any output or file."""
+def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path):
+    """For each stage of ``edgekd build`` in turn: SIGINT (Ctrl-C) in it, then SIGKILL in it, each just
+    before one of its artifacts is renamed into place. Ctrl-C exits 130 with one line and leaves no
+    temporary file; SIGKILL leaves the stage 'running'. Every rerun resumes (training stages from their
+    last epoch, finished stages skipped) and the last one ends with a manifest whose every checksum
+    matches. No secret from the environment appears in any output or file."""
     out = tmp_path / "run"
-    extra = ["--set", "data.train_subset=1500", "--set", "data.test_subset=300", "--set", "teacher.train.epochs=5",
-             "--set", "student.train.epochs=6", "--set", "quantize.train.epochs=4"]
-    logs = []
+    extra = ["--set", "data.train_subset=1200", "--set", "data.test_subset=300", "--set", "teacher.train.epochs=4",
+             "--set", "student.train.epochs=4", "--set", "quantize.train.epochs=4"]
+    logs: list[str] = []
 
-    def manifest_status(stage: str) -> str | None:
-        m = json.loads((out / "manifest.json").read_text())
-        return m["stages"].get(stage, {}).get("status")
+    def status(stage: str) -> str | None:
+        return json.loads((out / "manifest.json").read_text())["stages"].get(stage, {}).get("status")
 
-    # 1. SIGINT (Ctrl-C) in the teacher stage: exit 130, one line, no traceback, no partial file
-    rc, so, se = _interrupt_when(_start_build(out, extra), out / "teacher" / "last.pt", signal.SIGINT)
-    logs += [so, se]
-    assert rc == 130, se[-2000:]
-    assert "interrupted: rerun the same command to resume" in se and "Traceback" not in se
-    assert manifest_status("teacher") == "running" and not list(out.rglob("*.tmp"))
-    # 2. SIGKILL in the distill stage (the rerun resumes the teacher from its last epoch)
-    rc, so, se = _interrupt_when(_start_build(out, extra), out / "student" / "last.pt", signal.SIGKILL)
-    logs += [so, se]
-    assert rc == -signal.SIGKILL and manifest_status("teacher") == "done" and manifest_status("distill") == "running"
-    assert json.loads((out / "teacher" / "metrics.json").read_text())["resumed_from_epoch"] >= 1
-    assert not list(out.rglob("*.tmp"))
-    # 3. SIGKILL in the QAD stage
-    rc, so, se = _interrupt_when(_start_build(out, extra), out / "qad" / "last.pt", signal.SIGKILL)
-    logs += [so, se]
-    assert manifest_status("distill") == "done" and manifest_status("qad") == "running"
-    assert json.loads((out / "student" / "metrics.json").read_text())["resumed_from_epoch"] >= 1
-    # 4. the same command again: finishes, resumed QAD, valid manifest
-    proc = _start_build(out, extra)
-    so, se = proc.communicate(timeout=600)
-    logs += [so, se]
-    assert proc.returncode == 0, se[-3000:]
-    res = json.loads(so.strip().splitlines()[-1])
-    assert res["stages"]["teacher"]["status"] == res["stages"]["distill"]["status"] == "skipped"
-    assert res["stages"]["qad"]["status"] == "done" and json.loads((out / "qad" / "metrics.json").read_text())["resumed_from_epoch"] >= 1
+    done: list[str] = []
+    for stage, mark, nth_int, nth_kill in _interrupt_points(out):
+        r = _run_build(out, extra, (mark, nth_int, "SIGINT"))
+        logs += [r.stdout, r.stderr]
+        assert "interrupt_at: SIGINT" in r.stderr, f"{stage}: the signal point was never reached: {r.stderr[-2000:]}"
+        assert r.returncode == 130, f"{stage}: {r.stderr[-2000:]}"
+        assert "interrupted: rerun the same command to resume" in r.stderr and "Traceback" not in r.stderr, stage
+        assert status(stage) == "running" and all(status(s) == "done" for s in done), stage
+        assert not list(out.rglob("*.tmp")), f"{stage}: Ctrl-C left temporary files"
+        r = _run_build(out, extra, (mark, nth_kill, "SIGKILL"))
+        logs += [r.stdout, r.stderr]
+        assert r.returncode == -signal.SIGKILL, f"{stage}: {r.stderr[-2000:]}"
+        assert status(stage) == "running" and all(status(s) == "done" for s in done), stage
+        done.append(stage)
+    assert list(out.rglob("*.tmp")), "the last SIGKILL (mid bundle write) should have left its temporary file"
+    r = _run_build(out, extra)
+    logs += [r.stdout, r.stderr]
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [s for s, v in res["stages"].items() if v["status"] == "done"] == ["bundle"], res["stages"]
+    for train_dir in ("teacher", "student", "qad"):
+        assert json.loads((out / train_dir / "metrics.json").read_text())["resumed_from_epoch"] >= 1, train_dir
     assert Manifest(out).verify() == []
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and (out / "bundle.tar.gz").is_file()
     # secrets from the environment never reach the run directory, the bundle or the logs
     for text in logs:
         assert SECRET not in text and TOKEN not in text
@@ -465,6 +468,49 @@ def test_sigint_and_sigkill_in_each_training_stage_then_resume(tmp_path):
             data = p.read_bytes()
             assert SECRET.encode() not in data and TOKEN.encode() not in data, p
     assert "environ" not in json.loads((out / "manifest.json").read_text())
+
+
+def test_a_second_build_in_the_same_folder_is_refused_while_one_runs(tmp_path):
+    from edgekd.manifest import run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from edgekd.manifest import run_lock\n"
+                               "with run_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = run_inprocess("build", "--target", "x86-cpu", "--out", str(tmp_path), "--quick")
+        assert_one_line_error(r, "another edgekd build is running in")
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(tmp_path):  # released by the kernel when its holder died
+        pass
+
+
+# ----------------------------------------------------------------------------- resume traps in the training loop
+TINY_FT = ["--pretrained", "none", "--input-size", "28", "--train-subset", "256", "--test-subset", "64", "--batch-size", "64"]
+
+
+@needs_fmnist
+def test_last_checkpoint_of_another_model_in_the_folder_is_one_line(tmp_path):
+    out = tmp_path / "ft"
+    json_out(run_inprocess("finetune", "--model", "pico_cnn", *TINY_FT, "--epochs", "1", "--out", out, "--json"))
+    r = run_inprocess("finetune", "--model", "nano_cnn", *TINY_FT, "--epochs", "1", "--out", out)
+    assert_one_line_error(r, "holds weights of another model")
+    assert "--no-resume" in r.stderr
+    # the way out it names works, and replaces the other model's checkpoints
+    res = json_out(run_inprocess("finetune", "--model", "nano_cnn", *TINY_FT, "--epochs", "1", "--no-resume", "--out", out, "--json"))
+    assert torch.load(out / "best.pt", weights_only=True)["model"]["name"] == "nano_cnn", res
+
+
+@needs_fmnist
+def test_zero_epochs_never_returns_a_stale_best_checkpoint(tmp_path):
+    out = tmp_path / "ft"
+    json_out(run_inprocess("finetune", "--model", "pico_cnn", *TINY_FT, "--epochs", "2", "--out", out, "--json"))
+    trained = torch.load(out / "best.pt", weights_only=True)["state_dict"]
+    json_out(run_inprocess("finetune", "--model", "pico_cnn", *TINY_FT, "--epochs", "0", "--no-resume", "--out", out, "--json"))
+    fresh = torch.load(out / "best.pt", weights_only=True)["state_dict"]
+    assert any(not torch.equal(trained[k], fresh[k]) for k in trained), "--epochs 0 returned the earlier run's best.pt"
 
 
 # ----------------------------------------------------------------------------- reproducibility
