@@ -99,6 +99,58 @@ def test_runtime_import_and_cli_stay_torch_free(bundle, pico_model, tmp_path):
     assert check.returncode == 0 and res["ok"] and res["reference"]["top1_agreement"] == 1.0 and res["device"]["torch_loaded"] is False
 
 
+JETPACK5_PYTHON = "3.8"  # JetPack 5 (L4T r35) ships Python 3.8; the bundle's runtime must run there
+
+
+def _python38() -> str | None:
+    import shutil
+
+    for candidate in (shutil.which(f"python{JETPACK5_PYTHON}"), f"/root/.pyenv/versions/{JETPACK5_PYTHON}.18/bin/python"):
+        if candidate and Path(candidate).is_file():
+            probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 8))"], capture_output=True, text=True)
+            if probe.stdout.strip() == "True":
+                return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def py38_runtime_env() -> Path:
+    """A Python 3.8 venv with only what a device needs (numpy, pillow, onnxruntime 1.19: the last
+    release for 3.8), cached in .edgekd-cache/ across runs."""
+    py = _python38()
+    if py is None:
+        pytest.skip("no Python 3.8 interpreter here (JetPack 5's Python); the runtime is checked on this Python only")
+    venv = REPO / ".edgekd-cache" / "py38-runtime"
+    exe = venv / "bin" / "python"
+    if not (venv / "ready").is_file():
+        subprocess.run([py, "-m", "venv", "--clear", str(venv)], check=True, capture_output=True)
+        pip = subprocess.run([str(exe), "-m", "pip", "install", "-q", "numpy<2", "onnxruntime<1.20", "pillow<11"], capture_output=True, text=True)
+        if pip.returncode != 0:
+            pytest.skip(f"cannot install numpy/onnxruntime/pillow for Python 3.8 here: {pip.stderr.strip().splitlines()[-1:]}")
+        (venv / "ready").write_text("numpy<2 onnxruntime<1.20 pillow<11\n")
+    return exe
+
+
+def test_bundle_runtime_runs_on_jetpack5_python(bundle, pico_model, tmp_path, py38_runtime_env):
+    """The bundle's own edgekd/ runtime on Python 3.8 with onnxruntime 1.19: selfcheck (checksums,
+    load, reference outputs), classification of an image file, and bench, with no torch anywhere."""
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(pico_model.images[0, 0]).save(img)
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    check = subprocess.run([str(py38_runtime_env), "-m", "edgekd.runtime", "selfcheck", ".", "--json"], capture_output=True, text=True, cwd=bundle, env=env)
+    assert check.returncode == 0, check.stderr[-2000:]
+    res = json.loads(check.stdout)
+    assert res["ok"] and res["device"]["python"].startswith("3.8.") and res["device"]["torch_loaded"] is False
+    assert res["reference"]["top1_agreement"] == 1.0
+    proc = subprocess.run([str(py38_runtime_env), "-m", "edgekd.runtime", ".", str(img), "--json", "--top-k", "1"], capture_output=True, text=True, cwd=bundle, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["predictions"][0]["top"][0]["label"] == pico_model.classes[_torch_logits(pico_model.model, pico_model.images[:1]).argmax()]
+    bench = subprocess.run([str(py38_runtime_env), "-m", "edgekd.runtime", "bench", ".", "--runs", "5", "--json"], capture_output=True, text=True, cwd=bundle, env=env)
+    assert bench.returncode == 0 and json.loads(bench.stdout)["latency"][0]["p50_ms"] > 0, bench.stderr[-2000:]
+
+
 def test_bench_reports_percentiles_and_budget(bundle):
     res = rt.bench(bundle, runs=20, warmup=2)
     batches = [r["batch"] for r in res["latency"]]
