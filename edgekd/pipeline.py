@@ -105,7 +105,8 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
     r = run_qad(ctx.path("distill", "checkpoint"), rc.quantize, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
     m = r["metrics"]
     return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
-                                                                             "fp32_val_top1": m.get("fp32_val_top1"), "ptq_val_top1": m.get("ptq_val_top1")}
+                                                                             "fp32_val_top1": m.get("fp32_val_top1"), "ptq_val_top1": m.get("ptq_val_top1"),
+                                                                             "result": m.get("result")}
 
 
 def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
@@ -121,7 +122,8 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
     if r.get("fp32_path"):
         artifacts["fp32_onnx"] = r["fp32_path"]
     checks = r.get("checks", {})
-    return artifacts, {"precision": precision, "layout": r.get("layout"), "source": source, "checks": checks, "comparison": r.get("comparison")}
+    return artifacts, {"precision": precision, "layout": r.get("layout"), "source": source, "checks": checks, "comparison": r.get("comparison"),
+                       "relu_codes": r.get("relu_codes")}
 
 
 def onnx_test_accuracy(onnx_path: Path, data, preprocess) -> dict:

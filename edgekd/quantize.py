@@ -297,6 +297,22 @@ def logit_kd_loss(teacher: nn.Module, teacher_preprocess: Preprocess, temperatur
 
 
 # ----------------------------------------------------------------------------- stage
+def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
+                              extra: dict[str, Any]) -> bool:
+    """QAD must never hand back a worse model than the calibration it started from. When no epoch
+    beat the calibrated (PTQ) model on validation (too little data, a teacher weaker than the
+    student, a learning rate too high for the folded weights), best.pt becomes the calibrated model
+    and the user is told."""
+    qad_val = max((h["val_top1"] for h in result.history if h.get("val_top1") is not None), default=-1.0)
+    if qad_val >= ptq_val:
+        return False
+    model.load_state_dict(calibrated)
+    save_quantized(result.best_path, model, classes, {**extra, "metrics": {"val": {"top1": ptq_val}, "epoch": -1}})
+    ui.warn(f"quantization-aware distillation did not beat the calibrated INT8 model on validation ({qad_val:.4f} vs {ptq_val:.4f}); "
+            "keeping the calibrated one. More data or epochs, a lower quantize.train.lr, or a stronger teacher may help")
+    return True
+
+
 def run_qad(
     student_ckpt: str | Path,
     cfg: QuantizeConfig,
@@ -332,6 +348,7 @@ def run_qad(
     ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers, calibrator {cfg.calibrator} on {len(calib)} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
     extra = {"source_checkpoint": str(student_ckpt), "config": {"quantize": cfg.model_dump(), "seed": seed}}
+    calibrated = copy.deepcopy(model.state_dict())
     loss_fn, extra_trainable = make_loss(model)
     trainable = nn.ModuleDict({"student": model, "distill": extra_trainable}) if extra_trainable is not None and any(True for _ in extra_trainable.parameters()) else None
     result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=augment, seed=seed, kind=QUANTIZED_KIND, resume=resume,
@@ -339,7 +356,8 @@ def run_qad(
                  description="quantization-aware distillation")
     if hasattr(loss_fn, "close"):
         loss_fn.close()
+    kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
     best = load_quantized(result.best_path)
     metrics = final_metrics(best, data, pre, result, {"fp32_val_top1": fp32_val, "ptq_val_top1": ptq_val, "calibrator": cfg.calibrator,
-                                                      "quantizers": len(enabled_quantizers(best))})
+                                                      "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if kept else "QAD"})
     return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}

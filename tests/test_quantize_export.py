@@ -23,6 +23,7 @@ from edgekd.export import (check_ort_cpu_fusion, check_tensorrt_readiness, expor
                            torch_to_onnx)
 from edgekd.finetune import load_data
 from edgekd.models import create_model
+from edgekd.data import calibration_images
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, logit_kd_loss, quantize_model, run_qad, save_quantized)
 from edgekd.train import cross_entropy_loss, fit
 
@@ -135,6 +136,22 @@ def test_run_qad_with_kd_from_fp32_teacher(trained_pico, data, tmp_path):
         run_qad(res["checkpoint"], cfg, small, tmp_path / "again", lambda model: (cross_entropy_loss(), None))
 
 
+def test_qad_that_makes_things_worse_keeps_the_calibrated_model(trained_pico, data, tmp_path):
+    """A learning rate far too high wrecks the quantized student in one epoch: best.pt must then be
+    the calibrated (PTQ) model it started from, not the wreck, and the metrics say so."""
+    small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
+    cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=5.0, optimizer="sgd", weight_decay=0.0, warmup_epochs=0.0))
+    res = run_qad(trained_pico[1], cfg, small, tmp_path, lambda model: (cross_entropy_loss(), None), augment="none")
+    m = res["metrics"]
+    assert m["history"][0]["val_top1"] < m["ptq_val_top1"], "the test needs a QAD epoch that hurts"
+    assert m["result"] == "calibrated (PTQ)" and m["val"]["top1"] == pytest.approx(m["ptq_val_top1"])
+    calibrated = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calib_images=128), calibration_images(small.train, 128, 0),
+                                trained_pico[0].preprocess)
+    kept = load_quantized(res["checkpoint"])
+    for k, v in calibrated.state_dict().items():
+        assert torch.equal(v, kept.state_dict()[k]), k
+
+
 # ----------------------------------------------------------------------------- export formats
 @pytest.mark.parametrize("precision,layout,min_agreement", [("fp32", "none", 1.0), ("fp16", "none", 0.99), ("int8", "tensorrt", 0.99), ("int8", "ort-cpu", 0.95)])
 def test_each_export_loads_in_onnxruntime_and_agrees_with_pytorch(quant_pico, trained_pico, data, tmp_path, precision, layout, min_agreement):
@@ -156,6 +173,10 @@ def test_each_export_loads_in_onnxruntime_and_agrees_with_pytorch(quant_pico, tr
         assert trt["ok"] == (layout == "tensorrt")
         assert ortc["ok"] == (layout == "ort-cpu")
         assert {"int8_top1", "fp32_top1"} <= set(rec["comparison"])
+    if precision == "int8" and layout == "ort-cpu":  # both ReLU code ranges were measured; the closer one shipped
+        tried = rec["relu_codes_tried"]
+        assert set(tried) == {"127", "255"} and rec["relu_codes"] in (127, 255)
+        assert tried[str(rec["relu_codes"])]["mean_abs_diff"] == min(t["mean_abs_diff"] for t in tried.values())
 
 
 def opset_of(proto) -> int:
