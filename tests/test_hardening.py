@@ -487,6 +487,18 @@ def test_a_second_build_in_the_same_folder_is_refused_while_one_runs(tmp_path):
         pass
 
 
+def test_artifacts_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
+    old = os.umask(0o022)
+    try:
+        p = write_json_atomic(tmp_path / "a.json", {"x": 1})
+        assert (p.stat().st_mode & 0o777) == 0o644
+        os.umask(0o077)
+        q = write_json_atomic(tmp_path / "b.json", {"x": 1})
+        assert (q.stat().st_mode & 0o777) == 0o600
+    finally:
+        os.umask(old)
+
+
 # ----------------------------------------------------------------------------- resume traps in the training loop
 TINY_FT = ["--pretrained", "none", "--input-size", "28", "--train-subset", "256", "--test-subset", "64", "--batch-size", "64"]
 
