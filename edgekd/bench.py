@@ -300,7 +300,8 @@ def fingerprint_differences(baseline_fp: dict[str, Any], current_fp: dict[str, A
 # --------------------------------------------------------------------------------------------
 def resolve_model_path(path: str | os.PathLike) -> Path:
     """An .onnx / .engine file, or a bundle directory: its ``bundle.json`` / ``manifest.json`` names the model
-    (``primary`` + ``models`` as edgekd.bundle writes it, or ``model`` / ``onnx`` / ``artifacts.onnx``), else ``model.onnx``."""
+    (``primary`` + ``models`` as edgekd.bundle writes it, or ``model`` / ``onnx`` / ``artifacts.onnx``), else ``model.onnx``.
+    A bundle with ``SHA256SUMS`` is verified first, as the device runtime does."""
     p = Path(path)
     if p.is_file():
         return p
@@ -308,6 +309,10 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise EdgekdError(f"model not found: {p}", "pass an .onnx file or a bundle directory")
     if not p.is_dir():
         raise EdgekdError(f"{p} is not a file or a directory", "pass an .onnx file or a bundle directory")
+    from edgekd import runtime as rt
+
+    if (p / rt.SUMS_NAME).is_file():  # an edgekd bundle: time only what its checksums vouch for
+        rt.verify_bundle(p)
     for name in ("bundle.json", "manifest.json"):
         meta = p / name
         if meta.is_file():

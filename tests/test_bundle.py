@@ -160,6 +160,20 @@ def test_bench_reports_percentiles_and_budget(bundle):
         assert r["budget_ms"] in (1.0, 20.0) and isinstance(r["within_budget"], bool)
 
 
+def test_host_bench_verifies_the_bundle_before_timing_it(bundle, tmp_path):
+    import shutil
+
+    from cli_helpers import assert_one_line_error, json_out, run_cli
+
+    res = json_out(run_cli("bench", bundle, "--runtime", "ort-cpu", "-b", "1", "--runs", "10", "--warmup", "1", "--json"))
+    assert res["p50_ms"] > 0
+    copy = tmp_path / "tampered"
+    shutil.copytree(bundle, copy)
+    onnx_file = next((copy / "model").glob("*.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    assert_one_line_error(run_cli("bench", copy, "--runtime", "ort-cpu", "-b", "1", "--runs", "10"), "was modified: sha256 does not match")
+
+
 def test_bundle_contents_and_manifest(bundle, pico_model):
     meta = json.loads((bundle / "bundle.json").read_text())
     assert meta["classes"] == pico_model.classes and (bundle / "labels.txt").read_text().split("\n")[:10] == pico_model.classes
