@@ -23,15 +23,15 @@ app = typer.Typer(
 )
 STATE = {"debug": False}
 
-from edgekd.cli_options import (BatchOpt, ConfigOpt, DataRootOpt, DatasetOpt, EpochsOpt, JsonOpt, LrOpt, OutOpt, ResumeOpt, SeedOpt,
-                                SetOpt, TestSubsetOpt, TrainSubsetOpt, emit, overrides as _overrides)
+from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
+                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, overrides as _overrides)
 
 
 @app.callback()
 def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", envvar="EDGEKD_QUIET", help="No progress bars or tables (also EDGEKD_QUIET=1).")] = False,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for training/inference (torch). On a shared or busy machine 1 is often faster than 2+: OpenMP threads spin while waiting for a core. [default: torch's, or $OMP_NUM_THREADS]")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for training/inference (torch). On a shared or busy machine 1 is often faster than 2+: OpenMP threads spin while waiting for a core. \\[default: torch's, or $OMP_NUM_THREADS]")] = None,
 ) -> None:
     STATE["debug"] = debug
     ui.set_quiet(quiet)
@@ -45,15 +45,15 @@ def main_options(
 def finetune(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Teacher backbone (any timm name). [default: efficientnet_lite0]")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file. [default: auto]")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="'full' fine-tune or 'linear-probe' (frozen backbone). [default: full]")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input side in pixels. [default: 64]")] = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="'adamw' or 'sgd'. [default: adamw]")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing. [default: 0.1]")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Teacher backbone (any timm name). \\[default: efficientnet_lite0]")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file. \\[default: auto]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="'full' fine-tune or 'linear-probe' (frozen backbone). \\[default: full]")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Input side in pixels. \\[default: 64]")] = None,
+    epochs: epochs_opt("teacher") = None,
+    batch_size: batch_opt("teacher") = None,
+    lr: lr_opt("teacher") = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="'adamw' or 'sgd'. \\[default: adamw]")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing. \\[default: 0.1]")] = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     train_subset: TrainSubsetOpt = None,

@@ -13,14 +13,30 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recip
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key, e.g. --set student.train.epochs=3 (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). [default: 0]")]
-DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. [default: fashion-mnist]")]
+SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). \\[default: 0]")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. \\[default: fashion-mnist]")]
 DataRootOpt = Annotated[Optional[str], typer.Option(help="Dataset folder. Fashion-MNIST default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist.")]
-TrainSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N training images (quick runs).")]
-TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validation/test images (quick runs).")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="Training epochs.")]
-BatchOpt = Annotated[Optional[int], typer.Option(help="Batch size.")]
-LrOpt = Annotated[Optional[float], typer.Option(help="Peak learning rate (after warm-up).")]
+TrainSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N training images (quick runs). \\[default: all]")]
+TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validation/test images (quick runs). \\[default: all]")]
+
+
+def _train_default(section: str, key: str) -> Any:
+    """The recipe's default for ``<section>.train.<key>``, so --help shows what a run really uses."""
+    from edgekd.config import Recipe
+
+    return getattr(getattr(Recipe(), section).train, key)
+
+
+def epochs_opt(section: str) -> Any:
+    return Annotated[Optional[int], typer.Option(help=f"Training epochs. \\[default: {_train_default(section, 'epochs')}]")]
+
+
+def batch_opt(section: str) -> Any:
+    return Annotated[Optional[int], typer.Option(help=f"Batch size. \\[default: {_train_default(section, 'batch_size')}]")]
+
+
+def lr_opt(section: str) -> Any:
+    return Annotated[Optional[float], typer.Option(help=f"Peak learning rate (after warm-up). \\[default: {_train_default(section, 'lr'):g}]")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt in --out when present.")]
 
 

@@ -78,3 +78,21 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     for extra, needle in cases:
         args = ["finetune", *extra] if "--out" in extra else ["finetune", *extra, "--out", str(tmp_path / "o")]
         assert_one_line_error(run_cli(*args), needle)
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("finetune", ["--epochs", "[default: 1]", "[default: 0.001]", "[default: all]", "[default: fashion-mnist]"]),
+    ("distill", ["[default: nano_cnn]", "[default: 0.9]", "[default: 8]", "[default: 0.003]"]),
+    ("quantize", ["[default: max]", "[default: 0.0001]"]),
+    ("export", ["[default: the target's, else int8]", "[default: 17]"]),
+    ("bench", ["[default: 200]", "[default: 10%]"]),
+    ("build", ["[default: the recipe's, x86-cpu]", "[default: nano_cnn]"]),
+])
+def test_help_shows_every_default(command, shown):
+    """The defaults are written into the help texts (the options fall back on the recipe); rich markup
+    must not eat "[default: ...]" as a style tag, which it did until the brackets were escaped."""
+    proc = run_cli(command, "--help", env={"COLUMNS": "400"})
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    for needle in shown:
+        assert needle in text, (command, needle)

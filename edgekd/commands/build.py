@@ -12,11 +12,11 @@ from edgekd.cli_options import ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, Seed
 
 
 def build(
-    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Deployment target (see `edgekd targets list`); 'jetson' = jetson-orin-nano. [default: the recipe's, x86-cpu]")] = None,
+    target: Annotated[Optional[str], typer.Option("--target", "-t", help="Deployment target (see `edgekd targets list`); 'jetson' = jetson-orin-nano. \\[default: the recipe's, x86-cpu]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: stage outputs, manifest.json, bundle/ and bundle.tar.gz.")] = Path("runs/build"),
-    student: Annotated[Optional[str], typer.Option(help="Student model (see `edgekd models`). [default: nano_cnn]")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student model (see `edgekd models`). \\[default: nano_cnn]")] = None,
     teacher: Annotated[Optional[Path], typer.Option(help="Use this teacher checkpoint instead of fine-tuning one.")] = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,

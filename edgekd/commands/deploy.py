@@ -19,7 +19,7 @@ def deploy_command(
     port: Annotated[int, typer.Option(min=1, max=65535, help="SSH port.")] = 22,
     identity: Annotated[Optional[Path], typer.Option("--identity", "-i", help="Private key file for the login.")] = None,
     known_hosts: Annotated[Optional[Path], typer.Option("--known-hosts", help="known_hosts file holding the device's host key (default: ~/.ssh/known_hosts). Unknown keys are refused.")] = None,
-    remote_dir: Annotated[Optional[str], typer.Option("--remote-dir", help="Folder on the device (replaced). [default: edgekd-bundles/<bundle name>]")] = None,
+    remote_dir: Annotated[Optional[str], typer.Option("--remote-dir", help="Folder on the device (replaced). \\[default: edgekd-bundles/<bundle name>]")] = None,
     python: Annotated[str, typer.Option("--python", help="Device Python with numpy, pillow, onnxruntime (no torch needed).")] = "python3",
     runs: Annotated[int, typer.Option(min=1, help="Timed runs per batch size on the device.")] = 200,
     warmup: Annotated[int, typer.Option(min=0, help="Warm-up runs before timing.")] = 20,

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import (BatchOpt, ConfigOpt, DataRootOpt, DatasetOpt, EpochsOpt, JsonOpt, LrOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt,
-                                TestSubsetOpt, TrainSubsetOpt, emit, overrides)
+from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
+                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, overrides)
 from edgekd.errors import EdgekdError
 
 TeacherOpt = Annotated[Optional[list[Path]], typer.Option("--teacher", "-t", help="Teacher checkpoint from `edgekd finetune` (repeat for several teachers).")]
@@ -32,24 +32,24 @@ def distill(
     teacher: TeacherOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    student: Annotated[Optional[str], typer.Option(help="Student model: an edgekd student (`edgekd models`) or a timm name. [default: nano_cnn]")] = None,
-    loss: Annotated[Optional[str], typer.Option(help="Comma-separated loss terms: kd, fitnet, rkd, at. [default: kd]")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature T of the KD term. [default: 4]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Weight of the soft-target term; 1-alpha goes to the hard labels. [default: 0.9]")] = None,
-    feature_weight: Annotated[Optional[float], typer.Option(help="Weight of fitnet / attention-transfer terms. [default: 1]")] = None,
-    relation_weight: Annotated[Optional[float], typer.Option(help="Weight of the RKD term. [default: 1]")] = None,
-    student_layer: Annotated[Optional[str], typer.Option(help="Student module path hooked by feature losses. [default: the model's feature layer]")] = None,
-    teacher_layer: Annotated[Optional[str], typer.Option(help="Teacher module path hooked by feature losses. [default: the model's feature layer]")] = None,
-    teacher_weights: Annotated[Optional[str], typer.Option(help="One weight per --teacher for the averaged soft targets, e.g. 0.7,0.3. [default: equal]")] = None,
+    student: Annotated[Optional[str], typer.Option(help="Student model: an edgekd student (`edgekd models`) or a timm name. \\[default: nano_cnn]")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="Comma-separated loss terms: kd, fitnet, rkd, at. \\[default: kd]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature T of the KD term. \\[default: 4]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="Weight of the soft-target term; 1-alpha goes to the hard labels. \\[default: 0.9]")] = None,
+    feature_weight: Annotated[Optional[float], typer.Option(help="Weight of fitnet / attention-transfer terms. \\[default: 1]")] = None,
+    relation_weight: Annotated[Optional[float], typer.Option(help="Weight of the RKD term. \\[default: 1]")] = None,
+    student_layer: Annotated[Optional[str], typer.Option(help="Student module path hooked by feature losses. \\[default: the model's feature layer]")] = None,
+    teacher_layer: Annotated[Optional[str], typer.Option(help="Teacher module path hooked by feature losses. \\[default: the model's feature layer]")] = None,
+    teacher_weights: Annotated[Optional[str], typer.Option(help="One weight per --teacher for the averaged soft targets, e.g. 0.7,0.3. \\[default: equal]")] = None,
     self_distill: Annotated[bool, typer.Option("--self-distill", help="Born-again: the single --teacher is a trained student; train a fresh copy of it.")] = False,
-    cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Cache teacher outputs when augmentation allows it ('none', 'flip'). [default: cache]")] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Teacher-output cache folder. [default: $EDGEKD_CACHE_DIR or ~/.cache/edgekd/teacher-logits]")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Student input side in pixels. [default: 28]")] = None,
-    width: Annotated[Optional[float], typer.Option(help="Width multiplier of edgekd students. [default: 1]")] = None,
-    augment: Annotated[Optional[str], typer.Option(help="'none', 'flip' (teacher outputs cached) or 'crop-flip' (teacher runs online). [default: flip]")] = None,
-    epochs: EpochsOpt = None,
-    batch_size: BatchOpt = None,
-    lr: LrOpt = None,
+    cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Cache teacher outputs when augmentation allows it ('none', 'flip'). \\[default: cache]")] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Teacher-output cache folder. \\[default: $EDGEKD_CACHE_DIR or ~/.cache/edgekd/teacher-logits]")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help="Student input side in pixels. \\[default: 28]")] = None,
+    width: Annotated[Optional[float], typer.Option(help="Width multiplier of edgekd students. \\[default: 1]")] = None,
+    augment: Annotated[Optional[str], typer.Option(help="'none', 'flip' (teacher outputs cached) or 'crop-flip' (teacher runs online). \\[default: flip]")] = None,
+    epochs: epochs_opt("student") = None,
+    batch_size: batch_opt("student") = None,
+    lr: lr_opt("student") = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     train_subset: TrainSubsetOpt = None,

@@ -12,13 +12,13 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, EpochsOpt, JsonOpt, LrOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt,
-                                TestSubsetOpt, TrainSubsetOpt, emit, overrides)
+from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
+                                TrainSubsetOpt, emit, epochs_opt, lr_opt, overrides)
 from edgekd.errors import EdgekdError
 
 CheckpointArg = Annotated[Path, typer.Argument(help="Student checkpoint (.pt from `edgekd distill` or `edgekd quantize`).")]
-CalibratorOpt = Annotated[Optional[str], typer.Option(help="Activation-range calibrator: max, percentile, entropy, mse. [default: max]")]
-CalibImagesOpt = Annotated[Optional[int], typer.Option(help="Training images used to calibrate activation ranges. [default: 512]")]
+CalibratorOpt = Annotated[Optional[str], typer.Option(help="Activation-range calibrator: max, percentile, entropy, mse. \\[default: max]")]
+CalibImagesOpt = Annotated[Optional[int], typer.Option(help="Training images used to calibrate activation ranges. \\[default: 512]")]
 
 
 def quantize(
@@ -28,9 +28,9 @@ def quantize(
     set_: SetOpt = None,
     calibrator: CalibratorOpt = None,
     calib_images: CalibImagesOpt = None,
-    fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. [default: fold]")] = None,
-    epochs: EpochsOpt = None,
-    lr: LrOpt = None,
+    fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. \\[default: fold]")] = None,
+    epochs: epochs_opt("quantize") = None,
+    lr: lr_opt("quantize") = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     train_subset: TrainSubsetOpt = None,
@@ -80,14 +80,14 @@ def _loss_factory(teacher: Path | None, recipe, data, augment: str):
 def export(
     checkpoint: CheckpointArg,
     target: Annotated[Optional[str], typer.Option("--target", help="Deployment target (see `edgekd targets list`); picks layout and precision.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="int8, fp16 or fp32. [default: the target's, else int8]")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="INT8 Q/DQ layout: tensorrt or ort-cpu. [default: the target's]")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="int8, fp16 or fp32. \\[default: the target's, else int8]")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="INT8 Q/DQ layout: tensorrt or ort-cpu. \\[default: the target's]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     calibrator: CalibratorOpt = None,
     calib_images: CalibImagesOpt = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (>= 17). [default: 17]")] = None,
-    check_batch: Annotated[Optional[int], typer.Option(help="Held test images for the ORT-vs-PyTorch agreement check. [default: 256]")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (>= 17). \\[default: 17]")] = None,
+    check_batch: Annotated[Optional[int], typer.Option(help="Held test images for the ORT-vs-PyTorch agreement check. \\[default: 256]")] = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     seed: SeedOpt = None,
