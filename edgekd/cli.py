@@ -24,7 +24,7 @@ app = typer.Typer(
 STATE = {"debug": False}
 
 from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
-                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, overrides as _overrides)
+                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, output_folder, overrides as _overrides)
 
 
 @app.callback()
@@ -79,7 +79,8 @@ def finetune(
         "data.dataset": dataset, "data.root": data_root, "data.train_subset": train_subset, "data.test_subset": test_subset, "seed": seed,
     })
     recipe = load_recipe(config, quick_set + (set_ or []) + opts)
-    result = run_finetune(recipe.teacher, recipe.data, out, recipe.seed, recipe.deterministic, resume)
+    with output_folder(out):
+        result = run_finetune(recipe.teacher, recipe.data, out, recipe.seed, recipe.deterministic, resume)
     m = result["metrics"]
     ui.show(ui.table("teacher fine-tune", ["model", "params", "val top-1", "test top-1", "train s", "img/s", "checkpoint"],
                      [[recipe.teacher.model, f"{m['params']:,}", m["val"]["top1"], m["test"]["top1"], m["train_seconds"], m["images_per_second"], result["checkpoint"]]]))

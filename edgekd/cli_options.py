@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
@@ -38,6 +40,21 @@ def batch_opt(section: str) -> Any:
 def lr_opt(section: str) -> Any:
     return Annotated[Optional[float], typer.Option(help=f"Peak learning rate (after warm-up). \\[default: {_train_default(section, 'lr'):g}]")]
 ResumeOpt = Annotated[bool, typer.Option("--resume/--no-resume", help="Continue from last.pt in --out when present.")]
+
+
+@contextlib.contextmanager
+def output_folder(out: Path) -> Iterator[None]:
+    """Hold ``out`` for a training command: a second run into it is refused while this one runs,
+    and temporary files a killed run left there are removed. Under torchrun only rank 0 (the one
+    that writes) takes the lock."""
+    from edgekd.manifest import remove_stale_temps, run_lock
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with run_lock(out):
+        remove_stale_temps(out)
+        yield
 
 
 def overrides(pairs: dict[str, Any]) -> list[str]:

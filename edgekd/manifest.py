@@ -85,7 +85,7 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise EdgekdError(f"another edgekd build is running in {run_dir}", "wait for it to finish, or use another --out folder") from None
+            raise EdgekdError(f"another edgekd run is writing into {run_dir}", "wait for it to finish, or use another --out folder") from None
         try:
             yield
         finally:

@@ -479,12 +479,27 @@ def test_a_second_build_in_the_same_folder_is_refused_while_one_runs(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         r = run_inprocess("build", "--target", "x86-cpu", "--out", str(tmp_path), "--quick")
-        assert_one_line_error(r, "another edgekd build is running in")
+        assert_one_line_error(r, "another edgekd run is writing into")
     finally:
         holder.kill()
         holder.wait()
     with run_lock(tmp_path):  # released by the kernel when its holder died
         pass
+
+
+@needs_fmnist
+def test_training_commands_hold_their_output_folder_and_clean_up_after_a_kill(tmp_path):
+    from edgekd.manifest import run_lock
+
+    out = tmp_path / "ft"
+    stale = out / ".last.pt.abc123.tmp"
+    out.mkdir()
+    stale.write_bytes(b"half a checkpoint from a SIGKILLed run")
+    with run_lock(out):  # as if another finetune were writing there
+        assert_one_line_error(run_inprocess("finetune", "--model", "pico_cnn", *TINY_FT, "--epochs", "1", "--out", out), "another edgekd run is writing into")
+    assert stale.exists()
+    json_out(run_inprocess("finetune", "--model", "pico_cnn", *TINY_FT, "--epochs", "1", "--out", out, "--json"))
+    assert not stale.exists() and (out / "best.pt").is_file()
 
 
 def test_artifacts_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):

@@ -9,7 +9,7 @@ import typer
 
 from edgekd import ui
 from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
-                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, overrides)
+                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, output_folder, overrides)
 from edgekd.errors import EdgekdError
 
 TeacherOpt = Annotated[Optional[list[Path]], typer.Option("--teacher", "-t", help="Teacher checkpoint from `edgekd finetune` (repeat for several teachers).")]
@@ -80,8 +80,9 @@ def distill(
     })
     recipe = load_recipe(config, quick_set + (set_ or []) + opts)
     data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
-    result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, out, recipe.seed, recipe.deterministic, resume,
-                         self_distill=self_distill, cache_dir=cache_dir)
+    with output_folder(out):
+        result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, out, recipe.seed, recipe.deterministic, resume,
+                             self_distill=self_distill, cache_dir=cache_dir)
     m = result["metrics"]
     modes = ", ".join(t["outputs"] for t in m["teachers"])
     ui.show(ui.table("student distillation", ["student", "params", "losses", "teachers", "val top-1", "test top-1", "train s", "img/s", "checkpoint"],

@@ -13,7 +13,7 @@ import typer
 
 from edgekd import ui
 from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
-                                TrainSubsetOpt, emit, epochs_opt, lr_opt, overrides)
+                                TrainSubsetOpt, emit, epochs_opt, lr_opt, output_folder, overrides)
 from edgekd.errors import EdgekdError
 
 CheckpointArg = Annotated[Path, typer.Argument(help="Student checkpoint (.pt from `edgekd distill` or `edgekd quantize`).")]
@@ -56,7 +56,8 @@ def quantize(
     recipe = load_recipe(config, quick_set + (set_ or []) + opts)
     data = load_data(recipe.data, recipe.seed)
     augment = "flip" if recipe.data.augment != "none" else "none"
-    result = run_qad(checkpoint, recipe.quantize, data, out, _loss_factory(teacher, recipe, data, augment), recipe.seed, augment, resume)
+    with output_folder(out):
+        result = run_qad(checkpoint, recipe.quantize, data, out, _loss_factory(teacher, recipe, data, augment), recipe.seed, augment, resume)
     m = result["metrics"]
     ui.show(ui.table("quantization-aware distillation", ["FP32 val", "PTQ val", "QAD val", "QAD test", "quantizers", "checkpoint"],
                      [[m["fp32_val_top1"], m["ptq_val_top1"], m["val"]["top1"], m["test"]["top1"], m["quantizers"], result["checkpoint"]]]))
