@@ -87,7 +87,8 @@ def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
                     data=ctx.data, cache_dir=ctx.out / "cache")
     m = r["metrics"]
     return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
-                                                                             "params": m.get("params"), "train_seconds": m["train_seconds"]}
+                                                                             "params": m.get("params"), "train_seconds": m["train_seconds"],
+                                                                             "teacher_weaker_than_student": m.get("teacher_weaker_than_student")}
 
 
 def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:

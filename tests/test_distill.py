@@ -301,3 +301,25 @@ def test_resume_refuses_a_run_with_other_losses(data, teacher_path, tmp_path):
     run_distill([teacher_path], cfg, DistillConfig(losses=["kd"]), DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
     with pytest.raises(EdgekdError, match="other losses, teachers or data"):
         run_distill([teacher_path], cfg, DistillConfig(losses=["kd", "at"]), DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
+
+
+def test_a_teacher_weaker_than_its_student_is_reported(data, teacher_path, tmp_path, monkeypatch):
+    """An untrained teacher (~10% top-1) teaching with alpha 0.5: the student still learns from the
+    hard labels, ends up far above the teacher, and the run says so (metrics + a warning)."""
+    from edgekd import ui
+
+    warnings_seen: list[str] = []
+    monkeypatch.setattr(ui, "warn", warnings_seen.append)
+    torch.manual_seed(1)
+    weak = create_model("pico_cnn", data.num_classes, in_chans=1, input_size=28)
+    weak_path = save_checkpoint(tmp_path / "weak.pt", weak, data.classes, "teacher")
+    cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.0))
+    m = run_distill([weak_path], cfg, DistillConfig(losses=["kd"], alpha=0.5), DataConfig(augment="flip"), tmp_path / "run", data=data,
+                    cache_dir=tmp_path / "c")["metrics"]
+    assert m["teachers"][0]["val_top1"] < 0.3 < m["val"]["top1"]
+    assert m["teacher_weaker_than_student"] is True
+    assert any("more accurate than its best teacher" in w for w in warnings_seen)
+    # a real (trained) teacher is recorded too, and then the flag follows the numbers
+    m2 = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"]), DataConfig(augment="flip"), tmp_path / "run2", data=data,
+                     cache_dir=tmp_path / "c")["metrics"]
+    assert m2["teacher_weaker_than_student"] == (m2["teachers"][0]["val_top1"] < m2["val"]["top1"])
