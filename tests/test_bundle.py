@@ -134,10 +134,13 @@ def py38_runtime_env() -> Path:
 def test_bundle_runtime_runs_on_jetpack5_python(bundle, pico_model, tmp_path, py38_runtime_env):
     """The bundle's own edgekd/ runtime on Python 3.8 with onnxruntime 1.19: selfcheck (checksums,
     load, reference outputs), classification of an image file, and bench, with no torch anywhere."""
+    import shutil
+
     from PIL import Image
 
     img = tmp_path / "x.png"
     Image.fromarray(pico_model.images[0, 0]).save(img)
+    bundle = shutil.copytree(bundle, tmp_path / "bundle")  # a device writes __pycache__ next to the runtime; keep the shared fixture pristine
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     check = subprocess.run([str(py38_runtime_env), "-m", "edgekd.runtime", "selfcheck", ".", "--json"], capture_output=True, text=True, cwd=bundle, env=env)
     assert check.returncode == 0, check.stderr[-2000:]
