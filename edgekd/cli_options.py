@@ -47,13 +47,12 @@ def output_folder(out: Path) -> Iterator[None]:
     """Hold ``out`` for a training command: a second run into it is refused while this one runs,
     and temporary files a killed run left there are removed. Under torchrun only rank 0 (the one
     that writes) takes the lock."""
-    from edgekd.manifest import remove_stale_temps, run_lock
+    from edgekd.manifest import hold_run_folder
 
     if os.environ.get("RANK", "0") != "0":
         yield
         return
-    with run_lock(out):
-        remove_stale_temps(out)
+    with hold_run_folder(out):
         yield
 
 

@@ -92,6 +92,14 @@ def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def hold_run_folder(run_dir: str | os.PathLike) -> Iterator[list[Path]]:
+    """What every command that writes a run folder does first: take its lock, then remove the
+    temporary files a killed run left there (safe only under the lock). Yields what was removed."""
+    with run_lock(run_dir):
+        yield remove_stale_temps(run_dir)
+
+
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 

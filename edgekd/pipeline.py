@@ -22,7 +22,7 @@ import numpy as np
 from edgekd import ui
 from edgekd.config import Recipe
 from edgekd.errors import EdgekdError
-from edgekd.manifest import Manifest, remove_stale_temps, run_lock, sha256_file, sha256_json, write_json_atomic
+from edgekd.manifest import Manifest, hold_run_folder, sha256_file, sha256_json, write_json_atomic
 
 STAGES = ("teacher", "distill", "qad", "export", "evaluate", "bench", "bundle")
 QUICK_OVERRIDES = [
@@ -305,8 +305,7 @@ def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targe
     check_model_names(recipe, Path(teacher_checkpoint) if teacher_checkpoint else None)
     out = Path(out).resolve()  # stage functions return absolute paths; the manifest stores them relative to the run folder
     out.mkdir(parents=True, exist_ok=True)
-    with run_lock(out):
-        stale = remove_stale_temps(out)
+    with hold_run_folder(out) as stale:
         if stale:
             ui.log(f"[dim]removed {len(stale)} temporary file(s) left by an interrupted run[/]")
         return _build_locked(recipe, out, target, teacher_checkpoint, until)
