@@ -69,8 +69,10 @@ class StudentConfig(Strict):
 
 class DistillConfig(Strict):
     losses: list[Literal["kd", "fitnet", "rkd", "at"]] = Field(default_factory=lambda: ["kd"])
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1, description="weight of the soft-target term; 1-alpha goes to hard labels")
+    # T=1, alpha=0.5 measured best by validation for a teacher fine-tuned with label smoothing (edgekd's
+    # default): at Hinton's usual T=4 its soft targets are nearly uniform (benchmarks/distill_results.md).
+    temperature: float = Field(1.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target term; 1-alpha goes to hard labels")
     feature_weight: float = Field(1.0, ge=0, description="weight of fitnet / attention terms")
     relation_weight: float = Field(1.0, ge=0, description="weight of the RKD term")
     student_layer: str | None = Field(None, description="student module path for feature losses (default: model's feature_layer)")

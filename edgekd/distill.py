@@ -23,6 +23,7 @@ teacher preprocessing + augmentation, so later epochs and later students cost on
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -538,22 +539,59 @@ def check_resume_matches(last: Path, extra: dict) -> None:
         raise EdgekdError(f"{last} was written by a distillation with other losses, teachers or data", "use a fresh --out folder, or pass --no-resume to start over")
 
 
-def check_teachers_stronger(teachers: list[Teacher], metrics: dict, data: DataSet) -> None:
+FLAT_SOFT_TARGETS = 0.9  # mean entropy of softmax(z_t / T), as a fraction of log(classes), above which KD teaches little
+
+
+def measure_teachers(teachers: list[Teacher], data: DataSet, temperature: float) -> list[dict]:
+    """One pass of each teacher over validation, before training: its top-1 (compared with the
+    student's at the end) and how flat its soft targets are at the distillation temperature.
+
+    Flat targets are a trap measured here (benchmarks/distill_results.md): the 94.1% EfficientNet-Lite0
+    teacher, fine-tuned with label smoothing 0.1, gives targets at T=4 with 96% of the maximum entropy
+    (p(true class) 0.25 on average). Label smoothing erases the logit structure KD feeds on (Mueller
+    et al. 2019, "When does label smoothing help?"), so a lower temperature is what such a teacher needs.
+    """
+    from edgekd.train import predict_logits
+
+    if len(data.val) == 0:
+        return [{} for _ in teachers]
+    records = []
+    for teacher in teachers:
+        logits = predict_logits(teacher.model, data.val, teacher.preprocess)
+        p = (logits / temperature).softmax(1)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(1).mean().item() / math.log(logits.shape[1])
+        records.append({"val_top1": (logits.argmax(1) == data.val.labels).float().mean().item(),
+                        f"soft_target_entropy_T{temperature:g}": round(entropy, 4)})
+    return records
+
+
+def warn_flat_soft_targets(teachers: list[Teacher], records: list[dict], cfg: DistillConfig) -> None:
+    """Warn before training when a teacher's soft targets at ``cfg.temperature`` are nearly uniform."""
+    if "kd" not in cfg.losses or cfg.alpha == 0:
+        return
+    for teacher, record in zip(teachers, records):
+        entropy = record.get(f"soft_target_entropy_T{cfg.temperature:g}")
+        if entropy is not None and entropy > FLAT_SOFT_TARGETS:
+            ui.warn(f"teacher {teacher.name}'s soft targets at T={cfg.temperature:g} are nearly uniform ({entropy:.0%} of the maximum entropy "
+                    "on validation), so KD will teach little beyond 'be unsure'. Lower distill.temperature (e.g. 1 or 2); teachers "
+                    "fine-tuned with label smoothing give flat targets")
+
+
+def check_teachers_stronger(records: list[dict], metrics: dict, born_again: bool = False) -> None:
     """Warn when the student ended up more accurate on validation than its teacher(s).
 
     Soft targets from a teacher weaker than the student pull it toward the teacher's mistakes.
     Measured here (benchmarks/distill_results.md): nano_cnn trained alone for 8 epochs reached 93.0%
-    test top-1, and 91.8% with KD (alpha 0.9) from a 91.5% teacher. The check costs one teacher
-    pass over the validation split; the accuracies go into the metrics either way.
+    test top-1, and 91.8% with KD (alpha 0.9) from a 91.5% teacher. ``records`` come from
+    ``measure_teachers``; they go into the metrics either way. A born-again student is meant to
+    overtake its teacher, so it is not warned about.
     """
-    from edgekd.train import evaluate
-
+    for teacher_metrics, record in zip(metrics["teachers"], records):
+        teacher_metrics.update(record)
     student_val = metrics["val"].get("top1")
-    if student_val is None:
+    if born_again or student_val is None or not all(records):
         return
-    for record, teacher in zip(metrics["teachers"], teachers):
-        record["val_top1"] = evaluate(teacher.model, data.val, teacher.preprocess, data.classes)["top1"]
-    best_teacher = max(r["val_top1"] for r in metrics["teachers"])
+    best_teacher = max(r["val_top1"] for r in records)
     metrics["teacher_weaker_than_student"] = best_teacher < student_val
     if metrics["teacher_weaker_than_student"]:
         ui.warn(f"the student ({student_val:.4f} val top-1) ended up more accurate than its best teacher ({best_teacher:.4f}): the teacher's "
@@ -597,7 +635,9 @@ def run_distill(
     student = make_student(student_cfg, data, loaded, self_distill)
     dev = train_device()
     student.to(dev)
-    loss_fn, adapters = build_distill_loss(student, loaded, distill_cfg, data, cache_dir, data_cfg.augment, dev)
+    loss_fn, adapters = build_distill_loss(student, loaded, distill_cfg, data, cache_dir, data_cfg.augment, dev)  # validates, then caches
+    teacher_records = measure_teachers(loaded, data, distill_cfg.temperature)
+    warn_flat_soft_targets(loaded, teacher_records, distill_cfg)
     train_cfg = student_cfg.train
     name = student.edgekd_spec["name"]
     ui.log(f"student {name}{' (born-again copy of the teacher)' if self_distill else ''}: {count_params(student):,} params at {student.preprocess.input_size} px; "
@@ -619,6 +659,5 @@ def run_distill(
         "teachers": [{**t.describe(), "outputs": m} for t, m in zip(loaded, teacher_mode)],
         "teacher_cache_seconds": round(sum(c.seconds for c in loss_fn.caches if c is not None), 2),
     })
-    if not self_distill:
-        check_teachers_stronger(loaded, metrics, data)
+    check_teachers_stronger(teacher_records, metrics, born_again=self_distill)
     return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}

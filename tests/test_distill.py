@@ -323,3 +323,22 @@ def test_a_teacher_weaker_than_its_student_is_reported(data, teacher_path, tmp_p
     m2 = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"]), DataConfig(augment="flip"), tmp_path / "run2", data=data,
                      cache_dir=tmp_path / "c")["metrics"]
     assert m2["teacher_weaker_than_student"] == (m2["teachers"][0]["val_top1"] < m2["val"]["top1"])
+
+
+def test_flat_soft_targets_are_warned_about_before_training(data, teacher_path, tmp_path, monkeypatch):
+    """At a high temperature every teacher's soft targets are close to uniform: the run warns before
+    it trains and records the entropy; at T=1 the same teacher is sharp enough and nothing is said."""
+    from edgekd import ui
+
+    warnings_seen: list[str] = []
+    monkeypatch.setattr(ui, "warn", warnings_seen.append)
+    cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=1, batch_size=64))
+    m = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"], temperature=1000), DataConfig(augment="flip"), tmp_path / "hot",
+                    data=data, cache_dir=tmp_path / "c")["metrics"]
+    assert m["teachers"][0]["soft_target_entropy_T1000"] > 0.99
+    assert sum("nearly uniform" in w for w in warnings_seen) == 1
+    warnings_seen.clear()
+    m = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"], temperature=1), DataConfig(augment="flip"), tmp_path / "cool",
+                    data=data, cache_dir=tmp_path / "c")["metrics"]
+    assert m["teachers"][0]["soft_target_entropy_T1"] < 0.9
+    assert not any("nearly uniform" in w for w in warnings_seen)

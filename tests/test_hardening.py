@@ -502,6 +502,17 @@ def test_training_commands_hold_their_output_folder_and_clean_up_after_a_kill(tm
     assert not stale.exists() and (out / "best.pt").is_file()
 
 
+def test_export_holds_its_output_folder(tmp_path):
+    """Two exports into one folder would each write whole files, with no telling which one wins."""
+    from edgekd.manifest import run_lock
+
+    out, ckpt = tmp_path / "export", tmp_path / "student.pt"
+    ckpt.write_bytes(b"never read: the folder is refused first")
+    with run_lock(out):
+        assert_one_line_error(run_inprocess("export", str(ckpt), "--target", "x86-cpu", "--out", out), "another edgekd run is writing into")
+    assert [p.name for p in out.iterdir()] == [".edgekd.lock"]
+
+
 def test_artifacts_get_the_usual_file_mode_not_mkstemps_0600(tmp_path):
     old = os.umask(0o022)
     try:

@@ -10,7 +10,10 @@ import typer
 from edgekd import ui
 from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
                                 TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, output_folder, overrides)
+from edgekd.config import DistillConfig
 from edgekd.errors import EdgekdError
+
+_DEFAULTS = DistillConfig()
 
 TeacherOpt = Annotated[Optional[list[Path]], typer.Option("--teacher", "-t", help="Teacher checkpoint from `edgekd finetune` (repeat for several teachers).")]
 
@@ -34,8 +37,8 @@ def distill(
     set_: SetOpt = None,
     student: Annotated[Optional[str], typer.Option(help="Student model: an edgekd student (`edgekd models`) or a timm name. \\[default: nano_cnn]")] = None,
     loss: Annotated[Optional[str], typer.Option(help="Comma-separated loss terms: kd, fitnet, rkd, at. \\[default: kd]")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature T of the KD term. \\[default: 4]")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="Weight of the soft-target term; 1-alpha goes to the hard labels. \\[default: 0.9]")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=f"Softmax temperature T of the KD term. \\[default: {_DEFAULTS.temperature:g}]")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help=f"Weight of the soft-target term; 1-alpha goes to the hard labels. \\[default: {_DEFAULTS.alpha:g}]")] = None,
     feature_weight: Annotated[Optional[float], typer.Option(help="Weight of fitnet / attention-transfer terms. \\[default: 1]")] = None,
     relation_weight: Annotated[Optional[float], typer.Option(help="Weight of the RKD term. \\[default: 1]")] = None,
     student_layer: Annotated[Optional[str], typer.Option(help="Student module path hooked by feature losses. \\[default: the model's feature layer]")] = None,

@@ -111,9 +111,10 @@ def export(
                       "export.opset": opset, "export.check_batch": check_batch, "quantize.calibrator": calibrator,
                       "quantize.calib_images": calib_images, "data.dataset": dataset, "data.root": data_root, "seed": seed})
     recipe = load_recipe(config, (set_ or []) + opts)
-    data = load_data(recipe.data, recipe.seed)
-    record = run_export(checkpoint, out, precision, layout, data, recipe.quantize.calib_images, recipe.quantize.calibrator,
-                        recipe.export.check_batch, target, recipe.export.opset, recipe.seed)
+    with output_folder(out):
+        data = load_data(recipe.data, recipe.seed)
+        record = run_export(checkpoint, out, precision, layout, data, recipe.quantize.calib_images, recipe.quantize.calibrator,
+                            recipe.export.check_batch, target, recipe.export.opset, recipe.seed)
     agree = record["checks"]["agreement"]
     rows = [[record["path"], precision, record["layout"], f"{agree['top1_agreement']:.4f}", f"{agree['max_abs_diff']:.3g}",
              record["checks"].get("tensorrt_readiness", {}).get("ok", "-"), record["checks"].get("ort_cpu_fusion", {}).get("ok", "-")]]
