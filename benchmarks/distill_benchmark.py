@@ -147,8 +147,9 @@ def markdown(a: argparse.Namespace, results: dict[str, dict], teacher_acc: dict[
         f"- Machine: {machine()}",
         f"- Date: {started} (total {total_s / 60:.1f} min)",
         f"- Data: {data.name}: {len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test images",
-        f"- Teachers: main `{a.teacher}` test top-1 {teacher_acc.get('main', float('nan')):.4f}; second: {a.second_teacher} width {a.second_teacher_width} at 28 px, "
-        f"{a.second_teacher_epochs} epochs on hard labels, test top-1 {teacher_acc.get('second', float('nan')):.4f}", "",
+        f"- Teachers: main `{a.teacher}` test top-1 {teacher_acc['main']:.4f}; second: "
+        + (f"{a.second_teacher} width {a.second_teacher_width} at 28 px, {a.second_teacher_epochs} epochs on hard labels, test top-1 {teacher_acc['second']:.4f}"
+           if "second" in teacher_acc else "not used by these rows"), "",
         "| row | losses | teachers | params | test top-1 | vs alone | val top-1 | wall s | student img/s | teacher outputs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
