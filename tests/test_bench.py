@@ -360,10 +360,10 @@ def test_pytest_plugin_from_a_users_test_file(tmp_path: Path, models: dict[str, 
             assert_latency(MODEL, target="jetson-orin-nano")
 
         def test_baseline_then_compare():
-            assert_latency(MODEL, baseline=BASE, reference=REF, runs=60)
+            assert_latency(MODEL, baseline=BASE, reference=REF, runs=600)
 
         def test_planted_slowdown():
-            assert_latency(SLOW, baseline=BASE, reference=REF, runs=60, max_regression="10%")
+            assert_latency(SLOW, baseline=BASE, reference=REF, runs=600, max_regression="10%")
         """))
     env = {**os.environ, "PYTHONPATH": ""}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file)]
