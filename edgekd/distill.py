@@ -68,7 +68,7 @@ class KDLoss(nn.Module):
     term's whatever T is (Hinton, Vinyals & Dean 2015, §2). KL is averaged over the batch.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.9):
+    def __init__(self, temperature: float, alpha: float):
         super().__init__()
         self.temperature = temperature
         self.alpha = alpha

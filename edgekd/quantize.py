@@ -25,11 +25,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from edgekd import ui
 from edgekd.config import QuantizeConfig
-from edgekd.data import Batch, DataSet, Preprocess, calibration_images
+from edgekd.data import DataSet, Preprocess, calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.models import BasicBlock, create_model, load_checkpoint, save_checkpoint
 
@@ -272,28 +271,6 @@ def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
                           "the checkpoint is from another architecture or was modified") from exc
     model.eval()
     return model
-
-
-# ----------------------------------------------------------------------------- losses
-def logit_kd_loss(teacher: nn.Module, teacher_preprocess: Preprocess, temperature: float = 4.0, alpha: float = 0.9) -> Callable:
-    """Hinton KD from an FP32 teacher: ``alpha * T^2 * KL(student_T || teacher_T) + (1 - alpha) * CE``.
-
-    A small local loss so QAD works (and is tested) without the distillation module; the CLI
-    prefers ``edgekd.distill.build_distill_loss`` when it exists.
-    """
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def loss_fn(model: nn.Module, batch: Batch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
-        with torch.no_grad():
-            t_logits = teacher(teacher_preprocess(batch.images).to(logits.device))
-        soft = F.kl_div(F.log_softmax(logits / temperature, 1), F.log_softmax(t_logits / temperature, 1), reduction="batchmean", log_target=True)
-        hard = F.cross_entropy(logits, batch.labels.to(logits.device))
-        return alpha * temperature**2 * soft + (1 - alpha) * hard, logits
-
-    return loss_fn
 
 
 # ----------------------------------------------------------------------------- stage

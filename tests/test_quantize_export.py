@@ -24,7 +24,7 @@ from edgekd.export import (check_ort_cpu_fusion, check_tensorrt_readiness, expor
 from edgekd.finetune import load_data
 from edgekd.models import create_model
 from edgekd.data import calibration_images
-from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, logit_kd_loss, quantize_model, run_qad, save_quantized)
+from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, quantize_model, run_qad, save_quantized)
 from edgekd.train import cross_entropy_loss, fit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,10 +125,14 @@ def test_fp32_checkpoint_is_refused_by_load_quantized(trained_pico):
 
 
 def test_run_qad_with_kd_from_fp32_teacher(trained_pico, data, tmp_path):
-    teacher = trained_pico[0]
+    from edgekd.config import DistillConfig
+    from edgekd.distill import build_distill_loss, load_teacher
+
+    teacher = load_teacher(trained_pico[1])  # the FP32 model teaches its own INT8 copy, through the loss the CLI uses
     small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
     cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
-    res = run_qad(trained_pico[1], cfg, small, tmp_path, lambda model: (logit_kd_loss(teacher, teacher.preprocess), None), augment="none")
+    res = run_qad(trained_pico[1], cfg, small, tmp_path, lambda model: build_distill_loss(model, [teacher], DistillConfig(), small, augment="none"),
+                  augment="none")
     m = res["metrics"]
     assert m["quantizers"] == len(enabled_quantizers(load_quantized(res["checkpoint"])))
     assert m["test"]["top1"] > 0.3 and m["fp32_val_top1"] > 0.3
