@@ -34,6 +34,7 @@ def main_options(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for training/inference (torch). On a shared or busy machine 1 is often faster than 2+: OpenMP threads spin while waiting for a core. \\[default: torch's, or $OMP_NUM_THREADS]")] = None,
 ) -> None:
     STATE["debug"] = debug
+    ui.set_debug(debug)
     ui.set_quiet(quiet)
     if threads:
         import torch

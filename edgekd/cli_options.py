@@ -14,6 +14,8 @@ import typer
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe file (YAML/TOML); see `edgekd build --print-config`.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key, e.g. --set student.train.epochs=3 (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
+AllowNotReadyOpt = Annotated[bool, typer.Option("--allow-not-ready", help="Ship an INT8 graph even when the target runtime's readiness check fails "
+                                              "(e.g. an unquantized residual Add on TensorRT); recorded in the manifest and bundle.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). \\[default: 0]")]
 DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. \\[default: fashion-mnist]")]

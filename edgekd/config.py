@@ -94,6 +94,7 @@ class QuantizeConfig(Strict):
     percentile: float = Field(99.99, gt=50, le=100)
     calib_images: int = Field(512, ge=16)
     fold_bn: bool = True
+    layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-4, batch_size=128, weight_decay=0.0, warmup_epochs=0.0))
 
 
@@ -102,6 +103,7 @@ class ExportConfig(Strict):
     layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="Q/DQ layout; 'auto' takes the target's")
     opset: int = Field(17, ge=17, le=23)
     check_batch: int = Field(256, ge=1, description="held images for the ORT-vs-PyTorch agreement check")
+    allow_not_ready: bool = Field(False, description="ship an INT8 graph the target's runtime cannot fully run in INT8 (recorded)")
 
 
 class BenchConfig(Strict):

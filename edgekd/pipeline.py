@@ -103,7 +103,8 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
     def make_loss(qstudent):
         return build_distill_loss(qstudent, [teacher], rc.distill, ctx.data, ctx.out / "cache", augment)
 
-    r = run_qad(ctx.path("distill", "checkpoint"), rc.quantize, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
+    cfg = rc.quantize if rc.quantize.layout != "auto" else rc.quantize.model_copy(update={"layout": ctx.target.layout})
+    r = run_qad(ctx.path("distill", "checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
     m = r["metrics"]
     return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
                                                                              "fp32_val_top1": m.get("fp32_val_top1"), "ptq_val_top1": m.get("ptq_val_top1"),
@@ -117,8 +118,8 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
     precision = export_precision(rc, t)
     source = "qad" if precision == "int8" and rc.quantize.enabled else "distill"
     layout = rc.export.layout if rc.export.layout != "auto" else t.layout
-    r = run_export(ctx.path(source, "checkpoint"), ctx.out / "export", precision, layout, ctx.data, rc.quantize.calib_images, rc.quantize.calibrator,
-                   rc.export.check_batch, t.name, rc.export.opset, rc.seed)
+    export_cfg = rc.export.model_copy(update={"precision": precision, "layout": layout})
+    r = run_export(ctx.path(source, "checkpoint"), ctx.out / "export", ctx.data, export_cfg, rc.quantize, t.name, rc.seed)
     artifacts = {"onnx": r["path"], "record": str(ctx.out / "export" / "export.json")}
     if r.get("fp32_path"):
         artifacts["fp32_onnx"] = r["fp32_path"]
@@ -253,7 +254,7 @@ def stage_config(recipe: Recipe, target, stage: str) -> dict:
     return {
         "teacher": {**common, "teacher": rc["teacher"]},
         "distill": {**common, "student": rc["student"], "distill": rc["distill"]},
-        "qad": {**common, "quantize": rc["quantize"], "distill": rc["distill"], "student_augment": rc["student"]["augment"]},
+        "qad": {**common, "quantize": rc["quantize"], "distill": rc["distill"], "student_augment": rc["student"]["augment"], "layout": target.layout},
         "export": {**common, "export": rc["export"], "quantize": rc["quantize"], "layout": target.layout, "precision": export_precision(recipe, target)},
         "evaluate": common,
         "bench": {"bench": rc["bench"], "target": target.to_dict()},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Any, Iterable
 
@@ -11,6 +13,7 @@ from rich.table import Table
 
 console = Console(stderr=True)
 _QUIET = {"on": os.environ.get("EDGEKD_QUIET") == "1"}
+_DEBUG = {"on": os.environ.get("EDGEKD_DEBUG") == "1"}
 
 
 def set_quiet(quiet: bool) -> None:
@@ -19,6 +22,21 @@ def set_quiet(quiet: bool) -> None:
 
 def is_quiet() -> bool:
     return _QUIET["on"]
+
+
+def set_debug(debug: bool) -> None:
+    _DEBUG["on"] = debug
+
+
+@contextlib.contextmanager
+def quiet_library_output():
+    """Swallow what libraries print to stdout (modelopt's "Inserted N quantizers") unless --debug:
+    it is noise to the user and would break ``--json`` on stdout."""
+    if _DEBUG["on"]:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 def log(msg: str) -> None:

@@ -19,12 +19,13 @@ from onnx import numpy_helper
 
 from edgekd.config import DataConfig, QuantizeConfig, TrainConfig
 from edgekd.errors import EdgekdError
-from edgekd.export import (check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_tensorrt, export_model, read_metadata, resolve_layout,
+from edgekd.export import (ExportRequest, check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_tensorrt, export_model, read_metadata, resolve_layout,
                            torch_to_onnx)
 from edgekd.finetune import load_data
 from edgekd.models import create_model
 from edgekd.data import calibration_images
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, quantize_model, run_qad, save_quantized)
+from edgekd.quantize.placement import ACT_PREFIX, input_quantizer_of
 from edgekd.train import cross_entropy_loss, fit
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,20 +86,22 @@ def test_fold_batchnorm_keeps_outputs_and_removes_bn(data):
 def test_quantize_inserts_per_channel_weights_and_residual_quantizers(data):
     m = _quant_resnet(data)
     qs = enabled_quantizers(m)
-    residual = [n for n in qs if n.endswith("residual_input_quantizer")]
-    assert len(residual) == 3
     w = qs["stem.0.weight_quantizer"]
-    assert w.axis == 0 and w.amax.numel() == m.stem[0].out_channels
-    assert qs["stem.0.input_quantizer"].amax.numel() == 1
+    assert w.axis == 0 and w.amax.numel() == m.get_submodule("stem.0").out_channels
+    assert input_quantizer_of(m, "stem.0").amax.numel() == 1
+    adds = [n for n in m.graph.nodes if n.op == "call_function" and n.target.__name__ == "add"]
+    assert len(adds) == 3
+    for add in adds:  # both inputs of every residual add come through a quantizer (TensorRT placement)
+        assert all(a.op == "call_module" and a.target.startswith(ACT_PREFIX + ".") for a in add.args), add.args
+    assert all(q.amax.numel() == 1 for n, q in qs.items() if n.startswith(ACT_PREFIX))
 
 
 def test_histogram_calibrator_clips_below_max(trained_pico, data):
     calib = data.train.images[:256]
     amax = {}
     for cal in ("max", "percentile"):
-        q = copy.deepcopy(trained_pico[0])
-        quantize_model(q, QuantizeConfig(calibrator=cal, percentile=99.0), calib, trained_pico[0].preprocess)
-        amax[cal] = float(enabled_quantizers(q)["features.2.0.input_quantizer"].amax)
+        q = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calibrator=cal, percentile=99.0), calib, trained_pico[0].preprocess)
+        amax[cal] = float(input_quantizer_of(q, "features.2.0").amax)
     assert 0 < amax["percentile"] < amax["max"]
 
 
@@ -160,8 +163,8 @@ def test_qad_that_makes_things_worse_keeps_the_calibrated_model(trained_pico, da
 @pytest.mark.parametrize("precision,layout,min_agreement", [("fp32", "none", 1.0), ("fp16", "none", 0.99), ("int8", "tensorrt", 0.99), ("int8", "ort-cpu", 0.95)])
 def test_each_export_loads_in_onnxruntime_and_agrees_with_pytorch(quant_pico, trained_pico, data, tmp_path, precision, layout, min_agreement):
     model = quant_pico if precision == "int8" else trained_pico[0]
-    rec = export_model(model, tmp_path, precision, layout, data.classes, data.test.images[:256], data.test.labels[:256],
-                       data.train.images[:256], target="x86-cpu", time_runs=3)
+    rec = export_model(model, tmp_path, ExportRequest(precision, layout, data.classes, data.test.images[:256], data.test.labels[:256],
+                                                      data.train.images[:256], target="x86-cpu", time_runs=3, allow_not_ready=True))
     agree = rec["checks"]["agreement"]
     assert rec["checks"]["onnx_checker"] == "ok"
     assert agree["top1_agreement"] >= min_agreement, agree
@@ -188,14 +191,14 @@ def opset_of(proto) -> int:
 
 
 def test_ort_layout_runs_in_integer_kernels_and_keeps_trained_scales(quant_pico, data, tmp_path):
-    rec = export_model(quant_pico, tmp_path, "int8", "ort-cpu", data.classes, data.test.images[:64], None, data.train.images[:128], time_runs=3)
+    rec = export_model(quant_pico, tmp_path, ExportRequest("int8", "ort-cpu", data.classes, data.test.images[:64], None, data.train.images[:128], time_runs=3))
     fusion = rec["checks"]["ort_cpu_fusion"]
-    assert fusion["counts"]["integer_ops"] >= 3 and fusion["ok"]
+    assert fusion["counts"]["integer_ops"] >= 3 and fusion["ok"] and fusion["counts"]["float_compute_ops"] == 0
     g = onnx.load(rec["path"]).graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    amax = float(enabled_quantizers(quant_pico)["features.2.0.input_quantizer"].amax)
-    scales = [float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear" and "features.1/MaxPool_output_0" in n.input[0]]
-    assert scales and abs(scales[0] - amax / 127.0) < 1e-6 * max(1.0, amax)  # the trained grid
+    amax = float(input_quantizer_of(quant_pico, "features.2.0").amax)
+    scales = [float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert any(abs(s - amax / rec["relu_codes"]) < 1e-6 * max(1.0, amax) for s in scales)  # the trained grid (ReLU output: codes 0..127 or 0..255)
 
 
 # ----------------------------------------------------------------------------- TensorRT readiness
@@ -210,7 +213,7 @@ def test_readiness_accepts_good_tensorrt_graph(trt_resnet_proto):
     rep = check_tensorrt_readiness(trt_resnet_proto)
     assert rep.ok, rep.errors
     assert len(rep.quantized_ops) == 10 and not rep.float_ops  # 9 convs + head
-    assert len(rep.residual_adds) == 3 and all(any(a["inputs_quantized"]) for a in rep.residual_adds)
+    assert len(rep.residual_adds) == 3 and all(all(a["inputs_quantized"]) for a in rep.residual_adds)
     assert all(op["weight_axis"] == 0 for op in rep.quantized_ops)
 
 
@@ -232,7 +235,8 @@ def _set_const(proto, tensor: str, value: np.ndarray) -> None:
 
 def test_readiness_rejects_nonzero_zero_point(trt_resnet_proto):
     p = copy.deepcopy(trt_resnet_proto)
-    q = _node(p, "QuantizeLinear", "input_quantizer")
+    inits = {i.name for i in p.graph.initializer}
+    q = next(n for n in p.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits)  # an activation
     _set_const(p, q.input[2], np.array(3, dtype=np.int8))
     rep = check_tensorrt_readiness(p)
     assert not rep.ok and any("zero point 3" in e for e in rep.errors)
@@ -263,18 +267,18 @@ def test_readiness_rejects_per_tensor_weight_scale(trt_resnet_proto):
 
 def test_readiness_rejects_skipped_residual_quantizer(trt_resnet_proto):
     p = copy.deepcopy(trt_resnet_proto)
-    add = _node(p, "Add", "features.1")
+    add = _node(p, "Add")
     dq = next(n for n in p.graph.node if n.output[0] == add.input[1])
     q = next(n for n in p.graph.node if n.output[0] == dq.input[0])
-    add.input[1] = q.input[0]
+    add.input[1] = q.input[0]  # one input bypasses its Q/DQ
     rep = check_tensorrt_readiness(p)
-    assert not rep.ok and any("residual Add has no quantized input" in e for e in rep.errors)
+    assert not rep.ok and any("residual Add has 1 unquantized input" in e for e in rep.errors)
 
 
 def test_readiness_rejects_float_graph_and_ort_layout(quant_pico, data, tmp_path):
     fp = torch_to_onnx(create_model("pico_cnn", 10).eval(), tmp_path / "f.onnx", quant_pico.preprocess)
     assert any("not an explicitly quantized" in e for e in check_tensorrt_readiness(fp).errors)
-    rec = export_model(quant_pico, tmp_path / "ort", "int8", "ort-cpu", data.classes, data.test.images[:32], None, data.train.images[:64], time_runs=2)
+    rec = export_model(quant_pico, tmp_path / "ort", ExportRequest("int8", "ort-cpu", data.classes, data.test.images[:32], None, data.train.images[:64], time_runs=2))
     rep = check_tensorrt_readiness(onnx.load(rec["path"]))
     assert not rep.ok and any("uint8" in e for e in rep.errors)
 

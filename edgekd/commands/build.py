@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, SeedOpt, SetOpt, emit, overrides
+from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, SeedOpt, SetOpt, emit, overrides
 
 
 def build(
@@ -24,6 +24,7 @@ def build(
     quick: Annotated[bool, typer.Option("--quick", help="A first look in a few minutes: 3,000 images, 1 teacher epoch at 48 px, 3 student epochs.")] = False,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage (teacher, distill, qad, export, evaluate, bench, bundle).")] = None,
     targets_dir: Annotated[Optional[Path], typer.Option(help="Extra folder of target .toml files (also $EDGEKD_TARGETS_DIR).")] = None,
+    allow_not_ready: AllowNotReadyOpt = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the full recipe (every default, after overrides) as YAML and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -43,7 +44,8 @@ def build(
     from edgekd.config import load_recipe, recipe_to_yaml
     from edgekd.pipeline import QUICK_OVERRIDES, build as run_build
 
-    opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "seed": seed, "target": target})
+    opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "seed": seed, "target": target,
+                      "export.allow_not_ready": True if allow_not_ready else None})
     recipe = load_recipe(config, (QUICK_OVERRIDES if quick else []) + (set_ or []) + opts)
     if print_config:
         typer.echo(recipe_to_yaml(recipe), nl=False)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
+from edgekd.cli_options import (AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
                                 TrainSubsetOpt, emit, epochs_opt, lr_opt, output_folder, overrides)
 from edgekd.errors import EdgekdError
 
@@ -29,6 +29,7 @@ def quantize(
     calibrator: CalibratorOpt = None,
     calib_images: CalibImagesOpt = None,
     fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. \\[default: fold]")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="Place quantizers for this runtime's Q/DQ layout: tensorrt or ort-cpu. \\[default: the recipe target's]")] = None,
     epochs: epochs_opt("quantize") = None,
     lr: lr_opt("quantize") = None,
     dataset: DatasetOpt = None,
@@ -50,10 +51,14 @@ def quantize(
     from edgekd.quantize import run_qad
 
     quick_set = ["data.train_subset=2000", "data.test_subset=1000", "quantize.train.epochs=1"] if quick else []
-    opts = overrides({"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
+    opts = overrides({"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn, "quantize.layout": layout,
                       "quantize.train.epochs": epochs, "quantize.train.lr": lr, "data.dataset": dataset, "data.root": data_root,
                       "data.train_subset": train_subset, "data.test_subset": test_subset, "seed": seed})
     recipe = load_recipe(config, quick_set + (set_ or []) + opts)
+    if recipe.quantize.layout == "auto":
+        from edgekd.targets import get_target
+
+        recipe.quantize.layout = get_target(recipe.target).layout
     data = load_data(recipe.data, recipe.seed)
     augment = "flip" if recipe.data.augment != "none" else "none"
     with output_folder(out):
@@ -89,6 +94,7 @@ def export(
     calib_images: CalibImagesOpt = None,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (>= 17). \\[default: 17]")] = None,
     check_batch: Annotated[Optional[int], typer.Option(help="Held test images for the ORT-vs-PyTorch agreement check. \\[default: 256]")] = None,
+    allow_not_ready: AllowNotReadyOpt = False,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
     seed: SeedOpt = None,
@@ -109,12 +115,12 @@ def export(
     layout, precision = resolve_layout(target, layout, precision)
     opts = overrides({"target": target, "export.precision": precision, "export.layout": layout if layout != "none" else None,
                       "export.opset": opset, "export.check_batch": check_batch, "quantize.calibrator": calibrator,
-                      "quantize.calib_images": calib_images, "data.dataset": dataset, "data.root": data_root, "seed": seed})
+                      "quantize.calib_images": calib_images, "data.dataset": dataset, "data.root": data_root, "seed": seed,
+                      "export.allow_not_ready": True if allow_not_ready else None})
     recipe = load_recipe(config, (set_ or []) + opts)
     with output_folder(out):
         data = load_data(recipe.data, recipe.seed)
-        record = run_export(checkpoint, out, precision, layout, data, recipe.quantize.calib_images, recipe.quantize.calibrator,
-                            recipe.export.check_batch, target, recipe.export.opset, recipe.seed)
+        record = run_export(checkpoint, out, data, recipe.export, recipe.quantize, target, recipe.seed)
     agree = record["checks"]["agreement"]
     rows = [[record["path"], precision, record["layout"], f"{agree['top1_agreement']:.4f}", f"{agree['max_abs_diff']:.3g}",
              record["checks"].get("tensorrt_readiness", {}).get("ok", "-"), record["checks"].get("ort_cpu_fusion", {}).get("ok", "-")]]

@@ -8,8 +8,9 @@ per-tensor activations) and train with straight-through gradients. The loss is t
 (usually the distillation loss from an FP32 teacher: Hinton et al., "Distilling the Knowledge in a
 Neural Network", 2015), so the quantized student learns from the unquantized teacher.
 
-Residual adds get a quantizer on the shortcut input (``QuantBasicBlock``), the placement TensorRT's
-explicit-quantization guide recommends so the conv + add fuse with an INT8 residual.
+Activation quantizers are placed on the traced graph for the target runtime's layout
+(:mod:`edgekd.quantize.placement`): residual adds, SE multiplies, concatenations and pooling get
+theirs too, so the network QAD trains is the one the runtime executes in INT8.
 
 A quantized checkpoint stores plain tensors only (weights + every quantizer's ``_amax``) and a small
 ``quantize`` dict; :func:`load_quantized` rebuilds the model, re-inserts the quantizers without
@@ -30,9 +31,10 @@ from edgekd import ui
 from edgekd.config import QuantizeConfig
 from edgekd.data import DataSet, Preprocess, calibration_images
 from edgekd.errors import EdgekdError
-from edgekd.models import BasicBlock, create_model, load_checkpoint, save_checkpoint
+from edgekd.models import create_model, load_checkpoint, save_checkpoint
+from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, fold_batchnorm, insert_activation_quantizers, plain_linears, reparameterize, traced_for_placement
 
-QUANT_FORMAT = "edgekd-int8-fakequant-1"
+QUANT_FORMAT = "edgekd-int8-fakequant-2"  # 2: activation quantizers placed on the traced graph, per layout
 QUANTIZED_KIND = "quantized-student"
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
@@ -54,93 +56,19 @@ def _tensor_quantizer_cls() -> type:
     return TensorQuantizer
 
 
-class QuantBasicBlock(BasicBlock):
-    """BasicBlock whose shortcut input to the residual Add is fake-quantized.
+def weight_config() -> dict:
+    """modelopt config: INT8 per-channel (axis 0) symmetric weights on every Conv/Linear, max calibration.
 
-    The main branch (conv2 + bn2) enters the Add unquantized so TensorRT fuses conv + add and takes
-    the output precision from the INT8 residual input (TensorRT developer guide, "Q/DQ layer
-    placement recommendations": quantize the residual input in skip connections).
+    Everything else is off: activations are quantized by the quantizers
+    :mod:`edgekd.quantize.placement` puts on the graph (modelopt's own per-module
+    ``input_quantizer`` would put a second, differently scaled quantizer on the same tensor).
     """
-
-    def _setup(self) -> None:
-        self.residual_input_quantizer = _tensor_quantizer_cls()()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
-        return self.relu2(y + self.residual_input_quantizer(self.shortcut(x)))
+    return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
+                          {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}}],
+            "algorithm": "max"}
 
 
-_REGISTERED = {"done": False}
-
-
-def register_quantized_modules() -> None:
-    """Tell modelopt how to quantize edgekd's residual block (idempotent)."""
-    if _REGISTERED["done"]:
-        return
-    mtq = _mtq()
-    if BasicBlock not in mtq.QuantModuleRegistry:
-        mtq.register(original_cls=BasicBlock, quantized_cls=QuantBasicBlock)
-    _REGISTERED["done"] = True
-
-
-def int8_config() -> dict:
-    """INT8: per-channel (axis 0) symmetric weights, per-tensor activations, max calibration.
-
-    modelopt's ``INT8_DEFAULT_CFG``; its ``*input_quantizer`` pattern also matches
-    ``residual_input_quantizer``.
-    """
-    return copy.deepcopy(_mtq().INT8_DEFAULT_CFG)
-
-
-# ----------------------------------------------------------------------------- BN folding
-def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv, bn) module paths where a BatchNorm2d consumes only a Conv2d's output (found by torch.fx)."""
-    import torch.fx
-
-    try:
-        graph = torch.fx.symbolic_trace(model).graph
-    except Exception as exc:  # noqa: BLE001 - any tracing failure means "cannot fold safely"
-        raise EdgekdError(f"cannot trace {type(model).__name__} to fold BatchNorm ({str(exc).splitlines()[0][:100]})",
-                          "set quantize.fold_bn=false for this model") from exc
-    modules = dict(model.named_modules())
-    pairs = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
-            continue
-        src = node.args[0]
-        if getattr(src, "op", None) == "call_module" and isinstance(modules.get(src.target), nn.Conv2d) and len(src.users) == 1:
-            pairs.append((src.target, node.target))
-    return pairs
-
-
-@torch.no_grad()
-def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    conv.weight.mul_(scale.view(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * scale + bn.bias
-    conv.bias = nn.Parameter(new_bias.detach().clone())
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, name, module)
-
-
-def fold_batchnorm(model: nn.Module) -> int:
-    """Fold every Conv2d -> BatchNorm2d pair in place (BN becomes Identity); returns how many.
-
-    Folding before fake-quant makes the trained weight scales the deployed ones: both TensorRT and
-    onnxruntime fold BN before quantizing, so an unfolded QAT model trains on other weights.
-    """
-    pairs = _conv_bn_pairs(model)
-    modules = dict(model.named_modules())
-    for conv_path, bn_path in pairs:
-        _fold_pair(modules[conv_path], modules[bn_path])
-        _set_module(model, bn_path, nn.Identity())
-    model.edgekd_bn_folded = True
-    return len(pairs)
+ACTIVATION_CFG = [{"quantizer_name": f"{ACT_PREFIX}.*", "cfg": {"num_bits": 8, "axis": None}}]
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -150,7 +78,7 @@ def enabled_quantizers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in enabled_quantizers(model).items() if n.endswith("input_quantizer")}
+    return {n: m for n, m in enabled_quantizers(model).items() if n.startswith(ACT_PREFIX + ".")}
 
 
 def forward_loop_over(images_u8: torch.Tensor, preprocess: Preprocess, batch_size: int = 128) -> Callable[[nn.Module], None]:
@@ -189,35 +117,44 @@ def recalibrate_activations(model: nn.Module, loop: Callable[[nn.Module], None],
         q.disable_calib()
 
 
-def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess) -> nn.Module:
-    """Fold BN (if asked), insert INT8 fake-quant and calibrate activation ranges, in place.
+def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess, layout: str = "tensorrt") -> nn.Module:
+    """INT8 fake-quant for ``layout``'s runtime: fuse re-parameterizable branches, fold BN (if asked),
+    place quantizers on the traced graph, calibrate activation ranges. Returns the quantized model
+    (a ``torch.fx.GraphModule`` that shares its weights with ``model``).
 
     ``calib_u8=None`` inserts quantizers without calibrating (used when amax values are loaded
     from a checkpoint). Raises EdgekdError when nothing in the model can be quantized.
     """
     mtq = _mtq()
-    register_quantized_modules()
+    if layout not in LAYOUTS:
+        raise EdgekdError(f"unknown INT8 layout '{layout}'", f"use one of {', '.join(LAYOUTS)}")
     model.eval()
     if not any(isinstance(m, QUANTIZABLE) for m in model.modules()):
         raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
+    reparameterize(model)
+    plain_linears(model)
     if cfg.fold_bn:
         fold_batchnorm(model)
+    qmodel = traced_for_placement(model)
     loop = forward_loop_over(calib_u8, preprocess) if calib_u8 is not None else None
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), ui.quiet_library_output():
         warnings.simplefilter("ignore")
         try:
-            mtq.quantize(model, int8_config(), loop)
+            qmodel = mtq.quantize(qmodel, weight_config(), None)  # converts Conv/Linear; must precede any other quantizer
+            insert_activation_quantizers(qmodel, layout, _tensor_quantizer_cls())
+            mtq.set_quantizer_by_cfg(qmodel, ACTIVATION_CFG)
+            if loop is not None:
+                mtq.calibrate(qmodel, algorithm="max", forward_loop=loop)
         except RuntimeError as exc:
             raise EdgekdError(f"modelopt could not quantize {type(model).__name__}: {str(exc).splitlines()[0][:200]}",
                               "export it with --precision fp16 or fp32") from exc
-    n_enabled = len(enabled_quantizers(model))
-    if n_enabled == 0:
-        raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)",
-                          "export it with --precision fp16 or fp32")
+    if not enabled_quantizers(qmodel):
+        raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
     if loop is not None and cfg.calibrator in HISTOGRAM_METHODS:
-        recalibrate_activations(model, loop, cfg.calibrator, cfg.percentile)
-    model.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile}
-    return model
+        recalibrate_activations(qmodel, loop, cfg.calibrator, cfg.percentile)
+    qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile,
+                           "layout": layout, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False))}
+    return qmodel
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -246,31 +183,33 @@ def save_quantized(path: str | Path, model: nn.Module, classes: list[str], extra
 
 
 def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
-    """Rebuild a quantized student from its checkpoint: architecture, BN fold, quantizers, amax."""
+    """Rebuild a quantized student from its checkpoint: architecture, re-parameterization, BN fold,
+    the same quantizer placement (names follow the traced graph), amax values, weights."""
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     q = ckpt.get("quantize")
     if not isinstance(q, dict) or q.get("format") != QUANT_FORMAT:
-        raise EdgekdError("checkpoint is not a quantized edgekd student", "run `edgekd quantize` first, or export it with --precision fp32/fp16")
+        raise EdgekdError("checkpoint is not a quantized edgekd student of this version",
+                          "run `edgekd quantize` on the FP32 student, or export it with --precision fp32/fp16")
     spec = ckpt["model"]
     model = create_model(spec["name"], spec["num_classes"], pretrained="none", in_chans=spec["in_chans"], width=spec.get("width", 1.0),
                          input_size=ckpt["preprocess"]["input_size"])
     model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     cfg = QuantizeConfig(fold_bn=q["fold_bn"], calibrator=q["calibrator"], percentile=q.get("percentile", 99.99))
-    quantize_model(model, cfg, None, model.preprocess)
+    qmodel = quantize_model(model, cfg, None, model.preprocess, q["layout"])
     state = ckpt["state_dict"]
     TQ = _tensor_quantizer_cls()
-    for name, module in model.named_modules():
+    for name, module in qmodel.named_modules():
         key = f"{name}._amax"
         if isinstance(module, TQ) and key in state:
             module.amax = state[key].clone()
     try:
-        model.load_state_dict(state, strict=True)
+        qmodel.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise EdgekdError(f"quantized checkpoint does not fit a {spec['name']} model: {str(exc).splitlines()[0][:160]}",
                           "the checkpoint is from another architecture or was modified") from exc
-    model.eval()
-    return model
+    qmodel.eval()
+    return qmodel
 
 
 # ----------------------------------------------------------------------------- stage
@@ -320,7 +259,7 @@ def run_qad(
     pre = model.preprocess
     fp32_val = evaluate(model, data.val, pre, data.classes)["top1"]
     calib = calibration_images(data.train, cfg.calib_images, seed)
-    quantize_model(model, cfg, calib, pre)
+    model = quantize_model(model, cfg, calib, pre, cfg.layout if cfg.layout != "auto" else "tensorrt")
     ptq_val = evaluate(model, data.val, pre, data.classes)["top1"]
     ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers, calibrator {cfg.calibrator} on {len(calib)} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")

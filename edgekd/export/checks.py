@@ -1,0 +1,123 @@
+"""The checks every export passes before it is written: onnx.checker, onnxruntime-vs-PyTorch
+agreement, and the readiness of the Q/DQ graph for the target's runtime, which is a gate.
+
+A check that finds a problem decides something: an INT8 graph the target's runtime cannot run in
+INT8 stops the export with one line naming the first offending nodes (``--allow-not-ready`` ships
+it anyway, and the record says so). The other runtime's check is kept in the record as
+information, not shown as an error: a TensorRT graph is *meant* to run in float on onnxruntime's
+CPU provider.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgekd import ui
+from edgekd.errors import EdgekdError
+from edgekd.export.graph import QdqReport, show_report
+from edgekd.export.onnx import INPUT_NAME, has_fake_quant, without_quantizers
+from edgekd.export.ort_layout import check_ort_cpu_fusion
+from edgekd.export.tensorrt_layout import check_tensorrt_readiness
+
+FIXES = {"tensorrt": "quantize the model for this target (edgekd quantize --layout tensorrt, or build --target with a TensorRT target)",
+         "ort-cpu": "quantize the model for this target (edgekd quantize --layout ort-cpu)"}
+
+
+def ort_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many exception types
+        raise EdgekdError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}", "the ONNX file is corrupt or uses unsupported ops") from exc
+
+
+def ort_logits(path_or_session, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    sess = path_or_session if hasattr(path_or_session, "run") else ort_session(path_or_session)
+    return np.concatenate([sess.run(None, {INPUT_NAME: x[i : i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def agreement(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Top-1 agreement and max abs logit difference of ``candidate`` vs ``reference`` (+ both accuracies)."""
+    out = {"n": int(len(reference)), "top1_agreement": float((reference.argmax(1) == candidate.argmax(1)).mean()),
+           "max_abs_diff": float(np.abs(reference - candidate).max())}
+    if labels is not None:
+        out["reference_top1"] = float((reference.argmax(1) == labels).mean())
+        out["onnx_top1"] = float((candidate.argmax(1) == labels).mean())
+    return out
+
+
+def ort_latency_ms(path: str | Path, batch: int, shape: tuple[int, int, int], runs: int = 50, warmup: int = 5, threads: int | None = 2) -> float:
+    """Median wall time of one ``session.run`` at ``batch`` (onnxruntime CPU provider)."""
+    sess = ort_session(path, threads)
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    for _ in range(warmup):
+        sess.run(None, {INPUT_NAME: x})
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        sess.run(None, {INPUT_NAME: x})
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+
+
+def reference_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)]).float().numpy()
+
+
+def readiness_gate(rep: QdqReport, layout: str, path: Path, allow_not_ready: bool) -> dict[str, Any]:
+    """Stop on a graph the target's runtime cannot run in INT8, unless the user said to ship it."""
+    verdict = {"layout": layout, "ok": rep.ok, "errors": len(rep.errors), "allowed_not_ready": False}
+    if rep.ok:
+        return verdict
+    first = "; ".join(rep.errors[:3])
+    if not allow_not_ready:
+        raise EdgekdError(f"{path.name} is not ready for {layout}: {len(rep.errors)} problem(s), first: {first}",
+                          f"{FIXES[layout]}; or pass --allow-not-ready to ship it anyway (recorded in the manifest and bundle)")
+    ui.warn(f"{path.name} is NOT ready for {layout} ({len(rep.errors)} problems, first: {rep.errors[0]}); shipping it because --allow-not-ready was given")
+    verdict["allowed_not_ready"] = True
+    return verdict
+
+
+def run_checks(model: nn.Module, path: Path, x: torch.Tensor, labels: np.ndarray | None, precision: str, layout: str,
+               allow_not_ready: bool = False) -> dict[str, Any]:
+    """onnx.checker, ORT-vs-PyTorch agreement, and for INT8 both runtimes' readiness, the target
+    layout's as a gate (:func:`readiness_gate`)."""
+    import onnx
+
+    checks: dict[str, Any] = {}
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        checks["onnx_checker"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - checker raises several types
+        raise EdgekdError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}", "report this as an edgekd bug") from exc
+    ref_model = without_quantizers(model) if precision != "int8" and has_fake_quant(model) else model
+    checks["agreement"] = agreement(reference_logits(ref_model, x), ort_logits(path, x.numpy()), labels)
+    if checks["agreement"]["top1_agreement"] < 0.99:
+        ui.warn(f"{path.name}: onnxruntime agrees with the PyTorch model on only {checks['agreement']['top1_agreement']:.2%} of top-1 predictions "
+                f"(max |diff| {checks['agreement']['max_abs_diff']:.3g}): the shipped artifact drifts from what was trained")
+    if precision == "int8":
+        proto = onnx.load(str(path))
+        trt = check_tensorrt_readiness(proto)
+        ortc = check_ort_cpu_fusion(path)
+        checks["tensorrt_readiness"] = trt.to_dict()
+        checks["ort_cpu_fusion"] = ortc.to_dict()
+        mine = trt if layout == "tensorrt" else ortc
+        show_report(mine, f"{'TensorRT readiness' if layout == 'tensorrt' else 'onnxruntime CPU integer kernels'}: {path.name}")
+        checks["gate"] = readiness_gate(mine, layout, path, allow_not_ready)
+    return checks

@@ -1,0 +1,329 @@
+"""The ``ort-cpu`` layout: onnxruntime's QDQ format with the scales QAD trained.
+
+onnxruntime's CPU provider fuses only DQ -> op -> Q groups into integer kernels (QLinearConv,
+QLinearAdd, ...), wants u8 activations and s8 per-channel weights on x86 (onnxruntime's
+quantization guide, "Quantize ONNX models"), and folds a ReLU into the quantized op before it.
+
+How the trained scales reach that layout, exactly and for any traceable network:
+1. The fake-quant model is exported as is (TorchScript exporter): a Q/DQ graph whose every
+   QuantizeLinear carries a trained scale on a named tensor.
+2. :func:`strip_qdq` removes the Q/DQ pairs, keeping every tensor name, and reads off
+   {tensor: amax} for activations and {weight: per-channel scales}. No name mapping by module
+   path is involved, so nothing can land on the wrong layer.
+3. onnxruntime's own ``quantize_static`` lays out its QDQ graph on the stripped FP32 graph with
+   ``TensorQuantOverrides`` holding those scales: the runtime's placement rules, the trained grid.
+   Tensors it quantizes that training did not (the ``ort-cpu`` placement mirrors onnxruntime's, so
+   normally none) are calibrated on images and counted in the export record.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgekd.data import Preprocess
+from edgekd.errors import EdgekdError
+from edgekd.export.graph import Graph, QdqReport, graph_index
+from edgekd.export.onnx import INPUT_NAME, has_fake_quant, torch_to_onnx
+from edgekd.manifest import atomic_path
+
+INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+               "QLinearAdd", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu"}
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+FLOAT_COMPUTE_OPS = COMPUTE_OPS | {"FusedConv", "FusedGemm", "FusedMatMul", "NhwcFusedConv"}
+# ops through which a tensor keeps its quantization parameters (onnxruntime shares scales across them)
+SCALE_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze"}
+
+
+def strip_qdq(proto) -> tuple[Any, dict[str, float], dict[str, np.ndarray]]:
+    """Remove every QuantizeLinear -> DequantizeLinear pair; returns (float graph, activation amax
+    by tensor, per-channel weight scale by initializer). Tensor names are kept."""
+    import onnx
+    from onnx import numpy_helper
+
+    _drop_identity_nodes(proto)
+    g = proto.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    rename: dict[str, str] = {}
+    drop = set()
+    act_amax: dict[str, float] = {}
+    weight_scale: dict[str, np.ndarray] = {}
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear"]:
+        src, scale = rename.get(q.input[0], q.input[0]), consts.get(q.input[1])
+        dqs = consumers.get(q.output[0], [])
+        if scale is None or not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        if src in consts and np.asarray(consts[src]).ndim > 1:
+            weight_scale[src] = np.asarray(scale, dtype=np.float32).reshape(-1)
+        else:
+            act_amax[src] = max(float(np.max(scale)) * 127.0, act_amax.get(src, 0.0))
+        drop.add(id(q))
+        for d in dqs:
+            drop.add(id(d))
+            rename[d.output[0]] = src
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    del out.graph.node[:]
+    for n in g.node:
+        if id(n) in drop:
+            continue
+        m = out.graph.node.add()
+        m.CopyFrom(n)
+        for k, name in enumerate(m.input):
+            if name in rename:
+                m.input[k] = rename[name]
+    for o in out.graph.output:
+        if o.name in rename:  # a graph output behind Q/DQ: re-route through Identity so the name stays
+            ident = out.graph.node.add()
+            ident.op_type, ident.name = "Identity", f"{o.name}_identity"
+            ident.input.append(rename[o.name])  # noqa
+            ident.output.append(o.name)
+    return _drop_unused(out), act_amax, weight_scale
+
+
+def _drop_identity_nodes(proto) -> None:
+    """Bypass Identity nodes in place (the TorchScript exporter puts them on shared weights), so a
+    weight's QuantizeLinear reads the initializer itself."""
+    outputs = {o.name for o in proto.graph.output}
+    alias = {n.output[0]: n.input[0] for n in proto.graph.node if n.op_type == "Identity" and n.output[0] not in outputs}
+    keep = [n for n in proto.graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for n in keep:
+        for k, name in enumerate(n.input):
+            while name in alias:
+                name = alias[name]
+            n.input[k] = name
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+
+
+def _drop_unused(proto):
+    """Remove Constant nodes and initializers nothing reads any more (the Q/DQ scales)."""
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    keep = [n for n in proto.graph.node if not (n.op_type == "Constant" and n.output[0] not in used)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    inits = [i for i in proto.graph.initializer if i.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(inits)
+    return proto
+
+
+def is_nonnegative(tensor: str, producers: dict[str, Any], consts: dict[str, np.ndarray] | None = None) -> bool:
+    """Whether ``tensor`` comes out of a ReLU, or a Clip with a lower bound >= 0 (ReLU6), through
+    ops that keep the sign (pooling, reshapes)."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in SCALE_PRESERVING | {"GlobalAveragePool", "AveragePool"}:
+        node = producers.get(node.input[0])
+    if node is None:
+        return False
+    if node.op_type == "Relu":
+        return True
+    if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] and consts is not None:
+        low = consts.get(node.input[1])
+        return low is not None and float(np.min(low)) >= 0.0
+    return False
+
+
+def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[str, np.ndarray], relu_codes: int = 127) -> dict[str, list[dict[str, Any]]]:
+    """onnxruntime ``TensorQuantOverrides`` from the scales read off the trained Q/DQ graph.
+
+    Activations: u8 on the trained grid (:func:`u8_params`). Weights: the trained per-channel
+    scales; s8 (zero point 0) where the op's input is non-negative, u8 with zero point 128 (the
+    same grid, shifted) where it can be negative. Why: a signed activation has zero point 128, and
+    onnxruntime's AVX2 u8 x s8 kernel adds pairs of u8 x s8 products in 16 bits, which saturate
+    for codes that large (measured: the first conv of a grey-image CNN took top-1 agreement with
+    the fake-quant model from 100% to 58%); its u8 x u8 kernel widens first and cannot saturate,
+    at about the same speed here. Non-negative inputs use codes <= 127 and keep the faster s8 path.
+    """
+    from onnxruntime.quantization import QuantType
+
+    g = Graph(stripped)
+    signed_weights = {n.input[1] for n in g.nodes if n.op_type in COMPUTE_OPS and len(n.input) > 1
+                      and not is_nonnegative(n.input[0], g.producers, g.consts)}
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for tensor, amax in act_amax.items():
+        scale, zp = u8_params(max(amax, 1e-12), is_nonnegative(tensor, g.producers, g.consts), relu_codes)
+        entry = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zp, dtype=np.uint8)}]
+        overrides[tensor] = entry
+        node = g.producers.get(tensor)  # onnxruntime gives MaxPool/Flatten/... outputs their input's scale: carry it back
+        while node is not None and node.op_type in SCALE_PRESERVING and node.input[0] not in overrides and node.input[0] not in act_amax:
+            overrides[node.input[0]] = entry
+            node = g.producers.get(node.input[0])
+    for weight, scales in weight_scale.items():
+        if weight in signed_weights:
+            zp: dict[str, Any] = {"zero_point": np.array(128, dtype=np.uint8), "quant_type": QuantType.QUInt8}
+        else:
+            zp = {"zero_point": np.array(0, dtype=np.int8)}
+        overrides[weight] = [{"axis": 0, "scale": np.array(max(float(s), 1e-12), dtype=np.float32), **zp} for s in scales.tolist()]
+    return overrides
+
+
+def u8_params(amax: float, nonnegative: bool, relu_codes: int = 127) -> tuple[float, int]:
+    """u8 scale/zero point from a symmetric int8 amax learned in training.
+
+    Non-negative tensors (after ReLU) get zero point 0, which also lets onnxruntime drop the ReLU
+    and fuse Conv+ReLU into QLinearConv (it cannot before a Q with zero point 128):
+    - ``relu_codes=127`` (default): scale = amax/127, exactly the trained grid (k * amax/127).
+      Values up to amax use codes 0..127, so the u8 x s8 products of onnxruntime's x86 kernels
+      (``vpmaddubsw`` without VNNI) cannot saturate (2 * 127 * 127 < 32767); values above amax
+      clip at 2*amax instead of amax (rare after max calibration).
+    - ``relu_codes=255``: scale = amax/255, the trained clipping range [0, amax] on a grid twice as
+      fine; drifts more from the fake-quant model (benchmarks/quantization_results.md: ORT-vs-PyTorch
+      top-1 agreement 99.07% vs 99.59% on nano_cnn) and codes up to 255 can saturate.
+    Signed tensors: scale = amax/127, zero point 128 (codes 1..255 hold -amax..amax, the trained
+    grid); the ops they feed get u8 weights (see :func:`trained_overrides`).
+    """
+    if nonnegative:
+        return amax / float(relu_codes), 0
+    return amax / 127.0, 128
+
+
+class _CalibReader:
+    """onnxruntime CalibrationDataReader over preprocessed uint8 images."""
+
+    def __init__(self, images_u8: torch.Tensor, preprocess: Preprocess, batch_size: int = 64):
+        self.batches = [preprocess(images_u8[i : i + batch_size]).numpy() for i in range(0, len(images_u8), batch_size)]
+        self.i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {INPUT_NAME: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch.Tensor, preprocess: Preprocess,
+                        overrides: dict[str, list[dict[str, Any]]] | None = None, exclude: list[str] | None = None) -> Path:
+    """onnxruntime's QDQ quantizer: per-channel s8 weights, u8 activations (the x86 fast path).
+
+    With ``overrides`` the trained scales are used; tensors without one are calibrated by MinMax
+    on ``calib_u8``. Without overrides this is plain post-training quantization (a baseline), after
+    onnxruntime's recommended pre-processing (``quant_pre_process``: graph optimization + shapes);
+    with overrides only shapes are inferred, so the tensor names the overrides refer to stay.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    extra = {"TensorQuantOverrides": overrides} if overrides else {}
+    with tempfile.TemporaryDirectory() as td, atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pre = Path(td) / "pre.onnx"
+        quant_pre_process(str(fp32_path), str(pre), skip_optimization=bool(overrides), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(tmp), _CalibReader(calib_u8, preprocess), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                        extra_options=extra, nodes_to_exclude=exclude or [])
+    return Path(path)
+
+
+def untrained_tensors(path: str | Path, overrides: dict[str, Any]) -> list[str]:
+    """Activations onnxruntime quantized with a scale calibrated at export, not trained in QAD
+    (e.g. op outputs a ``tensorrt``-placed model never quantized)."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    inits = {i.name for i in proto.graph.initializer}
+    return sorted({n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] not in overrides})
+
+
+def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17,
+                    relu_codes: int = 127) -> tuple[Path, list[str]]:
+    """The onnxruntime-CPU layout from a trained fake-quant model, keeping its learned scales.
+
+    Returns the path and the activations whose scale had to be calibrated here (see
+    :func:`untrained_tensors`).
+    """
+    import onnx
+
+    if not has_fake_quant(qmodel):
+        raise EdgekdError("model has no INT8 quantizers", "quantize it first (edgekd quantize)")
+    with tempfile.TemporaryDirectory() as td:
+        qdq = torch_to_onnx(qmodel, Path(td) / "qdq.onnx", preprocess, opset)
+        stripped, act_amax, weight_scale = strip_qdq(qdq)
+        onnx.save(stripped, str(Path(td) / "float.onnx"))
+        overrides = trained_overrides(stripped, act_amax, weight_scale, relu_codes)
+        ort_quantize_static(Path(td) / "float.onnx", path, calib_u8, preprocess, overrides)
+    return Path(path), untrained_tensors(path, overrides)
+
+
+def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preprocess, calib_u8: torch.Tensor, check_x: torch.Tensor, opset: int) -> dict[str, Any]:
+    """The ort-cpu export with the ReLU code range (127 or 255, see :func:`u8_params`) whose
+    onnxruntime outputs agree best with the fake-quant model on the held check batch.
+
+    127 codes cannot saturate the AVX2 kernel but clip at 2*amax; 255 codes clip at amax as in
+    training. Which one drifts less depends on the model (a well-trained one rarely exceeds amax; an
+    under-trained one often does: on a 2-epoch nano_cnn the mean |logit difference| was 0.67 with
+    127 codes and 0.13 with 255), so both are built and measured on the check batch and the one
+    with the smaller mean |logit difference| ships (a continuous measure: top-1 agreement on a few
+    hundred images moves in steps of a few tenths of a percent). The record keeps both results.
+    """
+    from edgekd.export.checks import agreement, ort_logits, reference_logits
+
+    reference = reference_logits(qmodel, check_x)
+    tried: dict[int, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as td:
+        for codes in (127, 255):
+            candidate = Path(td) / f"relu{codes}.onnx"
+            _, untrained = export_int8_ort(qmodel, candidate, preprocess, calib_u8, opset, relu_codes=codes)
+            logits = ort_logits(candidate, check_x.numpy())
+            tried[codes] = {**agreement(reference, logits), "mean_abs_diff": float(np.abs(reference - logits).mean())}
+        best = min(tried, key=lambda c: (round(tried[c]["mean_abs_diff"], 6), -tried[c]["top1_agreement"], c != 127))
+        with atomic_path(path) as tmp:
+            shutil.copyfile(Path(td) / f"relu{best}.onnx", tmp)
+    return {"untrained_tensors": untrained, "relu_codes": best, "relu_codes_tried": {str(c): v for c, v in tried.items()}}
+
+
+def check_ort_cpu_fusion(path: str | Path) -> QdqReport:
+    """Ask onnxruntime itself: optimize the graph for the CPU provider and count integer vs float compute ops.
+
+    onnxruntime fuses only DQ -> op -> Q groups into QLinear* kernels; a TensorRT-style graph
+    (Q/DQ on inputs only) keeps float Conv/Gemm and runs in float (plus the Q/DQ overhead).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    rep = QdqReport(runtime="onnxruntime-cpu")
+    with tempfile.TemporaryDirectory() as td:
+        opt = Path(td) / "opt.onnx"
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(opt)
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(str(opt))
+    ops = [n.op_type for n in optimized.graph.node]
+    integer = [o for o in ops if o in INTEGER_OPS]
+    float_compute = [n.name or n.op_type for n in optimized.graph.node if n.op_type in FLOAT_COMPUTE_OPS]
+    rep.counts = {"integer_ops": len(integer), "float_compute_ops": len(float_compute),
+                  "QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear")}
+    rep.quantized_ops = [{"op": o} for o in integer]
+    rep.float_ops = float_compute
+    source = onnx.load(str(path))
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in source.graph.node)
+    if has_qdq and float_compute:
+        rep.errors.append(f"{len(float_compute)} of {len(float_compute) + len(integer)} compute ops stay float on onnxruntime CPU "
+                          "(Q/DQ not in DQ -> op -> Q groups, e.g. a TensorRT-layout graph): they run in float, slower than FP32; use layout ort-cpu")
+    g = Graph(source)
+    s8_acts = [n.name for n in g.nodes if n.op_type == "QuantizeLinear" and (zp := g.const(n.input[2]) if len(n.input) > 2 else None) is not None
+               and zp.dtype == np.int8 and g.const(n.input[0]) is None]
+    if s8_acts:
+        rep.warnings.append(f"{len(s8_acts)} activations are int8: onnxruntime's fast x86 kernels want uint8 activations")
+    return rep

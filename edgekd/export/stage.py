@@ -1,0 +1,180 @@
+"""Stage: export. Load a checkpoint, write the ONNX file in the target runtime's layout, check it.
+
+Everything is written into a staging folder inside ``out_dir`` and moved into place only after every
+check has passed, so a failed gate (or a crash, or Ctrl-C) leaves no half-written ``model.onnx``
+that a later stage or a user could mistake for a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgekd import ui
+from edgekd.config import ExportConfig, QuantizeConfig
+from edgekd.data import DataSet, Preprocess, calibration_images
+from edgekd.errors import EdgekdError
+from edgekd.export.checks import ort_latency_ms, ort_logits, run_checks
+from edgekd.export.onnx import export_fp16, export_fp32, stamp_metadata
+from edgekd.export.ort_layout import export_int8_ort_closest
+from edgekd.export.tensorrt_layout import export_int8_tensorrt
+from edgekd.manifest import versions, write_json_atomic
+
+LAYOUTS = ("tensorrt", "ort-cpu")
+PRECISIONS = ("int8", "fp16", "fp32")
+
+
+def resolve_layout(target: str | None, layout: str | None, precision: str | None) -> tuple[str, str]:
+    """Explicit --layout/--precision win over the target's; 'auto' or None means 'the target's'."""
+    from edgekd.targets import get_target
+
+    t = get_target(target) if target else None
+    layout = layout if layout not in (None, "auto") else (t.layout if t else None)
+    precision = precision or (t.precision if t else None) or "int8"
+    if precision not in PRECISIONS:
+        raise EdgekdError(f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and layout not in LAYOUTS:
+        raise EdgekdError("INT8 export needs a Q/DQ layout", "pass --target NAME or --layout tensorrt|ort-cpu")
+    return layout or "none", precision
+
+
+def load_for_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """FP32 or quantized student from an edgekd checkpoint."""
+    from edgekd.models import load_checkpoint, model_from_checkpoint
+    from edgekd.quantize import load_quantized
+
+    ckpt = load_checkpoint(checkpoint)
+    model = load_quantized(ckpt) if ckpt.get("quantize") else model_from_checkpoint(ckpt)
+    return model.eval(), ckpt
+
+
+@dataclass
+class ExportRequest:
+    """What to export and how: the stage's inputs beside the model itself."""
+
+    precision: str
+    layout: str
+    classes: list[str]
+    check_u8: torch.Tensor
+    check_labels: torch.Tensor | None = None
+    calib_u8: torch.Tensor | None = None
+    target: str | None = None
+    opset: int = 17
+    allow_not_ready: bool = False
+    accuracy_tolerance: float = 0.003
+    time_runs: int = 30
+
+
+def _write_onnx(model: nn.Module, req: ExportRequest, stage_dir: Path, x: torch.Tensor) -> dict[str, Any]:
+    """The ONNX file(s) for the requested precision / layout, in ``stage_dir``."""
+    pre: Preprocess = model.preprocess
+    path, fp32_path = stage_dir / "model.onnx", stage_dir / "model.fp32.onnx"
+    record: dict[str, Any] = {}
+    if req.precision == "fp32":
+        export_fp32(model, path, pre, req.opset)
+    elif req.precision == "fp16":
+        export_fp16(model, path, pre, req.opset)
+    else:
+        export_fp32(model, fp32_path, pre, req.opset)
+        if req.layout == "tensorrt":
+            export_int8_tensorrt(model, path, pre, req.opset)
+        else:
+            if req.calib_u8 is None:
+                raise EdgekdError("the ort-cpu layout needs calibration images for tensors without a trained scale", "pass calib_u8")
+            record.update(export_int8_ort_closest(model, path, pre, req.calib_u8, x, req.opset))
+            if record["untrained_tensors"]:
+                ui.warn(f"{len(record['untrained_tensors'])} activation(s) got a scale calibrated at export, not trained in QAD "
+                        f"(the model was quantized for another layout, {getattr(model, 'edgekd_quant', {}).get('layout')}): "
+                        "quantize for ort-cpu so training sees every quantizer onnxruntime runs")
+    return record
+
+
+def export_model(model: nn.Module, out_dir: str | Path, req: ExportRequest) -> dict[str, Any]:
+    """Write ``model.onnx`` (+ ``model.fp32.onnx`` for INT8) into ``out_dir`` once it passed every check; returns the record.
+
+    ``model`` must already be fake-quantized for INT8. The record holds every check, so the
+    pipeline can put it in the manifest; INT8 that is slower or less accurate than FP32 warns loudly.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pre: Preprocess = model.preprocess
+    x = pre(req.check_u8)
+    labels = req.check_labels.numpy() if req.check_labels is not None else None
+    stage_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        record = {"precision": req.precision, "layout": req.layout if req.precision == "int8" else "none", "target": req.target, "opset": req.opset,
+                  **_write_onnx(model, req, stage_dir, x)}
+        meta = {"edgekd_version": versions().get("edgekd", "unknown"), "classes": list(req.classes), "preprocessing": pre.to_dict(),
+                "target": req.target or "", "layout": record["layout"], "precision": req.precision, "model": getattr(model, "edgekd_spec", {}),
+                "quantize": getattr(model, "edgekd_quant", {}), "untrained_tensors": record.get("untrained_tensors", [])}
+        stamp_metadata(stage_dir / "model.onnx", meta)
+        record["checks"] = run_checks(model, stage_dir / "model.onnx", x, labels, req.precision, req.layout, req.allow_not_ready)
+        if req.precision == "int8":
+            record["comparison"] = compare_with_fp32(stage_dir / "model.onnx", stage_dir / "model.fp32.onnx", x.numpy(), labels, req, pre)
+        for name in ("model.fp32.onnx", "model.onnx"):  # model.onnx last: its presence means the export finished
+            if (stage_dir / name).is_file():
+                os.replace(stage_dir / name, out / name)
+    finally:
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    record["path"] = str(out / "model.onnx")
+    if req.precision == "int8":
+        record["fp32_path"] = str(out / "model.fp32.onnx")
+    write_json_atomic(out / "export.json", record)
+    return record
+
+
+def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray | None, req: ExportRequest, pre: Preprocess) -> dict[str, Any]:
+    """INT8 vs FP32 export: accuracy on the check images, and onnxruntime-CPU latency for the ort-cpu layout."""
+    out: dict[str, Any] = {}
+    if labels is not None:
+        out["int8_top1"] = float((ort_logits(path, x).argmax(1) == labels).mean())
+        out["fp32_top1"] = float((ort_logits(fp32_path, x).argmax(1) == labels).mean())
+        out["n"] = int(len(labels))
+        if out["int8_top1"] < out["fp32_top1"] - max(req.accuracy_tolerance, 1.5 / len(labels)):  # one image is not evidence
+            ui.warn(f"INT8 is less accurate than FP32 on {len(labels)} held images: {out['int8_top1']:.4f} vs {out['fp32_top1']:.4f}")
+    if req.layout != "ort-cpu":
+        out["latency"] = "TensorRT layout: time it on the target (edgekd bench); onnxruntime CPU would run it in float"
+        return out
+    shape = (pre.channels, pre.input_size, pre.input_size)
+    for batch in (1, 64):
+        i8, f32 = ort_latency_ms(path, batch, shape, req.time_runs), ort_latency_ms(fp32_path, batch, shape, req.time_runs)
+        out[f"batch{batch}"] = {"int8_ms": i8, "fp32_ms": f32, "speedup": f32 / i8 if i8 > 0 else None}
+    slower = [b for b in (1, 64) if out[f"batch{b}"]["int8_ms"] > out[f"batch{b}"]["fp32_ms"]]
+    if slower:
+        times = ", ".join(f"{out['batch%d' % b]['int8_ms']:.3f} vs {out['batch%d' % b]['fp32_ms']:.3f} ms" for b in slower)
+        ui.warn(f"INT8 is not faster than FP32 on this CPU at batch {', '.join(map(str, slower))} ({times}): "
+                "small, depthwise or squeeze-excite networks are overhead-bound in onnxruntime's integer kernels here; "
+                "for this CPU export with --precision fp32 (or fp16), or pick a wider network")
+    out["int8_not_faster_at"] = slower
+    return out
+
+
+def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, export_cfg: ExportConfig, quantize_cfg: QuantizeConfig,
+               target: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """Stage entry: load a checkpoint, quantize it by calibration if INT8 is asked of an FP32 one, export, check.
+
+    ``export_cfg.precision`` / ``export_cfg.layout`` must already be resolved (:func:`resolve_layout`).
+    """
+    from edgekd.quantize import is_quantized, quantize_model
+
+    model, ckpt = load_for_export(checkpoint)
+    calib = calibration_images(data.train, quantize_cfg.calib_images, seed)
+    precision, layout = export_cfg.precision, export_cfg.layout
+    if precision == "int8" and not is_quantized(model):
+        ui.warn(f"{checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {len(calib)} images (post-training quantization, no QAD); "
+                "run `edgekd quantize` first for quantization-aware distillation")
+        model = quantize_model(model, quantize_cfg, calib, model.preprocess, layout)
+    check = data.test.subset(export_cfg.check_batch)
+    req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, target, export_cfg.opset, export_cfg.allow_not_ready)
+    record = export_model(model, out_dir, req)
+    record["checkpoint"] = str(checkpoint)
+    write_json_atomic(Path(out_dir) / "export.json", record)
+    return record

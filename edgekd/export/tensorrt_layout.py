@@ -1,0 +1,146 @@
+"""The ``tensorrt`` layout and the static check that TensorRT can run it in INT8 (no GPU needed).
+
+TensorRT developer guide, "Explicit quantization": symmetric int8 (zero point 0), per-tensor
+activation scales, per-channel weight scales on the output-channel axis, Q/DQ on the inputs of
+Conv/Gemm and of element-wise Adds; then TensorRT fuses Conv + Add + ReLU in INT8. The fake-quant
+model, whose quantizers :mod:`edgekd.quantize.placement` put exactly there, is exported as is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch.nn as nn
+
+from edgekd.data import Preprocess
+from edgekd.errors import EdgekdError
+from edgekd.export.graph import Graph, QdqReport
+from edgekd.export.onnx import has_fake_quant, torch_to_onnx
+
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+def export_int8_tensorrt(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, opset: int = 17) -> Path:
+    """The fake-quant model as explicit Q/DQ: TensorRT builds an INT8 engine from it without a calibration cache."""
+    if not has_fake_quant(qmodel):
+        raise EdgekdError("model has no INT8 quantizers", "quantize it first (edgekd quantize, or export an FP32 checkpoint with --precision int8 to calibrate)")
+    torch_to_onnx(qmodel, path, preprocess, opset)
+    return Path(path)
+
+
+def _qdq_params(g: Graph, node) -> tuple[np.ndarray | None, np.ndarray | None, int | None]:
+    scale = g.const(node.input[1]) if len(node.input) > 1 else None
+    zp = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return scale, zp, g.attr(node, "axis", 1)
+
+
+def _weight_out_axis(g: Graph, node) -> int:
+    """Axis of the output channels in the op's weight: 0 for Conv and Gemm(transB=1), 1 for MatMul / Gemm(transB=0)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "ConvTranspose":
+        return 1
+    if node.op_type == "Gemm":
+        return 0 if g.attr(node, "transB", 0) else 1
+    return 1
+
+
+def check_tensorrt_readiness(proto) -> QdqReport:
+    """Static check of a Q/DQ graph against TensorRT's explicit-quantization rules (no GPU needed).
+
+    Errors: no Q/DQ at all; a zero point that is not int8 0 (TensorRT is symmetric-only);
+    non-positive or non-finite scales; a Conv/Gemm/MatMul whose activation or weight is not fed by
+    DQ; per-tensor weight scales (TensorRT's guide: per-channel on the output-channel axis, axis 0
+    for Conv) or a wrong axis; per-channel activation scales; a residual Add with no quantized
+    input (TensorRT then cannot fuse it into the conv and runs it in float); a Q whose output
+    feeds anything but DQ, or a Q -> DQ pair whose scales differ.
+    """
+    g = Graph(proto)
+    rep = QdqReport(runtime="tensorrt")
+    qs = [n for n in g.nodes if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in g.nodes if n.op_type == "DequantizeLinear"]
+    rep.counts = {"QuantizeLinear": len(qs), "DequantizeLinear": len(dqs)}
+    if not qs and not dqs:
+        rep.errors.append("no QuantizeLinear/DequantizeLinear nodes: not an explicitly quantized (INT8) graph")
+        return rep
+    for n in qs + dqs:
+        scale, zp, _ = _qdq_params(g, n)
+        if scale is None:
+            rep.errors.append(f"{n.name}: scale is not a constant")
+        elif not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            rep.errors.append(f"{n.name}: scale must be positive and finite (min {float(np.min(scale)):.3g})")
+        if zp is None:
+            rep.errors.append(f"{n.name}: no zero point, so uint8: TensorRT supports only symmetric int8 (zero point 0)")
+        elif zp.dtype != np.int8:
+            rep.errors.append(f"{n.name}: zero point is {zp.dtype}, TensorRT supports only int8 (zero point 0)")
+        elif np.any(zp != 0):
+            rep.errors.append(f"{n.name}: zero point {int(np.max(np.abs(zp)))} is not 0: TensorRT supports only symmetric quantization")
+    for q in qs:
+        users = g.consumers.get(q.output[0], [])
+        if any(u.op_type != "DequantizeLinear" for u in users) or q.output[0] in g.outputs:
+            rep.errors.append(f"{q.name}: Q output feeds {', '.join(sorted({u.op_type for u in users if u.op_type != 'DequantizeLinear'})) or 'a graph output'}, "
+                              "not only DequantizeLinear: TensorRT cannot fuse it")
+        for u in users:
+            if u.op_type == "DequantizeLinear":
+                s1, s2 = g.const(q.input[1]), g.const(u.input[1])
+                if s1 is not None and s2 is not None and (s1.shape != s2.shape or not np.allclose(s1, s2)):
+                    rep.errors.append(f"{q.name} -> {u.name}: Q and DQ scales differ (requantization TensorRT cannot fold)")
+    for node in g.nodes:
+        if node.op_type in COMPUTE_OPS:
+            _check_compute_op(g, node, rep)
+        elif node.op_type == "Add":
+            _check_residual_add(g, node, rep)
+    return rep
+
+
+def _dq_of(g: Graph, tensor: str):
+    node = g.skip_casts(tensor)
+    return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+
+def _check_compute_op(g: Graph, node, rep: QdqReport) -> None:
+    act_dq = _dq_of(g, node.input[0])
+    w_dq = _dq_of(g, node.input[1]) if len(node.input) > 1 else None
+    w_is_const = len(node.input) > 1 and (g.const(node.input[1]) is not None or w_dq is not None)
+    row = {"node": node.name, "op": node.op_type, "activation": act_dq is not None, "weight": w_dq is not None, "weight_axis": None, "weight_channels": None}
+    if act_dq is None and w_dq is None:
+        rep.float_ops.append(node.name)
+        rep.errors.append(f"{node.name} ({node.op_type}): neither input is quantized: it runs in float")
+        return
+    if act_dq is None:
+        rep.errors.append(f"{node.name} ({node.op_type}): activation input has no Q/DQ: TensorRT cannot run it in INT8")
+    else:
+        scale = g.const(act_dq.input[1])
+        if scale is not None and scale.size != 1:
+            rep.errors.append(f"{node.name}: activation scale has {scale.size} values: TensorRT needs per-tensor activation scales")
+    if w_is_const and w_dq is None:
+        rep.errors.append(f"{node.name} ({node.op_type}): weight has no Q/DQ: TensorRT needs quantized weights for an INT8 {node.op_type}")
+    elif w_dq is not None:
+        scale, _, axis = _qdq_params(g, w_dq)
+        want_axis = _weight_out_axis(g, node)
+        weight = g.const(w_dq.input[0]) if g.skip_casts(w_dq.input[0]) is None or g.skip_casts(w_dq.input[0]).op_type != "QuantizeLinear" \
+            else g.const(g.skip_casts(w_dq.input[0]).input[0])
+        channels = int(weight.shape[want_axis]) if weight is not None and weight.ndim > want_axis else None
+        row["weight_axis"], row["weight_channels"] = (axis if scale is not None and scale.size > 1 else None), (int(scale.size) if scale is not None else None)
+        if scale is not None and scale.size == 1 and (channels or 0) > 1:
+            rep.errors.append(f"{node.name}: per-tensor weight scale where per-channel (axis {want_axis}, {channels} channels) is required")
+        elif scale is not None and scale.size > 1:
+            ndim = weight.ndim if weight is not None else 4
+            if (axis % ndim) != want_axis:
+                rep.errors.append(f"{node.name}: weight scales on axis {axis}, TensorRT needs the output-channel axis {want_axis}")
+            if channels is not None and scale.size != channels:
+                rep.errors.append(f"{node.name}: {scale.size} weight scales for {channels} output channels")
+    rep.quantized_ops.append(row)
+
+
+def _check_residual_add(g: Graph, node, rep: QdqReport) -> None:
+    """An Add of two activations (a residual): both inputs must come through Q/DQ, as TensorRT's
+    explicit-quantization guide places them, or TensorRT cannot fuse it into the conv in INT8."""
+    if len(node.input) != 2 or any(g.const(i) is not None for i in node.input):
+        return
+    quantized = [_dq_of(g, i) is not None for i in node.input]
+    rep.residual_adds.append({"node": node.name, "inputs_quantized": quantized})
+    if not all(quantized):
+        rep.errors.append(f"{node.name}: residual Add has {quantized.count(False)} unquantized input(s): "
+                          "TensorRT cannot fuse it with the conv and runs the add in float")

@@ -1,0 +1,335 @@
+"""Where the INT8 quantizers go, read from the network's graph (torch.fx), per target runtime.
+
+modelopt quantizes the *modules* it knows (Conv, Linear): their weights, per output channel. A
+network's ``forward`` also has ops that are not modules: timm's ``x + shortcut``, squeeze-excite
+multiplies, concatenations, functional pooling. If those get no quantizer, the exported graph
+leaves them in float: TensorRT then cannot fuse a residual add into its conv (users' most common
+complaint, "INT8 is no faster than FP16"), and onnxruntime's CPU provider cannot form its
+DQ -> op -> Q integer groups. So activations are quantized here, on the edges of the traced graph:
+
+- ``tensorrt`` (TensorRT developer guide, "Explicit quantization: Q/DQ layer placement
+  recommendations"): the activation input of every Conv / ConvTranspose / Gemm and *both* inputs
+  of every element-wise Add. TensorRT propagates Q/DQ through pooling and fuses Conv + Add + ReLU.
+- ``ort-cpu`` (onnxruntime's QDQ format, as its own ``quantize_static`` lays it out): every input
+  *and output* tensor of the ops onnxruntime has integer kernels for (Conv, Gemm, Add, Mul, Concat,
+  pooling, Sigmoid); an output followed only by a ReLU / ReLU6 is taken after it, because
+  onnxruntime folds that activation into the quantized op.
+
+One quantizer per tensor, shared by all its consumers: a tensor has one scale in the ONNX file,
+so it has one in training too, and what QAD trains is what ships. Quantizer names follow the
+graph's node names (``edgekd_act.layer1_0_add``), so rebuilding the same architecture re-creates
+the same names and a checkpoint loads strictly.
+
+Before placement, :func:`prepare_for_int8` fuses re-parameterizable training branches (RepVGG,
+MobileOne: timm's ``reparameterize_model``) and folds BatchNorm into the convolutions, including
+timm's ``BatchNormAct2d`` (BN + activation in one module), so the trained weight scales are the
+deployed ones.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.conv import _ConvNd
+
+from edgekd.errors import EdgekdError
+
+LAYOUTS = ("tensorrt", "ort-cpu")
+ACT_PREFIX = "edgekd_act"
+FEATURE_TAP = "edgekd_feature_tap"
+CARRIED_ATTRS = ("edgekd_spec", "preprocess", "feature_layer", "weights_source", "pretrained_cfg", "edgekd_bn_folded", "edgekd_reparameterized")
+
+# What each op is, as far as quantizer placement cares.
+_ADD = {operator.add, operator.iadd, torch.add}
+_MUL = {operator.mul, operator.imul, torch.mul}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
+_POOL_FN = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
+_SIGMOID_FN = {torch.sigmoid, F.sigmoid}
+_RELU_FN = {F.relu, torch.relu, F.relu6}
+_METHODS = {"add": "add", "add_": "add", "mul": "mul", "mul_": "mul", "sigmoid": "sigmoid", "relu": "relu", "relu_": "relu"}
+_POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+# ops that move values without changing them: a tensor keeps its scale through them (onnxruntime
+# shares the quantization parameters of Flatten/Reshape inputs and outputs)
+_PASSTHROUGH_MODULES = (nn.Flatten, nn.Dropout, nn.Identity)
+_PASSTHROUGH_FN = {torch.flatten, torch.reshape, F.dropout}
+_PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
+
+# kinds whose activation inputs (and, for ort-cpu, outputs) are quantized
+INPUT_KINDS = {"tensorrt": {"conv", "linear", "add"}, "ort-cpu": {"conv", "linear", "add", "mul", "cat", "pool", "sigmoid"}}
+OUTPUT_KINDS = {"tensorrt": set(), "ort-cpu": INPUT_KINDS["ort-cpu"]}
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps Conv, Linear and BatchNorm (and their subclasses, e.g. timm's ``BatchNormAct2d`` and
+    ``Linear``) as single nodes: they are what weight quantizers and BN folding act on."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (_ConvNd, nn.Linear, _BatchNorm)) or type(m).__module__.startswith("modelopt"):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    """torch.fx trace with edgekd's leaf modules; one clear error when the network cannot be traced."""
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:  # noqa: BLE001 - tracing fails in many ways (data-dependent control flow, ...)
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise EdgekdError(f"cannot trace {type(model).__name__} with torch.fx ({first})",
+                          "INT8 placement reads the network's graph; export this model with --precision fp16 or fp32") from exc
+    gm = torch.fx.GraphModule(model, graph, class_name=type(model).__name__)
+    for attr in CARRIED_ATTRS:
+        if hasattr(model, attr):
+            setattr(gm, attr, getattr(model, attr))
+    return gm
+
+
+def _example_input(model: nn.Module) -> torch.Tensor:
+    pre = getattr(model, "preprocess", None)
+    ch, size = (pre.channels, pre.input_size) if pre is not None else (3, 32)
+    return torch.zeros(2, ch, size, size)
+
+
+def _is_tensor(node: Any) -> bool:
+    return isinstance(node, torch.fx.Node) and isinstance(node.meta.get("tensor_meta"), TensorMetadata)
+
+
+def op_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """'conv', 'linear', 'add', 'mul', 'cat', 'pool', 'sigmoid', 'relu' or None (anything else)."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if isinstance(m, _ConvNd):
+            return "conv"
+        if isinstance(m, nn.Linear):
+            return "linear"
+        if isinstance(m, _POOL_MODULES):
+            return "pool"
+        if isinstance(m, nn.Sigmoid):
+            return "sigmoid"
+        if isinstance(m, (nn.ReLU, nn.ReLU6)) or (isinstance(m, nn.Hardtanh) and m.min_val >= 0):
+            return "relu"
+        return None
+    if node.op == "call_function":
+        fn = node.target
+        if fn in _ADD:
+            return "add" if sum(_is_tensor(a) for a in node.args) == 2 else None
+        if fn in _MUL:
+            return "mul" if sum(_is_tensor(a) for a in node.args) == 2 else None
+        if fn in _CAT:
+            return "cat"
+        if fn in _POOL_FN:
+            return "pool"
+        if fn in _SIGMOID_FN:
+            return "sigmoid"
+        if fn in _RELU_FN:
+            return "relu"
+        return None
+    if node.op == "call_method" and node.target in _METHODS:
+        kind = _METHODS[node.target]
+        if kind in ("add", "mul"):
+            return kind if sum(_is_tensor(a) for a in node.args) == 2 else None
+        return kind
+    return None
+
+
+def _tensor_inputs(node: torch.fx.Node, kind: str) -> list[torch.fx.Node]:
+    if kind in ("conv", "linear", "pool", "sigmoid"):
+        return [node.args[0]] if _is_tensor(node.args[0]) else []
+    if kind == "cat":
+        seq = node.args[0] if node.args else node.kwargs.get("tensors", [])
+        return [a for a in seq if _is_tensor(a)]
+    return [a for a in node.args if _is_tensor(a)]
+
+
+def _is_passthrough(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _PASSTHROUGH_MODULES)
+    return (node.op == "call_function" and node.target in _PASSTHROUGH_FN) or (node.op == "call_method" and node.target in _PASSTHROUGH_METHODS)
+
+
+def _through_passthrough(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:
+    """The tensor before any Flatten / Dropout / reshape: one quantizer there covers both."""
+    while _is_passthrough(node, modules) and _is_tensor(node.args[0]):
+        node = node.args[0]
+    return node
+
+
+def _output_site(node: torch.fx.Node, modules: dict[str, nn.Module]) -> torch.fx.Node:
+    """The op's output, or the ReLU/ReLU6 that is its only user (the runtime folds it into the op)."""
+    users = list(node.users)
+    if len(users) == 1 and op_kind(users[0], modules) == "relu":
+        return users[0]
+    return node
+
+
+def activation_sites(gm: torch.fx.GraphModule, layout: str) -> list[torch.fx.Node]:
+    """The tensors (graph nodes) that get an activation quantizer for ``layout``, in graph order."""
+    if layout not in LAYOUTS:
+        raise EdgekdError(f"unknown layout '{layout}'", f"use one of {', '.join(LAYOUTS)}")
+    modules = dict(gm.named_modules())
+    sites: dict[torch.fx.Node, None] = {}
+    for node in gm.graph.nodes:
+        kind = op_kind(node, modules)
+        if kind in INPUT_KINDS[layout]:
+            for src in _tensor_inputs(node, kind):
+                sites[_through_passthrough(src, modules) if OUTPUT_KINDS[layout] else src] = None
+        if kind in OUTPUT_KINDS[layout] and _is_tensor(node):
+            sites[_output_site(node, modules)] = None
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(sites, key=order.__getitem__)
+
+
+def _add_feature_tap(gm: torch.fx.GraphModule) -> None:
+    """Distillation hooks a module path (``feature_layer``); in a traced graph a container
+    (``features``, ``layer4``) is never called as a whole, so its last output gets an Identity tap."""
+    path = getattr(gm, "feature_layer", None)
+    if not path or any(n.op == "call_module" and n.target == path for n in gm.graph.nodes):
+        return
+    inside = [n for n in gm.graph.nodes if path in (n.meta.get("nn_module_stack") or {})]
+    if not inside:
+        return
+    last = inside[-1]
+    gm.add_submodule(FEATURE_TAP, nn.Identity())
+    with gm.graph.inserting_after(last):
+        tap = gm.graph.call_module(FEATURE_TAP, (last,))
+    last.replace_all_uses_with(tap, delete_user_cb=lambda u: u is not tap)
+    gm.feature_layer = FEATURE_TAP
+
+
+def _drop_identities(gm: torch.fx.GraphModule) -> None:
+    """Remove ``nn.Identity`` calls (folded BatchNorms, disabled drop-path): a quantizer must see
+    the op that really produced a tensor, e.g. the Conv before a ReLU."""
+    modules = dict(gm.named_modules())
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.Identity and node.target != FEATURE_TAP:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+
+
+def traced_for_placement(model: nn.Module) -> torch.fx.GraphModule:
+    """The GraphModule placement works on: traced, no-op Identities removed, tensor shapes
+    recorded, feature layer tapped."""
+    gm = trace(model)
+    _drop_identities(gm)
+    ShapeProp(gm).propagate(_example_input(model))
+    _add_feature_tap(gm)
+    return gm
+
+
+def input_quantizer_of(gm: torch.fx.GraphModule, module_path: str) -> nn.Module | None:
+    """The activation quantizer feeding the module at ``module_path`` (a Conv, Linear...), or None."""
+    modules = dict(gm.named_modules())
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == module_path:
+            src = node.args[0]
+            while isinstance(src, torch.fx.Node) and _is_passthrough(src, modules):
+                src = src.args[0]
+            if isinstance(src, torch.fx.Node) and src.op == "call_module" and str(src.target).startswith(ACT_PREFIX + "."):
+                return modules[src.target]
+            return None
+    return None
+
+
+def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_quantizer) -> list[str]:
+    """Insert ``make_quantizer()`` modules, named ``edgekd_act.<node>``, on each activation site for
+    ``layout`` (see :func:`activation_sites`); records them in ``gm.edgekd_placement``."""
+    names = []
+    for src in activation_sites(gm, layout):
+        path = f"{ACT_PREFIX}.{src.name}"
+        gm.add_submodule(path, make_quantizer())
+        with gm.graph.inserting_after(src):
+            q = gm.graph.call_module(path, (src,))
+        src.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
+        names.append(src.name)
+    gm.graph.lint()
+    gm.recompile()
+    gm.edgekd_placement = {"layout": layout, "activations": names}
+    return names
+
+
+# ----------------------------------------------------------------------------- before placement
+def reparameterize(model: nn.Module) -> bool:
+    """Fuse training-time branches (RepVGG, MobileOne, ...) in place with timm's own utility.
+
+    Returns whether anything had a branch to fuse; the re-parameterized network is what QAD trains
+    and what ships (the branches would otherwise be exported as separate convs and adds).
+    """
+    has = any(hasattr(m, "reparameterize") or hasattr(m, "switch_to_deploy") or (hasattr(m, "fuse") and m is not model) for m in model.modules())
+    if not has:
+        return False
+    from timm.utils.model import reparameterize_model
+
+    reparameterize_model(model, inplace=True)
+    model.edgekd_reparameterized = True
+    return True
+
+
+def plain_linears(model: nn.Module) -> int:
+    """Swap subclasses of ``nn.Linear`` (timm's ``Linear`` head) for ``nn.Linear`` with the same
+    weights, in place: modelopt quantizes the classes it has registered, not their subclasses, and
+    an unquantized classifier Gemm is not TensorRT-ready. Returns how many were swapped."""
+    swapped = 0
+    for path, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and type(m) is not nn.Linear and type(m).forward is not nn.Linear.forward:
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            plain.load_state_dict(m.state_dict())
+            _set_module(model, path, plain)
+            swapped += 1
+    return swapped
+
+
+def _conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv, bn) module paths where a BatchNorm consumes only a Conv2d's output."""
+    graph = trace(model).graph
+    modules = dict(model.named_modules())
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.BatchNorm2d):
+            continue
+        src = node.args[0]
+        if getattr(src, "op", None) == "call_module" and type(modules.get(src.target)) is nn.Conv2d and len(src.users) == 1:
+            pairs.append((src.target, node.target))
+    return pairs
+
+
+@torch.no_grad()
+def _fold_pair(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    conv.weight.mul_(scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.bias = nn.Parameter(((bias - bn.running_mean) * scale + bn.bias).detach().clone())
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, module)
+
+
+def _after_bn(bn: nn.BatchNorm2d) -> nn.Module:
+    """What is left of a folded BN: nothing, or timm BatchNormAct2d's dropout + activation."""
+    rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every Conv2d -> BatchNorm2d pair in place; returns how many.
+
+    Folding before fake-quant makes the trained weight scales the deployed ones: both TensorRT and
+    onnxruntime fold BN before quantizing, so an unfolded QAT model trains on other weights.
+    """
+    pairs = _conv_bn_pairs(model)
+    modules = dict(model.named_modules())
+    for conv_path, bn_path in pairs:
+        _fold_pair(modules[conv_path], modules[bn_path])
+        _set_module(model, bn_path, _after_bn(modules[bn_path]))
+    model.edgekd_bn_folded = True
+    return len(pairs)
