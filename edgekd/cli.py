@@ -96,17 +96,21 @@ def models(
     num_classes: Annotated[int, typer.Option(min=2, help="Classes for the head.")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
-    """List edgekd's students (nano < 100K params, small) with parameters and MACs at --input-size.
+    """List edgekd's students (nano < 100K params, small) and the timm edge networks it recommends,
+    with parameters and MACs at --input-size (timm networks take 3 channels).
 
-    Any timm model name also works as --student or --model.
+    Any timm model name works as a student (--set student.model=NAME) or teacher.
     """
-    from edgekd.models import count_macs, count_params, create_model, list_students
+    from edgekd.models import RECOMMENDED_TIMM, count_macs, count_params, create_model, list_students
 
     rows = []
     for spec in list_students():
         m = create_model(spec.name, num_classes, in_chans=in_chans)
         rows.append({"name": spec.name, "family": spec.family, "params": count_params(m), "macs": count_macs(m, input_size, in_chans), "about": spec.doc})
-    ui.show(ui.table(f"students at {input_size}x{input_size}x{in_chans}", ["name", "family", "params", "MMACs", "about"],
+    for name, about in RECOMMENDED_TIMM.items():
+        m = create_model(name, num_classes, input_size=input_size)
+        rows.append({"name": name, "family": "timm", "params": count_params(m), "macs": count_macs(m, input_size, 3), "about": about})
+    ui.show(ui.table(f"students at {input_size}x{input_size} (edgekd: {in_chans} channel(s), timm: 3)", ["name", "family", "params", "MMACs", "about"],
                      [[r["name"], r["family"], f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}", r["about"]] for r in rows]))
     emit({"models": rows}, as_json)
 

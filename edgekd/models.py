@@ -62,6 +62,21 @@ def list_students() -> list[StudentSpec]:
     return list(_STUDENTS.values())
 
 
+# timm networks edgekd recommends as edge students: each goes through QAD and both INT8 layouts
+# (tests/test_architectures.py; accuracy and speed in benchmarks/architectures_results.md).
+RECOMMENDED_TIMM = {
+    "resnet18": "residual 3x3 convs; INT8 pays off on CPU and TensorRT",
+    "mobilenetv2_100": "inverted residuals, depthwise, ReLU6",
+    "mobilenetv3_large_100": "depthwise, hard-swish, squeeze-excite",
+    "mobilenetv3_small_050": "tiny depthwise + SE; overhead-bound in INT8 on CPU",
+    "efficientnet_lite0": "depthwise, ReLU6, no SE: built for INT8 edge devices",
+    "regnetx_002": "grouped convs, residual",
+    "repvgg_a0": "re-parameterized into plain 3x3 convs before QAD",
+    "mobileone_s0": "re-parameterized (branches fused) before QAD",
+    "mobilenetv4_conv_small": "MobileNetV4 conv-only, universal inverted bottlenecks",
+}
+
+
 def _round_ch(c: float) -> int:
     return max(8, int(round(c / 8.0)) * 8)
 

@@ -128,12 +128,15 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
                        "relu_codes": r.get("relu_codes")}
 
 
-def onnx_test_accuracy(onnx_path: Path, data, preprocess) -> dict:
-    """Top-1 of the exported file itself on the whole test set (what ships is what is measured)."""
+def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False) -> dict:
+    """Top-1 of the exported file itself on the whole test set (what ships is what is measured).
+
+    ``exact_qdq`` for a TensorRT-layout file: its Q/DQ run as written, TensorRT's arithmetic
+    (see :func:`edgekd.export.ort_session`)."""
     from edgekd.export import ort_logits, ort_session
     from edgekd.metrics import classification_metrics
 
-    sess = ort_session(onnx_path)
+    sess = ort_session(onnx_path, exact_qdq=exact_qdq)
     preds = []
     for start in range(0, len(data.test), 500):
         x = preprocess(data.test.images[start : start + 500]).numpy()
@@ -146,7 +149,8 @@ def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
     from edgekd.data import Preprocess
 
     pre = Preprocess.from_dict(load_checkpoint(ctx.path("distill", "checkpoint"))["preprocess"])
-    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre)
+    export = ctx.manifest.stage("export")["metrics"]
+    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=export.get("precision") == "int8" and export.get("layout") == "tensorrt")
     metrics = {"test_top1": shipped["top1"], "per_class": shipped["per_class"], "n": shipped["n"]}
     if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
         fp32 = onnx_test_accuracy(ctx.path("export", "fp32_onnx"), ctx.data, pre)

@@ -18,9 +18,11 @@ How the trained scales reach that layout, exactly and for any traceable network:
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -124,47 +126,68 @@ def _drop_unused(proto):
     return proto
 
 
-def is_nonnegative(tensor: str, producers: dict[str, Any], consts: dict[str, np.ndarray] | None = None) -> bool:
-    """Whether ``tensor`` comes out of a ReLU, or a Clip with a lower bound >= 0 (ReLU6), through
-    ops that keep the sign (pooling, reshapes)."""
+def nonnegative_producer(tensor: str, producers: dict[str, Any], consts: dict[str, np.ndarray] | None = None) -> str | None:
+    """'Relu' or 'Clip' (lower bound >= 0: ReLU6) when ``tensor`` comes out of one, through ops
+    that keep the sign (pooling, reshapes); None otherwise."""
     node = producers.get(tensor)
     while node is not None and node.op_type in SCALE_PRESERVING | {"GlobalAveragePool", "AveragePool"}:
         node = producers.get(node.input[0])
     if node is None:
-        return False
+        return None
     if node.op_type == "Relu":
-        return True
+        return "Relu"
     if node.op_type == "Clip" and len(node.input) > 1 and node.input[1] and consts is not None:
         low = consts.get(node.input[1])
-        return low is not None and float(np.min(low)) >= 0.0
-    return False
+        return "Clip" if low is not None and float(np.min(low)) >= 0.0 else None
+    return None
 
 
-def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[str, np.ndarray], relu_codes: int = 127) -> dict[str, list[dict[str, Any]]]:
+def is_nonnegative(tensor: str, producers: dict[str, Any], consts: dict[str, np.ndarray] | None = None) -> bool:
+    return nonnegative_producer(tensor, producers, consts) is not None
+
+
+SIGNED_ZERO_POINT_FOR_U8_WEIGHTS = 64
+
+
+def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[str, np.ndarray], minimums: dict[str, float],
+                      relu_codes: int = 127, u8_weights: str = "image") -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` from the scales read off the trained Q/DQ graph.
 
     Activations: u8 on the trained grid (:func:`u8_params`). Weights: the trained per-channel
-    scales; s8 (zero point 0) where the op's input is non-negative, u8 with zero point 128 (the
-    same grid, shifted) where it can be negative. Why: a signed activation has zero point 128, and
-    onnxruntime's AVX2 u8 x s8 kernel adds pairs of u8 x s8 products in 16 bits, which saturate
-    for codes that large (measured: the first conv of a grey-image CNN took top-1 agreement with
-    the fake-quant model from 100% to 58%); its u8 x u8 kernel widens first and cannot saturate,
-    at about the same speed here. Non-negative inputs use codes <= 127 and keep the faster s8 path.
+    scales, s8 with zero point 0, except for the ops ``u8_weights`` names, which get u8 weights with
+    zero point 128 (the same grid, shifted): ``"image"``, the ops that read the network's input;
+    ``"signed"``, every op whose input is strongly signed (u8 zero point >= 64). Why: onnxruntime's
+    AVX2 u8 x s8 kernel adds pairs of products in 16 bits and saturates when neighbouring codes are
+    large, as they are all over a normalised image (measured: the first conv of a grey-image CNN
+    took top-1 agreement with the fake-quant model from 100% to 58%); its u8 x u8 kernel widens
+    first and cannot saturate, but is slower on large convs (MobileNetV3-Large at batch 64: 27 ms
+    with u8 weights on every signed input vs 16 ms), so deeper ops keep s8 unless the agreement
+    check asks for more (:func:`export_int8_ort_closest`).
     """
     from onnxruntime.quantization import QuantType
 
     g = Graph(stripped)
-    signed_weights = {n.input[1] for n in g.nodes if n.op_type in COMPUTE_OPS and len(n.input) > 1
-                      and not is_nonnegative(n.input[0], g.producers, g.consts)}
-    overrides: dict[str, list[dict[str, Any]]] = {}
+    act_params: dict[str, tuple[float, int]] = {}
     for tensor, amax in act_amax.items():
-        scale, zp = u8_params(max(amax, 1e-12), is_nonnegative(tensor, g.producers, g.consts), relu_codes)
+        producer = nonnegative_producer(tensor, g.producers, g.consts)
+        low = 0.0 if producer else minimums.get(tensor, -amax)
+        # onnxruntime drops a Clip (ReLU6) into the Q before it, so the Q's range must end where the
+        # clip does: 255 codes over [0, amax]; a Relu has no upper bound and may use either range.
+        act_params[tensor] = u8_params(max(amax, 1e-12), low, 255 if producer == "Clip" else relu_codes)
+    overrides: dict[str, list[dict[str, Any]]] = {}
+    for tensor, (scale, zp) in act_params.items():
         entry = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zp, dtype=np.uint8)}]
         overrides[tensor] = entry
         node = g.producers.get(tensor)  # onnxruntime gives MaxPool/Flatten/... outputs their input's scale: carry it back
         while node is not None and node.op_type in SCALE_PRESERVING and node.input[0] not in overrides and node.input[0] not in act_amax:
             overrides[node.input[0]] = entry
             node = g.producers.get(node.input[0])
+    for node in g.nodes:  # ... and their outputs the scale of their input (a Flatten before the classifier)
+        if node.op_type in SCALE_PRESERVING and node.input and node.input[0] in overrides and node.output[0] not in overrides:
+            overrides[node.output[0]] = overrides[node.input[0]]
+    graph_inputs = {i.name for i in stripped.graph.input}
+    signed_weights = {n.input[1] for n in g.nodes if n.op_type in COMPUTE_OPS and len(n.input) > 1
+                      and (n.input[0] in graph_inputs if u8_weights == "image" else act_params.get(n.input[0], (0, 128))[1] >= SIGNED_ZERO_POINT_FOR_U8_WEIGHTS)}
     for weight, scales in weight_scale.items():
         if weight in signed_weights:
             zp: dict[str, Any] = {"zero_point": np.array(128, dtype=np.uint8), "quant_type": QuantType.QUInt8}
@@ -174,24 +197,47 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
     return overrides
 
 
-def u8_params(amax: float, nonnegative: bool, relu_codes: int = 127) -> tuple[float, int]:
-    """u8 scale/zero point from a symmetric int8 amax learned in training.
+def u8_params(amax: float, minimum: float, relu_codes: int = 127) -> tuple[float, int]:
+    """u8 scale / zero point for a tensor whose trained quantizer is symmetric int8 with ``amax``
+    and whose smallest value seen in calibration is ``minimum``. The scale is always the trained
+    grid's step (amax/127) or, for non-negative tensors, optionally half of it.
 
-    Non-negative tensors (after ReLU) get zero point 0, which also lets onnxruntime drop the ReLU
-    and fuse Conv+ReLU into QLinearConv (it cannot before a Q with zero point 128):
-    - ``relu_codes=127`` (default): scale = amax/127, exactly the trained grid (k * amax/127).
-      Values up to amax use codes 0..127, so the u8 x s8 products of onnxruntime's x86 kernels
-      (``vpmaddubsw`` without VNNI) cannot saturate (2 * 127 * 127 < 32767); values above amax
-      clip at 2*amax instead of amax (rare after max calibration).
-    - ``relu_codes=255``: scale = amax/255, the trained clipping range [0, amax] on a grid twice as
-      fine; drifts more from the fake-quant model (benchmarks/quantization_results.md: ORT-vs-PyTorch
-      top-1 agreement 99.07% vs 99.59% on nano_cnn) and codes up to 255 can saturate.
-    Signed tensors: scale = amax/127, zero point 128 (codes 1..255 hold -amax..amax, the trained
-    grid); the ops they feed get u8 weights (see :func:`trained_overrides`).
+    - Non-negative (after ReLU / ReLU6 / sigmoid): zero point 0, which also lets onnxruntime drop a
+      ReLU into the QLinearConv before it.
+      ``relu_codes=127``: scale amax/127, the trained grid; codes 0..127 for values up to amax, so
+      the u8 x s8 products of onnxruntime's x86 kernel (``vpmaddubsw``, 16-bit pair sums) cannot
+      saturate (2 * 127 * 127 < 32767); values above amax clip at 2*amax instead of amax.
+      ``relu_codes=255``: scale amax/255, the trained range on a grid twice as fine.
+    - Signed: scale amax/127 and the smallest zero point that still holds ``minimum``
+      (ceil(-minimum / scale), at most 128). Every value in [minimum, amax] lands on the trained
+      grid; a tensor that is barely negative (hard-swish: >= -0.375) keeps small codes, like
+      onnxruntime's own asymmetric calibration, so its consumers can keep the fast s8 weights.
     """
-    if nonnegative:
+    if minimum >= 0:
         return amax / float(relu_codes), 0
-    return amax / 127.0, 128
+    scale = amax / 127.0
+    return scale, int(min(128, math.ceil(-minimum / scale - 1e-6)))
+
+
+def tensor_minimums(float_path: str | Path, tensors: list[str], calib_u8: torch.Tensor, preprocess: Preprocess, limit: int = 256) -> dict[str, float]:
+    """The smallest value of each tensor over (up to ``limit``) calibration images, from the float graph."""
+    import onnx
+    import onnxruntime as ort
+
+    proto = onnx.load(str(float_path))
+    present = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
+    wanted = [t for t in tensors if t in present and t not in {o.name for o in proto.graph.output}]
+    for t in wanted:
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    mins = {n: float("inf") for n in names}
+    for batch in _CalibReader(calib_u8[:limit], preprocess).batches:
+        for name, value in zip(names, sess.run(names, {INPUT_NAME: batch})):
+            mins[name] = min(mins[name], float(np.min(value)))
+    return mins
 
 
 class _CalibReader:
@@ -244,51 +290,90 @@ def untrained_tensors(path: str | Path, overrides: dict[str, Any]) -> list[str]:
     return sorted({n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits and n.input[0] not in overrides})
 
 
+@dataclass
+class OrtSource:
+    """What every ort-cpu variant of one trained model is built from (computed once)."""
+
+    float_path: Path
+    stripped: Any
+    act_amax: dict[str, float]
+    weight_scale: dict[str, np.ndarray]
+    minimums: dict[str, float]
+
+
+def ort_source(qmodel: nn.Module, workdir: Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17) -> OrtSource:
+    """Export the trained Q/DQ graph, strip it, read its scales and the activations' minimums."""
+    import onnx
+
+    if not has_fake_quant(qmodel):
+        raise EdgekdError("model has no INT8 quantizers", "quantize it first (edgekd quantize)")
+    qdq = torch_to_onnx(qmodel, workdir / "qdq.onnx", preprocess, opset)
+    stripped, act_amax, weight_scale = strip_qdq(qdq)
+    onnx.save(stripped, str(workdir / "float.onnx"))
+    minimums = tensor_minimums(workdir / "float.onnx", list(act_amax), calib_u8, preprocess)
+    return OrtSource(workdir / "float.onnx", stripped, act_amax, weight_scale, minimums)
+
+
+def quantize_for_ort(src: OrtSource, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, relu_codes: int = 127,
+                     u8_weights: str = "image") -> list[str]:
+    """One ort-cpu file from ``src``; returns the activations calibrated here rather than trained."""
+    overrides = trained_overrides(src.stripped, src.act_amax, src.weight_scale, src.minimums, relu_codes, u8_weights)
+    ort_quantize_static(src.float_path, path, calib_u8, preprocess, overrides)
+    return untrained_tensors(path, overrides)
+
+
 def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17,
-                    relu_codes: int = 127) -> tuple[Path, list[str]]:
+                    relu_codes: int = 127, u8_weights: str = "image") -> tuple[Path, list[str]]:
     """The onnxruntime-CPU layout from a trained fake-quant model, keeping its learned scales.
 
     Returns the path and the activations whose scale had to be calibrated here (see
     :func:`untrained_tensors`).
     """
-    import onnx
-
-    if not has_fake_quant(qmodel):
-        raise EdgekdError("model has no INT8 quantizers", "quantize it first (edgekd quantize)")
     with tempfile.TemporaryDirectory() as td:
-        qdq = torch_to_onnx(qmodel, Path(td) / "qdq.onnx", preprocess, opset)
-        stripped, act_amax, weight_scale = strip_qdq(qdq)
-        onnx.save(stripped, str(Path(td) / "float.onnx"))
-        overrides = trained_overrides(stripped, act_amax, weight_scale, relu_codes)
-        ort_quantize_static(Path(td) / "float.onnx", path, calib_u8, preprocess, overrides)
-    return Path(path), untrained_tensors(path, overrides)
+        src = ort_source(qmodel, Path(td), preprocess, calib_u8, opset)
+        return Path(path), quantize_for_ort(src, path, preprocess, calib_u8, relu_codes, u8_weights)
 
 
-def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preprocess, calib_u8: torch.Tensor, check_x: torch.Tensor, opset: int) -> dict[str, Any]:
-    """The ort-cpu export with the ReLU code range (127 or 255, see :func:`u8_params`) whose
-    onnxruntime outputs agree best with the fake-quant model on the held check batch.
+def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preprocess, calib_u8: torch.Tensor, check_x: torch.Tensor, opset: int,
+                            min_agreement: float = 0.99) -> dict[str, Any]:
+    """The ort-cpu export whose onnxruntime outputs agree best with the fake-quant model on the
+    held check batch, among the ReLU code ranges (127 or 255, see :func:`u8_params`); if even the
+    better one agrees on fewer than ``min_agreement`` of top-1 predictions, u8 weights on every
+    strongly signed input (slower, no saturation, see :func:`trained_overrides`) are tried too.
 
     127 codes cannot saturate the AVX2 kernel but clip at 2*amax; 255 codes clip at amax as in
     training. Which one drifts less depends on the model (a well-trained one rarely exceeds amax; an
     under-trained one often does: on a 2-epoch nano_cnn the mean |logit difference| was 0.67 with
-    127 codes and 0.13 with 255), so both are built and measured on the check batch and the one
-    with the smaller mean |logit difference| ships (a continuous measure: top-1 agreement on a few
-    hundred images moves in steps of a few tenths of a percent). The record keeps both results.
+    127 codes and 0.13 with 255), so both are measured and the one with the smaller mean |logit
+    difference| ships (a continuous measure: top-1 agreement on a few hundred images moves in steps
+    of a few tenths of a percent). The record keeps every result.
     """
     from edgekd.export.checks import agreement, ort_logits, reference_logits
 
     reference = reference_logits(qmodel, check_x)
-    tried: dict[int, dict[str, Any]] = {}
+    tried: dict[str, dict[str, Any]] = {}
+    untrained: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as td:
+        src = ort_source(qmodel, Path(td), preprocess, calib_u8, opset)
+
+        def attempt(codes: int, u8_weights: str) -> str:
+            key = f"{codes}" if u8_weights == "image" else f"{codes}-u8-signed"
+            untrained[key] = quantize_for_ort(src, Path(td) / f"{key}.onnx", preprocess, calib_u8, codes, u8_weights)
+            logits = ort_logits(Path(td) / f"{key}.onnx", check_x.numpy())
+            tried[key] = {**agreement(reference, logits), "mean_abs_diff": float(np.abs(reference - logits).mean())}
+            return key
+
         for codes in (127, 255):
-            candidate = Path(td) / f"relu{codes}.onnx"
-            _, untrained = export_int8_ort(qmodel, candidate, preprocess, calib_u8, opset, relu_codes=codes)
-            logits = ort_logits(candidate, check_x.numpy())
-            tried[codes] = {**agreement(reference, logits), "mean_abs_diff": float(np.abs(reference - logits).mean())}
-        best = min(tried, key=lambda c: (round(tried[c]["mean_abs_diff"], 6), -tried[c]["top1_agreement"], c != 127))
+            attempt(codes, "image")
+        best = min(tried, key=lambda k: (round(tried[k]["mean_abs_diff"], 6), -tried[k]["top1_agreement"], k != "127"))
+        if tried[best]["top1_agreement"] < min_agreement:
+            wider = attempt(int(best), "signed")
+            best = wider if tried[wider]["mean_abs_diff"] < tried[best]["mean_abs_diff"] else best
         with atomic_path(path) as tmp:
-            shutil.copyfile(Path(td) / f"relu{best}.onnx", tmp)
-    return {"untrained_tensors": untrained, "relu_codes": best, "relu_codes_tried": {str(c): v for c, v in tried.items()}}
+            shutil.copyfile(Path(td) / f"{best}.onnx", tmp)
+    codes, _, policy = best.partition("-")
+    return {"untrained_tensors": untrained[best], "relu_codes": int(codes), "u8_weights": policy or "image",
+            "relu_codes_tried": {k: v for k, v in tried.items() if "-" not in k}, "variants_tried": tried}
 
 
 def check_ort_cpu_fusion(path: str | Path) -> QdqReport:
