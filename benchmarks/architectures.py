@@ -186,8 +186,8 @@ def goals(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", nargs="+", default=STUDENTS)
-    ap.add_argument("--train-images", type=int, default=8000)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train-images", type=int, default=6000)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--qad-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--runs", type=int, default=100)

@@ -46,7 +46,9 @@ SCALE_PRESERVING = {"MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "S
 
 def strip_qdq(proto) -> tuple[Any, dict[str, float], dict[str, np.ndarray]]:
     """Remove every QuantizeLinear -> DequantizeLinear pair; returns (float graph, activation amax
-    by tensor, per-channel weight scale by initializer). Tensor names are kept."""
+    by tensor, per-channel weight scale by initializer). Tensor names are kept. An unsigned
+    activation (uint8 zero point: a ReLU output quantized for ort-cpu) gets a *negative* amax,
+    -scale * 255, so the caller knows its grid is 0..255 codes of ``scale``."""
     import onnx
     from onnx import numpy_helper
 
@@ -74,7 +76,9 @@ def strip_qdq(proto) -> tuple[Any, dict[str, float], dict[str, np.ndarray]]:
         if src in consts and np.asarray(consts[src]).ndim > 1:
             weight_scale[src] = np.asarray(scale, dtype=np.float32).reshape(-1)
         else:
-            act_amax[src] = max(float(np.max(scale)) * 127.0, act_amax.get(src, 0.0))
+            zp = consts.get(q.input[2]) if len(q.input) > 2 else None
+            unsigned = zp is not None and np.asarray(zp).dtype == np.uint8
+            act_amax[src] = -float(np.max(scale)) * 255.0 if unsigned else max(float(np.max(scale)) * 127.0, act_amax.get(src, 0.0))
         drop.add(id(q))
         for d in dqs:
             drop.add(id(d))
@@ -149,8 +153,15 @@ def is_nonnegative(tensor: str, producers: dict[str, Any], consts: dict[str, np.
 SIGNED_ZERO_POINT_FOR_U8_WEIGHTS = 64
 
 
-def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[str, np.ndarray], minimums: dict[str, float],
-                      relu_codes: int = 127, u8_weights: str = "image") -> dict[str, list[dict[str, Any]]]:
+def lower_bound(tensor: str, producers: dict[str, Any], amax: float) -> float:
+    """The smallest value the op making ``tensor`` can produce: -0.375 for hard-swish
+    (x * relu6(x + 3) / 6 has its minimum at x = -1.5), else the trained range's -amax."""
+    node = producers.get(tensor)
+    return max(-0.375, -amax) if node is not None and node.op_type == "HardSwish" else -amax
+
+
+def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[str, np.ndarray], relu_codes: int = 127,
+                      u8_weights: str = "image") -> dict[str, list[dict[str, Any]]]:
     """onnxruntime ``TensorQuantOverrides`` from the scales read off the trained Q/DQ graph.
 
     Activations: u8 on the trained grid (:func:`u8_params`). Weights: the trained per-channel
@@ -169,8 +180,11 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
     g = Graph(stripped)
     act_params: dict[str, tuple[float, int]] = {}
     for tensor, amax in act_amax.items():
+        if amax < 0:  # trained unsigned: the u8 grid itself
+            act_params[tensor] = (-amax / 255.0, 0)
+            continue
         producer = nonnegative_producer(tensor, g.producers, g.consts)
-        low = 0.0 if producer else minimums.get(tensor, -amax)
+        low = 0.0 if producer else lower_bound(tensor, g.producers, amax)
         # onnxruntime drops a Clip (ReLU6) into the Q before it, so the Q's range must end where the
         # clip does: 255 codes over [0, amax]; a Relu has no upper bound and may use either range.
         act_params[tensor] = u8_params(max(amax, 1e-12), low, 255 if producer == "Clip" else relu_codes)
@@ -199,7 +213,7 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
 
 def u8_params(amax: float, minimum: float, relu_codes: int = 127) -> tuple[float, int]:
     """u8 scale / zero point for a tensor whose trained quantizer is symmetric int8 with ``amax``
-    and whose smallest value seen in calibration is ``minimum``. The scale is always the trained
+    and whose values cannot go below ``minimum`` (a bound of the op that makes it). The scale is always the trained
     grid's step (amax/127) or, for non-negative tensors, optionally half of it.
 
     - Non-negative (after ReLU / ReLU6 / sigmoid): zero point 0, which also lets onnxruntime drop a
@@ -210,34 +224,13 @@ def u8_params(amax: float, minimum: float, relu_codes: int = 127) -> tuple[float
       ``relu_codes=255``: scale amax/255, the trained range on a grid twice as fine.
     - Signed: scale amax/127 and the smallest zero point that still holds ``minimum``
       (ceil(-minimum / scale), at most 128). Every value in [minimum, amax] lands on the trained
-      grid; a tensor that is barely negative (hard-swish: >= -0.375) keeps small codes, like
-      onnxruntime's own asymmetric calibration, so its consumers can keep the fast s8 weights.
+      grid; a tensor that is barely negative by construction (hard-swish: >= -0.375) keeps small
+      codes, so onnxruntime's u8 x s8 kernel is far from saturating.
     """
     if minimum >= 0:
         return amax / float(relu_codes), 0
     scale = amax / 127.0
     return scale, int(min(128, math.ceil(-minimum / scale - 1e-6)))
-
-
-def tensor_minimums(float_path: str | Path, tensors: list[str], calib_u8: torch.Tensor, preprocess: Preprocess, limit: int = 256) -> dict[str, float]:
-    """The smallest value of each tensor over (up to ``limit``) calibration images, from the float graph."""
-    import onnx
-    import onnxruntime as ort
-
-    proto = onnx.load(str(float_path))
-    present = {o for n in proto.graph.node for o in n.output} | {i.name for i in proto.graph.input}
-    wanted = [t for t in tensors if t in present and t not in {o.name for o in proto.graph.output}]
-    for t in wanted:
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    mins = {n: float("inf") for n in names}
-    for batch in _CalibReader(calib_u8[:limit], preprocess).batches:
-        for name, value in zip(names, sess.run(names, {INPUT_NAME: batch})):
-            mins[name] = min(mins[name], float(np.min(value)))
-    return mins
 
 
 class _CalibReader:
@@ -298,11 +291,10 @@ class OrtSource:
     stripped: Any
     act_amax: dict[str, float]
     weight_scale: dict[str, np.ndarray]
-    minimums: dict[str, float]
 
 
-def ort_source(qmodel: nn.Module, workdir: Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17) -> OrtSource:
-    """Export the trained Q/DQ graph, strip it, read its scales and the activations' minimums."""
+def ort_source(qmodel: nn.Module, workdir: Path, preprocess: Preprocess, opset: int = 17) -> OrtSource:
+    """Export the trained Q/DQ graph, strip it, read its scales."""
     import onnx
 
     if not has_fake_quant(qmodel):
@@ -310,14 +302,13 @@ def ort_source(qmodel: nn.Module, workdir: Path, preprocess: Preprocess, calib_u
     qdq = torch_to_onnx(qmodel, workdir / "qdq.onnx", preprocess, opset)
     stripped, act_amax, weight_scale = strip_qdq(qdq)
     onnx.save(stripped, str(workdir / "float.onnx"))
-    minimums = tensor_minimums(workdir / "float.onnx", list(act_amax), calib_u8, preprocess)
-    return OrtSource(workdir / "float.onnx", stripped, act_amax, weight_scale, minimums)
+    return OrtSource(workdir / "float.onnx", stripped, act_amax, weight_scale)
 
 
 def quantize_for_ort(src: OrtSource, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, relu_codes: int = 127,
                      u8_weights: str = "image") -> list[str]:
     """One ort-cpu file from ``src``; returns the activations calibrated here rather than trained."""
-    overrides = trained_overrides(src.stripped, src.act_amax, src.weight_scale, src.minimums, relu_codes, u8_weights)
+    overrides = trained_overrides(src.stripped, src.act_amax, src.weight_scale, relu_codes, u8_weights)
     ort_quantize_static(src.float_path, path, calib_u8, preprocess, overrides)
     return untrained_tensors(path, overrides)
 
@@ -330,7 +321,7 @@ def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess,
     :func:`untrained_tensors`).
     """
     with tempfile.TemporaryDirectory() as td:
-        src = ort_source(qmodel, Path(td), preprocess, calib_u8, opset)
+        src = ort_source(qmodel, Path(td), preprocess, opset)
         return Path(path), quantize_for_ort(src, path, preprocess, calib_u8, relu_codes, u8_weights)
 
 
@@ -354,7 +345,7 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
     tried: dict[str, dict[str, Any]] = {}
     untrained: dict[str, list[str]] = {}
     with tempfile.TemporaryDirectory() as td:
-        src = ort_source(qmodel, Path(td), preprocess, calib_u8, opset)
+        src = ort_source(qmodel, Path(td), preprocess, opset)
 
         def attempt(codes: int, u8_weights: str) -> str:
             key = f"{codes}" if u8_weights == "image" else f"{codes}-u8-signed"

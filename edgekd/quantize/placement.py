@@ -13,7 +13,9 @@ DQ -> op -> Q integer groups. So activations are quantized here, on the edges of
 - ``ort-cpu`` (onnxruntime's QDQ format, as its own ``quantize_static`` lays it out): every input
   *and output* tensor of the ops onnxruntime has integer kernels for (Conv, Gemm, Add, Mul, Concat,
   pooling, Sigmoid); an output followed only by a ReLU / ReLU6 is taken after it, because
-  onnxruntime folds that activation into the quantized op.
+  onnxruntime folds that activation into the quantized op. Those outputs (and Sigmoid's) are
+  quantized *unsigned* (codes 0..255 over [0, amax]), exactly the u8 grid onnxruntime runs: it
+  drops a ReLU6 into the Q after it, so the Q's range must end where the clip does.
 
 One quantizer per tensor, shared by all its consumers: a tensor has one scale in the ONNX file,
 so it has one in training too, and what QAD trains is what ships. Quantizer names follow the
@@ -238,10 +240,22 @@ def input_quantizer_of(gm: torch.fx.GraphModule, module_path: str) -> nn.Module 
     return None
 
 
+def _nonnegative_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> set[torch.fx.Node]:
+    """Nodes whose output is >= 0: ReLU / ReLU6 / Sigmoid, and pooling or reshapes of those."""
+    nonneg: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        kind = op_kind(node, modules)
+        if kind in ("relu", "sigmoid") or ((kind == "pool" or _is_passthrough(node, modules)) and node.args and node.args[0] in nonneg):
+            nonneg.add(node)
+    return nonneg
+
+
 def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_quantizer) -> list[str]:
     """Insert ``make_quantizer()`` modules, named ``edgekd_act.<node>``, on each activation site for
     ``layout`` (see :func:`activation_sites`); records them in ``gm.edgekd_placement``."""
-    names = []
+    names, unsigned = [], []
+    modules = dict(gm.named_modules())
+    nonneg = _nonnegative_nodes(gm, modules)
     for src in activation_sites(gm, layout):
         path = f"{ACT_PREFIX}.{src.name}"
         gm.add_submodule(path, make_quantizer())
@@ -249,9 +263,11 @@ def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_qua
             q = gm.graph.call_module(path, (src,))
         src.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
         names.append(src.name)
+        if layout == "ort-cpu" and src in nonneg:
+            unsigned.append(path)
     gm.graph.lint()
     gm.recompile()
-    gm.edgekd_placement = {"layout": layout, "activations": names}
+    gm.edgekd_placement = {"layout": layout, "activations": names, "unsigned": unsigned}
     return names
 
 

@@ -142,7 +142,8 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
         try:
             qmodel = mtq.quantize(qmodel, weight_config(), None)  # converts Conv/Linear; must precede any other quantizer
             insert_activation_quantizers(qmodel, layout, _tensor_quantizer_cls())
-            mtq.set_quantizer_by_cfg(qmodel, ACTIVATION_CFG)
+            mtq.set_quantizer_by_cfg(qmodel, ACTIVATION_CFG + [{"quantizer_name": name, "cfg": {"num_bits": 8, "axis": None, "unsigned": True}}
+                                                               for name in qmodel.edgekd_placement["unsigned"]])
             if loop is not None:
                 mtq.calibrate(qmodel, algorithm="max", forward_loop=loop)
         except RuntimeError as exc:
