@@ -36,11 +36,11 @@ from edgekd import ui
 from edgekd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig
 from edgekd.data import calibration_images
 from edgekd.export import (agreement, export_fp32, export_int8_ort, export_int8_tensorrt, ort_latency_ms, ort_logits, ort_quantize_static,
-                           _reference_logits)
+                           reference_logits)
 from edgekd.finetune import load_data
 from edgekd.manifest import versions, write_bytes_atomic
 from edgekd.models import count_params, create_model, model_from_checkpoint
-from edgekd.quantize import int8_config, load_quantized, quantize_model, save_quantized
+from edgekd.quantize import forward_loop_over, load_quantized, quantize_model, save_quantized
 from edgekd.train import cross_entropy_loss, fit, seed_everything
 
 HERE = Path(__file__).resolve().parent
@@ -95,7 +95,7 @@ def qad(fp32, data, epochs: int, work: Path, use_teacher: bool, calib, seed: int
     model = copy.deepcopy(fp32)
     model.edgekd_spec = fp32.edgekd_spec
     model.preprocess = fp32.preprocess
-    quantize_model(model, QuantizeConfig(calibrator="max"), calib, model.preprocess)
+    model = quantize_model(model, QuantizeConfig(calibrator="max"), calib, model.preprocess, "ort-cpu")
     loss, _ = make_loss(model, data, use_teacher)
     name = fp32.edgekd_spec["name"]
     res = fit(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0), work / f"{name}-qad", loss,
@@ -108,13 +108,10 @@ def naive(fp32, calib):
     """modelopt INT8_DEFAULT_CFG straight on the FP32 student (BN unfolded), max calibration."""
     import modelopt.torch.quantization as mtq
 
-    from edgekd.quantize import forward_loop_over, register_quantized_modules
-
     model = copy.deepcopy(fp32).eval()
-    register_quantized_modules()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mtq.quantize(model, int8_config(), forward_loop_over(calib, fp32.preprocess))
+        mtq.quantize(model, copy.deepcopy(mtq.INT8_DEFAULT_CFG), forward_loop_over(calib, fp32.preprocess))
     model.edgekd_quant = {"format": "naive"}
     return model
 
@@ -136,13 +133,13 @@ def run_student(name: str, data, args, work: Path, use_teacher: bool) -> list[di
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     export_fp32(fp32, d / "fp32.onnx", pre)
-    _, float_nodes = export_int8_ort(qmodel, d / "qad_ort.onnx", pre, calib)  # edgekd's default relu_codes
+    _, untrained = export_int8_ort(qmodel, d / "qad_ort.onnx", pre, calib)  # edgekd's default relu_codes
     other = 255 if DEFAULT_RELU_CODES == 127 else 127
     export_int8_ort(qmodel, d / "qad_ort_other.onnx", pre, calib, relu_codes=other)
     ort_quantize_static(d / "fp32.onnx", d / "ort_static.onnx", calib, pre)
     nv = naive(fp32, calib)
     export_int8_tensorrt(nv, d / "naive.onnx", pre)
-    fq_ref = _reference_logits(qmodel, x_t)
+    fq_ref = reference_logits(qmodel, x_t)
     rows = []
     variants = [("FP32", "fp32.onnx"), (QAD_LABEL, "qad_ort.onnx"), (f"INT8 edgekd QAD, relu_codes={other}", "qad_ort_other.onnx"),
                 ("INT8 onnxruntime quantize_static", "ort_static.onnx"), ("INT8 naive fake-quant export", "naive.onnx")]
@@ -161,7 +158,7 @@ def run_student(name: str, data, args, work: Path, use_teacher: bool) -> list[di
         r["speedup_b64"] = base["b64_ms"] / r["b64_ms"]
     rows[0]["train_s"] = fp32_s
     rows[1]["train_s"] = qad_s
-    rows[1]["float_nodes"] = float_nodes
+    rows[1]["untrained"] = untrained
     return rows
 
 
@@ -203,8 +200,8 @@ def write_markdown(rows: list[dict], args, seconds: float, use_teacher: bool, pa
     lines += ["", "Goals (from the issue):", *goals(rows), "",
               "Notes:",
               "- 'ORT~PyTorch' is the top-1 agreement of the onnxruntime INT8 file with the fake-quant PyTorch model it came from, on the whole test set.",
-              f"- The QAD export leaves convs with a signed input in float (here: {', '.join(next(r for r in rows if r.get('float_nodes')).get('float_nodes', [])) or 'none'}); "
-              "u8 codes up to 255 on them saturate onnxruntime's AVX2 u8 x s8 kernel.",
+              "- The QAD export quantizes every op onnxruntime has an integer kernel for, with the trained scales; the convs reading the image get "
+              "u8 weights (zero point 128), since u8 codes up to 255 there saturate onnxruntime's AVX2 u8 x s8 kernel.",
               "- relu_codes=127 keeps the exact trained grid (u8 codes <= 127 for values <= amax, so AVX2 u8 x s8 cannot saturate) but clips at 2*amax "
               "instead of amax; relu_codes=255 keeps the trained clipping range with a grid twice as fine.",
               "- The naive export is TensorRT-style Q/DQ (inputs only): onnxruntime CPU cannot fuse it and runs it in float plus Q/DQ overhead.",

@@ -108,7 +108,7 @@ def export_model(model: nn.Module, out_dir: str | Path, req: ExportRequest) -> d
     pre: Preprocess = model.preprocess
     x = pre(req.check_u8)
     labels = req.check_labels.numpy() if req.check_labels is not None else None
-    stage_dir = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    stage_dir = Path(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=out))  # ".*.tmp": a killed run's is cleaned up
     try:
         record = {"precision": req.precision, "layout": req.layout if req.precision == "int8" else "none", "target": req.target, "opset": req.opset,
                   **_write_onnx(model, req, stage_dir, x)}
