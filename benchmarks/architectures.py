@@ -137,6 +137,8 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              "efficientnet_lite0 (offline ImageNet weights); every other network starts from random init.",
              "- INT8 accuracy is that of the exported file, run by onnxruntime (the tensorrt-layout file with graph optimisations off, so its "
              "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 export of the same trained model.",
+             *(["- The training run was stopped for time before its timing phase; the rows it finished were timed afterwards with `--time-only` "
+                "(the minutes above are the timing run's)."] if getattr(args, "time_only", False) else []),
              "", "## Correctness and accuracy", "",
              "| student | layout | completed | Conv/Gemm quantized (per-channel axis 0) | residual adds, both inputs quantized | TensorRT readiness errors "
              "| ORT integer / float compute ops | ONNX~PyTorch top-1 | max abs logit diff | FP32 test % | PTQ val % | INT8 QAD test % | INT8 - FP32 (points) |",
@@ -196,7 +198,16 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--quick", action="store_true", help="tiny budget, to check the script runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("architectures_results.md"))
+    ap.add_argument("--time-only", action="store_true",
+                    help="only time the rows already in the results JSON (a run stopped before its timing phase) and rewrite the results")
     args = ap.parse_args()
+    if args.time_only:
+        t0 = time.time()
+        rows = json.loads(args.out.with_suffix(".json").read_text())
+        time_rows(rows, args)
+        write_results(rows, args, time.time() - t0, args.out)
+        print(args.out.read_text())
+        return
     if args.quick:
         args.train_images, args.epochs, args.runs, args.rounds = 1000, 1, 20, 1
         args.out = args.out.with_name("architectures_results_quick.md")
