@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgekd import ui
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import Graph, QdqReport
@@ -82,7 +83,8 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
     Activations: u8 on the trained grid (:func:`u8_params`). Weights: the trained per-channel
     scales, s8 with zero point 0, except for the ops ``u8_weights`` names, which get u8 weights with
     zero point 128 (the same grid, shifted): ``"image"``, the ops that read the network's input;
-    ``"signed"``, every op whose input is strongly signed (u8 zero point >= 64). Why: onnxruntime's
+    ``"signed"``, every op whose input is strongly signed (u8 zero point >= 64); ``"all"``, every
+    op (unsigned ReLU6 outputs use codes up to 255 too). Why: onnxruntime's
     AVX2 u8 x s8 kernel adds pairs of products in 16 bits and saturates when neighbouring codes are
     large, as they are all over a normalised image (measured: the first conv of a grey-image CNN
     took top-1 agreement with the fake-quant model from 100% to 58%); its u8 x u8 kernel widens
@@ -115,8 +117,15 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
         if node.op_type in SCALE_PRESERVING and node.input and node.input[0] in overrides and node.output[0] not in overrides:
             overrides[node.output[0]] = overrides[node.input[0]]
     graph_inputs = {i.name for i in stripped.graph.input}
-    signed_weights = {n.input[1] for n in g.nodes if n.op_type in COMPUTE_OPS and len(n.input) > 1
-                      and (n.input[0] in graph_inputs if u8_weights == "image" else act_params.get(n.input[0], (0, 128))[1] >= SIGNED_ZERO_POINT_FOR_U8_WEIGHTS)}
+
+    def wants_u8(node) -> bool:
+        if u8_weights == "all":
+            return True
+        if u8_weights == "signed":
+            return act_params.get(node.input[0], (0, 128))[1] >= SIGNED_ZERO_POINT_FOR_U8_WEIGHTS
+        return node.input[0] in graph_inputs
+
+    signed_weights = {n.input[1] for n in g.nodes if n.op_type in COMPUTE_OPS and len(n.input) > 1 and wants_u8(n)}
     for weight, scales in weight_scale.items():
         if weight in signed_weights:
             zp: dict[str, Any] = {"zero_point": np.array(128, dtype=np.uint8), "quant_type": QuantType.QUInt8}
@@ -263,7 +272,7 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
         src = ort_source(qmodel, Path(td), preprocess, opset)
 
         def attempt(codes: int, u8_weights: str) -> str:
-            key = f"{codes}" if u8_weights == "image" else f"{codes}-u8-signed"
+            key = f"{codes}" if u8_weights == "image" else f"{codes}-{u8_weights}"
             untrained[key] = quantize_for_ort(src, Path(td) / f"{key}.onnx", preprocess, calib_u8, codes, u8_weights)
             logits = ort_logits(Path(td) / f"{key}.onnx", check_x.numpy())
             tried[key] = {**agreement(reference, logits), "mean_abs_diff": float(np.abs(reference - logits).mean())}
@@ -272,12 +281,17 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
         for codes in (127, 255):
             attempt(codes, "image")
         best = min(tried, key=lambda k: (round(tried[k]["mean_abs_diff"], 6), -tried[k]["top1_agreement"], k != "127"))
-        if tried[best]["top1_agreement"] < min_agreement:
-            wider = attempt(int(best), "signed")
+        for policy in ("signed", "all"):  # slower kernels, no saturation: only when the fast file drifts
+            if tried[best]["top1_agreement"] >= min_agreement:
+                break
+            wider = attempt(int(best.partition("-")[0]), policy)
             best = wider if tried[wider]["mean_abs_diff"] < tried[best]["mean_abs_diff"] else best
         with atomic_path(path) as tmp:
             shutil.copyfile(Path(td) / f"{best}.onnx", tmp)
     codes, _, policy = best.partition("-")
+    if policy:
+        ui.warn(f"onnxruntime's u8 x s8 kernels saturate on this model (top-1 agreement with the trained model "
+                f"{tried[codes]['top1_agreement']:.2%}); shipping u8 weights on {policy} ops instead: exact, but slower on CPUs without VNNI")
     return {"untrained_tensors": untrained[best], "relu_codes": int(codes), "u8_weights": policy or "image",
             "relu_codes_tried": {k: v for k, v in tried.items() if "-" not in k}, "variants_tried": tried}
 
