@@ -62,10 +62,6 @@ def nonnegative_producer(tensor: str, producers: dict[str, Any], consts: dict[st
     return None
 
 
-def is_nonnegative(tensor: str, producers: dict[str, Any], consts: dict[str, np.ndarray] | None = None) -> bool:
-    return nonnegative_producer(tensor, producers, consts) is not None
-
-
 SIGNED_ZERO_POINT_FOR_U8_WEIGHTS = 64
 
 

@@ -27,8 +27,8 @@ from edgekd.export.onnx import export_fp16, export_fp32, stamp_metadata
 from edgekd.export.ort_layout import export_int8_ort_closest
 from edgekd.export.tensorrt_layout import export_int8_tensorrt
 from edgekd.manifest import versions, write_json_atomic
+from edgekd.quantize.placement import LAYOUTS
 
-LAYOUTS = ("tensorrt", "ort-cpu")
 PRECISIONS = ("int8", "fp16", "fp32")
 
 
