@@ -208,12 +208,14 @@ def make_bundle(
     extra: Mapping[str, Any] | None = None,
     sample_images: np.ndarray | None = None,
     make_tar: bool = True,
+    attachments: Mapping[str, str | os.PathLike] | None = None,
 ) -> Path:
     """Write the bundle folder (atomically) and, by default, ``<out_dir>.tar.gz`` next to it.
 
     ``onnx_files`` maps a model name to its ONNX path; ``primary`` is the one the runtime runs.
     ``metrics`` are the caller's *measured* accuracy/latency; ``sample_images`` (uint8 NCHW, e.g.
-    real test images) become the reference the device must reproduce.
+    real test images) become the reference the device must reproduce. ``attachments`` maps a
+    relative path in the bundle to a file copied there (the build report), checksummed like the rest.
     """
     out = Path(out_dir)
     if primary not in onnx_files:
@@ -228,6 +230,9 @@ def make_bundle(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        for rel, src in (attachments or {}).items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp / rel)
         meta = _fill(tmp, out.name, onnx_files, primary, classes, pre, tgt, dict(metrics or {}), dict(extra or {}), sample_images)
         _write_sums(tmp, meta)
         os.chmod(tmp, 0o755)  # mkdtemp made it private

@@ -30,6 +30,7 @@ class DataConfig(Strict):
     dataset: str = Field("fashion-mnist", description="'fashion-mnist', 'imagefolder', or a torchvision dataset name (e.g. 'cifar10')")
     root: str | None = Field(None, description="dataset folder; default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist")
     val_fraction: float = Field(0.1, ge=0.0, lt=0.9, description="share of the training set held out for validation")
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.9, description="share held out as the test set when the data set has none (an ImageFolder without test/)")
     train_subset: int | None = Field(None, gt=0, description="use only this many training images (quick runs)")
     test_subset: int | None = Field(None, gt=0, description="use only this many test images (quick runs)")
     augment: Literal["none", "flip", "crop-flip"] = Field("crop-flip", description="train-time augmentation")
@@ -48,6 +49,12 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0)
     freeze_bn: bool = Field(False, description="keep BatchNorm statistics frozen (eval mode): small batches, or exact DDP equivalence")
     workers: int = Field(0, ge=0, description="reserved: data is held in memory as tensors")
+    min_steps: int = Field(0, ge=0, description="at least this many optimizer steps: on a small data set the epochs are raised to reach it "
+                                              "(a recipe that sets `epochs` and not `min_steps` turns this off: explicit epochs win)")
+    max_epochs: int = Field(300, ge=1, description="cap on the epochs `min_steps` may ask for")
+    patience: int | None = Field(None, ge=1, description="early stopping: stop after this many epochs without a better validation top-1")
+    time_limit_s: float | None = Field(None, gt=0, description="wall-time limit: the learning-rate schedule ends and training stops by then "
+                                                               "(`build --time-budget` sets it per stage)")
 
 
 class TeacherConfig(Strict):
@@ -56,7 +63,7 @@ class TeacherConfig(Strict):
     input_size: int = Field(48, ge=16, le=1024, description="square input side in pixels (below ~40 px frozen ImageNet features collapse)")
     mode: Literal["full", "linear-probe"] = Field("full", description="fine-tune everything or only the new head")
     # Defaults sized so the whole default `edgekd build` fits ~20 min on 2 CPU cores; recipes/teacher-fmnist.yaml is the accurate one.
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3, batch_size=64, label_smoothing=0.1))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3, batch_size=64, label_smoothing=0.1, min_steps=300, patience=8))
 
 
 class StudentConfig(Strict):
@@ -64,7 +71,9 @@ class StudentConfig(Strict):
     input_size: int = Field(28, ge=16, le=1024)
     width: float = Field(1.0, gt=0, le=8, description="width multiplier for edgekd students")
     augment: Literal["none", "flip", "crop-flip"] = Field("flip", description="student augmentation in `build`: 'flip' lets teacher outputs be cached")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, lr=3e-3, batch_size=128, weight_decay=0.05))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, lr=3e-3, batch_size=128, weight_decay=0.05, min_steps=1000, patience=8))
+    control: bool = Field(True, description="`build` also trains this student alone on hard labels with the same budget (the control), "
+                                            "reports what distillation bought against it, and ships the better one (see distill.ship)")
 
 
 class DistillConfig(Strict):
@@ -79,6 +88,8 @@ class DistillConfig(Strict):
     teacher_layer: str | None = Field(None, description="teacher module path for feature losses (default: model's feature_layer)")
     teacher_weights: list[float] | None = Field(None, description="one weight per teacher (multi-teacher); default equal")
     cache_teacher: bool = Field(True, description="cache teacher logits when augmentation allows it")
+    ship: Literal["better", "distilled"] = Field("better", description="'better': when the control (student alone) beats the distilled "
+                                                                     "student on validation, build ships the control and says why")
 
     @field_validator("losses")
     @classmethod
@@ -95,7 +106,7 @@ class QuantizeConfig(Strict):
     calib_images: int = Field(512, ge=16)
     fold_bn: bool = True
     layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-4, batch_size=128, weight_decay=0.0, warmup_epochs=0.0))
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-4, batch_size=128, weight_decay=0.0, warmup_epochs=0.0, min_steps=200))
 
 
 class ExportConfig(Strict):
@@ -120,6 +131,8 @@ class Recipe(Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed (numpy and torch accept 0 .. 2**32-1)")
     deterministic: bool = False
     target: str = "x86-cpu"
+    time_budget_s: float | None = Field(None, gt=0, description="wall-time budget of the whole build in seconds (`--time-budget 20m`), "
+                                                               "shared out over the training stages")
     data: DataConfig = Field(default_factory=DataConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     student: StudentConfig = Field(default_factory=StudentConfig)
@@ -177,12 +190,48 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+TRAIN_SECTIONS = (("teacher", "train"), ("student", "train"), ("quantize", "train"))
+
+
+def explicit_epochs_win(data: dict[str, Any]) -> None:
+    """A recipe (or --set) that names a stage's ``epochs`` gets exactly that many: its
+    ``min_steps`` is turned off unless it is named too."""
+    for section, sub in TRAIN_SECTIONS:
+        train = data.get(section, {}).get(sub) if isinstance(data.get(section), dict) else None
+        if isinstance(train, dict) and "epochs" in train and "min_steps" not in train:
+            train["min_steps"] = 0
+
+
+def merge_into(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` over ``defaults``, section by section: a recipe that sets ``teacher.train.lr``
+    keeps the teacher's other training defaults (its epochs, label smoothing) instead of the
+    generic ones of a fresh TrainConfig."""
+    out = dict(defaults)
+    for key, value in given.items():
+        out[key] = merge_into(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_duration(text: str) -> float:
+    """'20m', '90s', '1.5h' or plain seconds -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    raw = text.strip().lower()
+    try:
+        value = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise EdgekdError(f"time budget '{text}' is not a duration", "write e.g. 20m, 90s or 1.5h")
+    return value
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
     """Defaults <- recipe file <- overrides, validated once."""
     data: dict[str, Any] = parse_file(path) if path else {}
     data = apply_overrides(data, overrides or [])
+    explicit_epochs_win(data)
     try:
-        return Recipe.model_validate(data)
+        return Recipe.model_validate(merge_into(Recipe().model_dump(mode="json"), data))
     except ValidationError as exc:
         raise EdgekdError(describe_validation_error(exc, str(path or "recipe")), "see `edgekd build --print-config` for valid keys") from exc
 

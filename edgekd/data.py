@@ -308,13 +308,21 @@ def load_torchvision(name: str, root: str | None) -> tuple[dict[str, Split], lis
 
 
 # ----------------------------------------------------------------------------- entry point
-def _split_off_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    n = len(train)
-    n_val = int(round(n * fraction))
-    if n_val == 0:
-        return train, Split(train.images[:0], train.labels[:0])
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    return Split(train.images[order[n_val:]], train.labels[order[n_val:]]), Split(train.images[order[:n_val]], train.labels[order[:n_val]])
+def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): ``fraction`` of every class held out, so a small or imbalanced data set
+    keeps each class in both parts (a plain random split of 300 images can leave a class out)."""
+    if round(len(split) * fraction) == 0:
+        return split, Split(split.images[:0], split.labels[:0])
+    g = torch.Generator().manual_seed(seed)
+    held, rest = [], []
+    for c in torch.unique(split.labels).tolist():
+        idx = torch.nonzero(split.labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = int(round(len(idx) * fraction))
+        held.append(idx[:n])
+        rest.append(idx[n:])
+    h, r = torch.cat(held).sort().values, torch.cat(rest).sort().values
+    return Split(split.images[r], split.labels[r]), Split(split.images[h], split.labels[h])
 
 
 def load_dataset(
@@ -325,8 +333,11 @@ def load_dataset(
     train_subset: int | None = None,
     test_subset: int | None = None,
     store_size: int = 64,
+    test_fraction: float = 0.2,
 ) -> DataSet:
-    """Load a dataset with a deterministic train/val split (same seed, same split)."""
+    """Load a dataset with deterministic stratified splits (same seed, same split). A data set
+    without its own test split (an ImageFolder of one folder) gets ``test_fraction`` of it as a
+    test set that training and model selection never see."""
     info: dict = {}
     key = dataset.lower()
     if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
@@ -340,13 +351,14 @@ def load_dataset(
         splits, classes = load_torchvision(dataset, root)
         source, name = root or "torchvision", dataset
     train = splits["train"]
+    test = splits.get("test")
+    if test is None:
+        train, test = stratified_split(train, test_fraction, seed + 1)
+        info["test_split_from_train"] = test_fraction
     if "val" in splits:
         val = splits["val"]
     else:
-        train, val = _split_off_val(train, val_fraction, seed)
-    test = splits.get("test") or val
-    if "test" not in splits:
-        info["test_is_val"] = True
+        train, val = stratified_split(train, val_fraction, seed)
     if len(train) == 0:
         raise EdgekdError(f"dataset {name} has no training images", "check the dataset folder")
     return DataSet(name, classes, train.subset(train_subset), val.subset(test_subset), test.subset(test_subset), source, info)

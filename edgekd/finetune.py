@@ -17,7 +17,7 @@ from edgekd.train import cross_entropy_loss, final_metrics, fit, seed_everything
 
 
 def load_data(cfg: DataConfig, seed: int, store_size: int = 64) -> DataSet:
-    return load_dataset(cfg.dataset, cfg.root, cfg.val_fraction, seed, cfg.train_subset, cfg.test_subset, store_size)
+    return load_dataset(cfg.dataset, cfg.root, cfg.val_fraction, seed, cfg.train_subset, cfg.test_subset, store_size, cfg.test_fraction)
 
 
 def run_finetune(cfg: TeacherConfig, data_cfg: DataConfig, out_dir: str | Path, seed: int = 0, deterministic: bool = False, resume: bool = True, data: DataSet | None = None) -> dict:

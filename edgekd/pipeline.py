@@ -1,8 +1,12 @@
 """`edgekd build`: the only module that knows the stage order.
 
-    teacher (finetune) -> distill (FP32 student) -> qad (INT8 fake-quant + KD) -> export (ONNX per
-    target layout, checks) -> evaluate (accuracy of the exported file) -> bench (latency here) ->
-    bundle (folder + .tar.gz for the device)
+    teacher (finetune) -> control (the student alone) -> distill (FP32 student; ships the better of
+    distilled and control) -> qad (INT8 fake-quant + KD) -> export (ONNX per target layout, checks)
+    -> evaluate (accuracy of the exported file) -> bench (latency here) -> report (what each stage
+    bought: table, report.md, report.png) -> bundle (folder + .tar.gz for the device)
+
+With a time budget (``--time-budget 20m``) the training stages share it out (:data:`TIME_SHARES`):
+each gets its share of what is left when it starts, and reports what it used.
 
 Stages pass artifacts as files recorded in ``<out>/manifest.json`` with their sha256. A stage is
 skipped when its config and the checksums of its inputs are unchanged and its outputs are intact;
@@ -22,9 +26,11 @@ import numpy as np
 from edgekd import ui
 from edgekd.config import Recipe
 from edgekd.errors import EdgekdError
-from edgekd.manifest import Manifest, hold_run_folder, sha256_file, sha256_json, write_json_atomic
+from edgekd.manifest import Manifest, hold_run_folder, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 
-STAGES = ("teacher", "distill", "qad", "export", "evaluate", "bench", "bundle")
+STAGES = ("teacher", "control", "distill", "qad", "export", "evaluate", "bench", "report", "bundle")
+TIME_SHARES = {"teacher": 0.35, "control": 0.15, "distill": 0.30, "qad": 0.12}  # of the build's time budget
+TIME_RESERVE = 0.08  # kept for export, evaluation, bench, report and bundle
 QUICK_OVERRIDES = [
     "data.train_subset=3000", "data.test_subset=1000",
     "teacher.input_size=48", "teacher.train.epochs=1",
@@ -42,6 +48,23 @@ class BuildContext:
     teacher_checkpoint: Path | None = None
     _data: Any = None
     results: dict[str, dict] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    order: list[str] = field(default_factory=list)
+    stage_limit: float | None = None  # the running stage's time limit, set by run_stage
+
+    def time_limit(self, stage: str) -> float | None:
+        """This training stage's share of what is left of the build's time budget (None: no budget)."""
+        budget = self.recipe.time_budget_s
+        if budget is None or stage not in TIME_SHARES:
+            return None
+        pending = [s for s in self.order[self.order.index(stage):] if s in TIME_SHARES]
+        left = budget - (time.time() - self.started)
+        share = TIME_SHARES[stage] / (sum(TIME_SHARES[s] for s in pending) + TIME_RESERVE)
+        return round(max(10.0, left * share), 1)
+
+    def limited(self, train):
+        """``train`` (a TrainConfig) with the running stage's time limit, when the build has a budget."""
+        return train if self.stage_limit is None else train.model_copy(update={"time_limit_s": self.stage_limit})
 
     @property
     def data(self):
@@ -64,18 +87,42 @@ def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
     if ctx.teacher_checkpoint is not None:
         from edgekd.models import load_checkpoint
 
-        from edgekd.manifest import write_bytes_atomic
-
         ck = load_checkpoint(ctx.teacher_checkpoint)  # validates it before anything builds on it
         # A copy inside the run folder: the manifest only records (and trusts) files under --out.
         copy = write_bytes_atomic(ctx.out / "teacher" / "provided.pt", ctx.teacher_checkpoint.read_bytes())
         return {"checkpoint": copy}, {"provided": True, "model": ck["model"]["name"], "source": str(ctx.teacher_checkpoint)}
     from edgekd.finetune import run_finetune
 
-    r = run_finetune(ctx.recipe.teacher, ctx.recipe.data, ctx.out / "teacher", ctx.recipe.seed, ctx.recipe.deterministic, data=ctx.data)
-    m = r["metrics"]
-    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "params": m["params"],
-                                                                             "train_seconds": m["train_seconds"]}
+    cfg = ctx.recipe.teacher.model_copy(update={"train": ctx.limited(ctx.recipe.teacher.train)})
+    r = run_finetune(cfg, ctx.recipe.data, ctx.out / "teacher", ctx.recipe.seed, ctx.recipe.deterministic, data=ctx.data)
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {**training_metrics(r["metrics"]), "model": cfg.model}
+
+
+def training_metrics(m: dict) -> dict:
+    """What the manifest keeps of a training stage's metrics.json."""
+    return {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "params": m.get("params"), "train_seconds": m["train_seconds"],
+            "stopped": m.get("stopped"), "plan": m.get("plan")}
+
+
+def stage_control(ctx: BuildContext) -> tuple[dict, dict]:
+    """The student alone on hard labels, same budget: what distillation has to beat."""
+    from edgekd.control import run_control
+
+    rc = ctx.recipe
+    student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
+    r = run_control(student, rc.data.model_copy(update={"augment": rc.student.augment}), ctx.out / "control", ctx.data, rc.seed, rc.deterministic)
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, training_metrics(r["metrics"])
+
+
+def choose_student(distilled: dict, control: dict | None, rule: str) -> tuple[str, str | None]:
+    """("distilled" | "control", why): the control ships only when it beat distillation on
+    validation and the recipe allows it (``distill.ship: better``)."""
+    if control is None or control.get("val_top1") is None or rule != "better":
+        return "distilled", None
+    if control["val_top1"] > distilled["val_top1"]:
+        return "control", (f"distillation lost to the student alone on validation ({100 * distilled['val_top1']:.2f}% vs "
+                           f"{100 * control['val_top1']:.2f}%): the control ships (distill.ship=distilled ships the distilled one)")
+    return "distilled", None
 
 
 def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
@@ -83,12 +130,16 @@ def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
 
     rc = ctx.recipe
     data_cfg = rc.data.model_copy(update={"augment": rc.student.augment})
-    r = run_distill([ctx.path("teacher", "checkpoint")], rc.student, rc.distill, data_cfg, ctx.out / "student", rc.seed, rc.deterministic,
+    student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
+    r = run_distill([ctx.path("teacher", "checkpoint")], student, rc.distill, data_cfg, ctx.out / "student", rc.seed, rc.deterministic,
                     data=ctx.data, cache_dir=ctx.out / "cache")
-    m = r["metrics"]
-    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
-                                                                             "params": m.get("params"), "train_seconds": m["train_seconds"],
-                                                                             "teacher_weaker_than_student": m.get("teacher_weaker_than_student")}
+    metrics = {**training_metrics(r["metrics"]), "teacher_weaker_than_student": r["metrics"].get("teacher_weaker_than_student")}
+    control = ctx.manifest.stage("control")["metrics"] if "control" in ctx.order else None
+    shipped, why = choose_student(metrics, control, rc.distill.ship)
+    if why:
+        ui.warn(why)
+    chosen = r["checkpoint"] if shipped == "distilled" else ctx.path("control", "checkpoint")
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"], "shipped_checkpoint": chosen}, {**metrics, "shipped_student": shipped, "ship_reason": why}
 
 
 def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
@@ -104,10 +155,11 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
         return build_distill_loss(qstudent, [teacher], rc.distill, ctx.data, ctx.out / "cache", augment)
 
     cfg = rc.quantize if rc.quantize.layout != "auto" else rc.quantize.model_copy(update={"layout": ctx.target.layout})
-    r = run_qad(ctx.path("distill", "checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
+    cfg = cfg.model_copy(update={"train": ctx.limited(cfg.train)})
+    r = run_qad(ctx.path("distill", "shipped_checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
     m = r["metrics"]
-    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
-                                                                             "fp32_val_top1": m.get("fp32_val_top1"), "ptq_val_top1": m.get("ptq_val_top1"),
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {**training_metrics(m), "fp32_val_top1": m.get("fp32_val_top1"),
+                                                                             "ptq_val_top1": m.get("ptq_val_top1"), "ptq_test_top1": m.get("ptq_test_top1"),
                                                                              "result": m.get("result")}
 
 
@@ -119,7 +171,7 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
     source = "qad" if precision == "int8" and rc.quantize.enabled else "distill"
     layout = rc.export.layout if rc.export.layout != "auto" else t.layout
     export_cfg = rc.export.model_copy(update={"precision": precision, "layout": layout})
-    r = run_export(ctx.path(source, "checkpoint"), ctx.out / "export", ctx.data, export_cfg, rc.quantize, t.name, rc.seed)
+    r = run_export(ctx.path("qad", "checkpoint") if source == "qad" else ctx.path("distill", "shipped_checkpoint"), ctx.out / "export", ctx.data, export_cfg, rc.quantize, t.name, rc.seed)
     artifacts = {"onnx": r["path"], "record": str(ctx.out / "export" / "export.json")}
     if r.get("fp32_path"):
         artifacts["fp32_onnx"] = r["fp32_path"]
@@ -151,7 +203,7 @@ def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
     pre = Preprocess.from_dict(load_checkpoint(ctx.path("distill", "checkpoint"))["preprocess"])
     export = ctx.manifest.stage("export")["metrics"]
     shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=export.get("precision") == "int8" and export.get("layout") == "tensorrt")
-    metrics = {"test_top1": shipped["top1"], "per_class": shipped["per_class"], "n": shipped["n"]}
+    metrics = {"test_top1": shipped["top1"], "per_class": shipped["per_class"], "n": shipped["n"], "precision": export.get("precision", "").upper()}
     if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
         fp32 = onnx_test_accuracy(ctx.path("export", "fp32_onnx"), ctx.data, pre)
         metrics["fp32_test_top1"] = fp32["top1"]
@@ -201,11 +253,25 @@ def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
     return {"record": out}, metrics
 
 
+def stage_report(ctx: BuildContext) -> tuple[dict, dict]:
+    """report.json / report.md / report.png: what each stage bought, from the manifest's metrics."""
+    from edgekd.report import build_report, markdown, plot
+
+    stages = {k: v.get("metrics", {}) for k, v in ctx.manifest.data["stages"].items() if v.get("status") == "done"}
+    report = build_report(stages, ctx.target.to_dict(), {"bundle": str(ctx.out / "bundle"), "bundle_tar": str(ctx.out / "bundle.tar.gz")})
+    folder = ctx.out / "report"
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / "report.json", report)
+    write_bytes_atomic(folder / "report.md", markdown(report, f"edgekd build --target {ctx.target.name}").encode())
+    plot(report, folder / "report.png")
+    return {"json": folder / "report.json", "md": folder / "report.md", "png": folder / "report.png"}, report
+
+
 def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
     from edgekd.bundle import make_bundle
     from edgekd.models import load_checkpoint
 
-    ck = load_checkpoint(ctx.path("distill", "checkpoint"))
+    ck = load_checkpoint(ctx.path("distill", "shipped_checkpoint"))
     onnx_files = {"model": ctx.path("export", "onnx")}
     if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
         onnx_files["fp32"] = ctx.path("export", "fp32_onnx")
@@ -214,7 +280,8 @@ def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
                "latency_host": {"runtime": be["runtime"], "on_target_runtime": be["on_target_runtime"], "ms": be["latency_ms"], "fingerprint": be["fingerprint"]},
                "export_checks": ctx.manifest.stage("export")["metrics"].get("checks")}
     extra = {"recipe": ctx.recipe.model_dump(mode="json"), "stages": {k: v.get("config_hash") for k, v in ctx.manifest.data["stages"].items()}}
-    bundle_dir = make_bundle(ctx.out / "bundle", onnx_files, "model", ck["classes"], ck["preprocess"], ctx.target.to_dict(), metrics, extra)
+    report = {f"report/report.{k}": ctx.path("report", k) for k in ("md", "png", "json")}
+    bundle_dir = make_bundle(ctx.out / "bundle", onnx_files, "model", ck["classes"], ck["preprocess"], ctx.target.to_dict(), metrics, extra, attachments=report)
     tar = Path(str(bundle_dir) + ".tar.gz")
     arts = {"bundle_json": bundle_dir / "bundle.json"}
     if tar.is_file():
@@ -223,8 +290,8 @@ def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
 
 
 STAGE_FUNCS: dict[str, Callable[[BuildContext], tuple[dict, dict]]] = {
-    "teacher": stage_teacher, "distill": stage_distill, "qad": stage_qad, "export": stage_export,
-    "evaluate": stage_evaluate, "bench": stage_bench, "bundle": stage_bundle,
+    "teacher": stage_teacher, "control": stage_control, "distill": stage_distill, "qad": stage_qad, "export": stage_export,
+    "evaluate": stage_evaluate, "bench": stage_bench, "report": stage_report, "bundle": stage_bundle,
 }
 
 
@@ -236,18 +303,19 @@ def export_precision(recipe: Recipe, target) -> str:
 
 def stages_for(recipe: Recipe, target) -> list[str]:
     quantized = export_precision(recipe, target) == "int8" and recipe.quantize.enabled
-    return [s for s in STAGES if s != "qad" or quantized]
+    return [s for s in STAGES if (s != "qad" or quantized) and (s != "control" or recipe.student.control)]
 
 
 def _inputs(stage: str) -> list[tuple[str, str]]:
     """(stage, artifact) pairs whose checksums are part of ``stage``'s identity."""
     return {
-        "distill": [("teacher", "checkpoint")],
-        "qad": [("teacher", "checkpoint"), ("distill", "checkpoint")],
-        "export": [("qad", "checkpoint"), ("distill", "checkpoint")],
+        "distill": [("teacher", "checkpoint"), ("control", "checkpoint")],
+        "qad": [("teacher", "checkpoint"), ("distill", "shipped_checkpoint")],
+        "export": [("qad", "checkpoint"), ("distill", "shipped_checkpoint")],
         "evaluate": [("export", "onnx")],
         "bench": [("export", "onnx")],
-        "bundle": [("export", "onnx"), ("evaluate", "record"), ("bench", "record")],
+        "report": [("evaluate", "record"), ("bench", "record")],
+        "bundle": [("export", "onnx"), ("evaluate", "record"), ("bench", "record"), ("report", "json")],
     }.get(stage, [])
 
 
@@ -257,11 +325,13 @@ def stage_config(recipe: Recipe, target, stage: str) -> dict:
     common = {"seed": rc["seed"], "deterministic": rc["deterministic"], "data": rc["data"]}
     return {
         "teacher": {**common, "teacher": rc["teacher"]},
+        "control": {**common, "student": rc["student"]},
         "distill": {**common, "student": rc["student"], "distill": rc["distill"]},
         "qad": {**common, "quantize": rc["quantize"], "distill": rc["distill"], "student_augment": rc["student"]["augment"], "layout": target.layout},
         "export": {**common, "export": rc["export"], "quantize": rc["quantize"], "layout": target.layout, "precision": export_precision(recipe, target)},
         "evaluate": common,
         "bench": {"bench": rc["bench"], "target": target.to_dict()},
+        "report": {"target": target.to_dict()},
         "bundle": {"target": target.to_dict(), "recipe": rc},
     }[stage]
 
@@ -292,12 +362,14 @@ def run_stage(ctx: BuildContext, stage: str) -> dict:
         entry = ctx.manifest.stage(stage)
         ui.log(f"[dim]{stage}: up to date, skipped[/]")
         return {"status": "skipped", "seconds": 0.0, "metrics": entry.get("metrics", {})}
-    ui.log(f"[bold]{stage}[/] ...")
+    limit = ctx.stage_limit = ctx.time_limit(stage)
+    ui.log(f"[bold]{stage}[/] ..." + (f" (time budget share: {limit:.0f} s)" if limit else ""))
     ctx.manifest.start(stage, h)
     t0 = time.time()
-    artifacts, metrics = STAGE_FUNCS[stage](ctx)
+    with ui.heartbeat(stage):
+        artifacts, metrics = STAGE_FUNCS[stage](ctx)
     entry = ctx.manifest.finish(stage, artifacts, metrics)
-    return {"status": "done", "seconds": round(time.time() - t0, 2), "metrics": entry["metrics"]}
+    return {"status": "done", "seconds": round(time.time() - t0, 2), "metrics": entry["metrics"], "budget_s": limit}
 
 
 def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targets_dir: str | None = None,
@@ -322,6 +394,7 @@ def _build_locked(recipe: Recipe, out: Path, target, teacher_checkpoint: str | P
     ctx.manifest.data["target"] = target.to_dict()
     ctx.manifest.save()
     order = stages_for(recipe, target)
+    ctx.order = order
     if until is not None and until not in order:
         raise EdgekdError(f"unknown stage '{until}'", f"use one of: {', '.join(order)}")
     stages: dict[str, dict] = {}
@@ -336,10 +409,19 @@ def _build_locked(recipe: Recipe, out: Path, target, teacher_checkpoint: str | P
     return summary(ctx, stages, time.time() - t0)
 
 
+def check_passed(check: Any) -> Any:
+    """One export check's outcome for the summary: its ``ok``, or for the agreement check
+    (which records numbers, not a verdict) its top-1 agreement."""
+    if not isinstance(check, dict):
+        return check
+    return check["ok"] if "ok" in check else check.get("top1_agreement")
+
+
 def summary(ctx: BuildContext, stages: dict[str, dict], seconds: float) -> dict:
     m = ctx.manifest
     result: dict[str, Any] = {"target": ctx.target.name, "out": str(ctx.out), "manifest": str(m.path), "seconds": round(seconds, 2),
-                              "stages": {k: {"status": v["status"], "seconds": v["seconds"]} for k, v in stages.items()}}
+                              "stages": {k: {"status": v["status"], "seconds": v["seconds"], "budget_s": v.get("budget_s")} for k, v in stages.items()},
+                              "time_budget_s": ctx.recipe.time_budget_s}
     if m.stage("bundle") and m.stage("bundle").get("status") == "done":
         result["bundle"] = m.stage("bundle")["metrics"]["bundle"]
         tar = m.stage("bundle")["artifacts"].get("tar")
@@ -349,7 +431,7 @@ def summary(ctx: BuildContext, stages: dict[str, dict], seconds: float) -> dict:
         result["precision"] = m.stage("export")["metrics"]["precision"]
         result["layout"] = m.stage("export")["metrics"]["layout"]
         checks = m.stage("export")["metrics"].get("checks") or {}
-        result["checks"] = {k: (v.get("ok") if isinstance(v, dict) else v) for k, v in checks.items()}
+        result["checks"] = {k: check_passed(v) for k, v in checks.items()}
     if m.stage("evaluate") and m.stage("evaluate").get("status") == "done":
         ev = m.stage("evaluate")["metrics"]
         result["accuracy"] = ev["test_top1"]
@@ -363,6 +445,9 @@ def summary(ctx: BuildContext, stages: dict[str, dict], seconds: float) -> dict:
         result["latency_ms"] = b["latency_ms"]["1"]["p50_ms"]
         result["latency"] = {"runtime": b["runtime"], "on_target_runtime": b["on_target_runtime"], "p50_ms_by_batch": {k: v["p50_ms"] for k, v in b["latency_ms"].items()},
                              "speedup_vs_fp32": b.get("speedup_vs_fp32")}
+    if m.stage("report") and m.stage("report").get("status") == "done":
+        result["report"] = m.stage("report")["metrics"]
+        result["report_md"] = str(m.artifact_path("report", "md"))
     if ctx.target.runtime == "tensorrt" and result.get("bundle"):
         result["device_build"] = f"cd {Path(result['bundle']).name} && sh engine/build_engine.sh"
     return result

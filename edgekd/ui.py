@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
+import time
 from typing import Any, Iterable
 
 from rich.console import Console
@@ -39,19 +41,63 @@ def quiet_library_output():
         yield
 
 
+_ACTIVITY: dict[str, Any] = {"status": "", "printed": time.time()}
+HEARTBEAT_S = float(os.environ.get("EDGEKD_HEARTBEAT_S", "25"))  # a non-interactive log gets a line at least this often (plus the poll: under 30 s)
+
+
 def log(msg: str) -> None:
     if not is_quiet():
         console.print(msg)
+        _ACTIVITY["printed"] = time.time()
 
 
 def warn(msg: str) -> None:
     """Warnings are shown even when quiet: a slower or less accurate INT8 model must be loud."""
     console.print(f"[bold yellow]WARNING[/]: {msg}")
+    _ACTIVITY["printed"] = time.time()
+
+
+class _Progress(Progress):
+    """rich's progress bar, which also remembers the latest status for :func:`heartbeat`: a CI log
+    (no TTY) shows no live bar, so the heartbeat prints that status as a plain line."""
+
+    def update(self, task_id, **kwargs) -> None:  # type: ignore[override]
+        super().update(task_id, **kwargs)
+        task = self._tasks.get(task_id)
+        if task is not None and task.total:
+            fields = " ".join(str(task.fields.get(k, "")) for k in ("info", "rate")).strip()
+            _ACTIVITY["status"] = f"{task.description}: {task.completed:.0f}/{task.total:.0f} steps {fields}"
+
+
+@contextlib.contextmanager
+def heartbeat(label: str):
+    """While the block runs in a non-interactive console, print a line whenever nothing was
+    printed for :data:`HEARTBEAT_S` seconds: the stage, its elapsed time and the latest progress."""
+    if console.is_terminal or is_quiet():
+        yield
+        return
+    stop = threading.Event()
+    started = time.time()
+    _ACTIVITY["status"] = ""
+
+    def beat() -> None:
+        while not stop.wait(min(5.0, HEARTBEAT_S / 5)):
+            if time.time() - _ACTIVITY["printed"] >= HEARTBEAT_S:
+                status = f" - {_ACTIVITY['status']}" if _ACTIVITY["status"] else ""
+                log(f"{label}: running for {time.time() - started:.0f} s{status}")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def progress() -> Progress:
     """A progress bar with throughput (set the 'rate' field) and ETA."""
-    return Progress(
+    return _Progress(
         SpinnerColumn(),
         TextColumn("[bold]{task.description}"),
         BarColumn(),

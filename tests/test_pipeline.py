@@ -42,7 +42,7 @@ def test_build_json_has_the_promised_fields(built):
     for key in ("bundle", "onnx", "target", "accuracy", "params", "latency_ms", "stages"):
         assert key in res, key
     assert res["target"] == "x86-cpu" and res["precision"] == "int8" and res["layout"] == "ort-cpu"
-    assert set(res["stages"]) == {"teacher", "distill", "qad", "export", "evaluate", "bench", "bundle"}
+    assert set(res["stages"]) == {"teacher", "control", "distill", "qad", "export", "evaluate", "bench", "report", "bundle"}
     assert all(s["status"] == "done" for s in res["stages"].values())
     assert 0.3 < res["accuracy"] <= 1.0 and res["params"] < 100_000 and res["latency_ms"] > 0
     assert os.path.isfile(res["onnx"]) and os.path.isdir(res["bundle"]) and os.path.isfile(res["bundle_tar"])

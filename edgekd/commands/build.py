@@ -22,7 +22,11 @@ def build(
     data_root: DataRootOpt = None,
     seed: SeedOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="A first look in a few minutes: 3,000 images, 1 teacher epoch at 48 px, 3 student epochs.")] = False,
-    until: Annotated[Optional[str], typer.Option(help="Stop after this stage (teacher, distill, qad, export, evaluate, bench, bundle).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Stop after this stage (teacher, control, distill, qad, export, evaluate, bench, report, bundle).")] = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Wall time for the whole build, e.g. 20m, 90s, 1.5h: the training stages share it out "
+                                                       "(teacher 35%, control 15%, distill 30%, QAD 12% of what is left when each starts) and stop on time.")] = None,
+    control: Annotated[bool, typer.Option("--control/--no-control", help="Also train the student alone on hard labels (the control), report what "
+                                          "distillation bought against it, and ship the better one.")] = True,
     targets_dir: Annotated[Optional[Path], typer.Option(help="Extra folder of target .toml files (also $EDGEKD_TARGETS_DIR).")] = None,
     allow_not_ready: AllowNotReadyOpt = False,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the full recipe (every default, after overrides) as YAML and exit.")] = False,
@@ -44,23 +48,41 @@ def build(
     from edgekd.config import load_recipe, recipe_to_yaml
     from edgekd.pipeline import QUICK_OVERRIDES, build as run_build
 
+    from edgekd.config import parse_duration
+
     opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "seed": seed, "target": target,
-                      "export.allow_not_ready": True if allow_not_ready else None})
+                      "export.allow_not_ready": True if allow_not_ready else None, "student.control": None if control else False,
+                      "time_budget_s": parse_duration(time_budget) if time_budget else None})
     recipe = load_recipe(config, (QUICK_OVERRIDES if quick else []) + (set_ or []) + opts)
     if print_config:
         typer.echo(recipe_to_yaml(recipe), nl=False)
         return
     result = run_build(recipe, out, recipe.target, str(targets_dir) if targets_dir else None, teacher, until)
-    rows = [[name, s["status"], f"{s['seconds']:.1f}"] for name, s in result["stages"].items()]
-    ui.show(ui.table(f"edgekd build --target {result['target']}", ["stage", "status", "seconds"], rows))
-    if "accuracy" in result:
-        lat = result.get("latency", {})
-        ui.show(ui.table("shipped model", ["precision", "layout", "test top-1", "FP32 top-1", "params", "p50 ms (batch 1)", "runtime", "speed-up vs FP32", "bundle"],
-                         [[result.get("precision"), result.get("layout"), result.get("accuracy"), result.get("fp32_accuracy"), result.get("params"),
-                           result.get("latency_ms"), lat.get("runtime"), lat.get("speedup_vs_fp32"), result.get("bundle_tar") or result.get("bundle")]]))
-    if result.get("device_build"):
-        ui.log(f"on the device: {result['device_build']}")
+    show_summary(result)
     emit(result, as_json)
+
+
+def show_summary(result: dict) -> None:
+    """The end of a build, in 80 columns: stages and times, what each stage bought, latency, the verdict, what to run next."""
+    from edgekd.report import accuracy_table, latency_table
+
+    budget = result.get("time_budget_s")
+    rows = [[name, s["status"], f"{s['seconds']:.0f}"] + ([f"{s['budget_s']:.0f}" if s.get("budget_s") else "-"] if budget else [])
+            for name, s in result["stages"].items()]
+    ui.show(ui.table(f"edgekd build --target {result['target']}: {result['seconds'] / 60:.1f} min" + (f" of {budget / 60:.0f}" if budget else ""),
+                     ["stage", "status", "seconds"] + (["budget s"] if budget else []), rows))
+    report = result.get("report")
+    if report:
+        ui.show(accuracy_table(report))
+        if report["latency"]:
+            ui.show(latency_table(report))
+        for note in report["notes"]:
+            ui.log(f"[dim]note: {note}[/]")
+        ui.log(f"[bold]verdict[/]: {report['verdict']}")
+        ui.log(f"report: {result.get('report_md')}")
+        ui.log(f"next: {report['next']}")
+    elif result.get("device_build"):
+        ui.log(f"on the device: {result['device_build']}")
 
 
 def register(app: typer.Typer) -> None:

@@ -262,6 +262,7 @@ def run_qad(
     calib = calibration_images(data.train, cfg.calib_images, seed)
     model = quantize_model(model, cfg, calib, pre, cfg.layout if cfg.layout != "auto" else "tensorrt")
     ptq_val = evaluate(model, data.val, pre, data.classes)["top1"]
+    ptq_test = evaluate(model, data.test, pre, data.classes)["top1"]  # for the build report's PTQ row (never used to choose)
     ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers, calibrator {cfg.calibrator} on {len(calib)} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
     extra = {"source_checkpoint": str(student_ckpt), "config": {"quantize": cfg.model_dump(), "seed": seed}}
@@ -275,6 +276,6 @@ def run_qad(
         loss_fn.close()
     kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
     best = load_quantized(result.best_path)
-    metrics = final_metrics(best, data, pre, result, {"fp32_val_top1": fp32_val, "ptq_val_top1": ptq_val, "calibrator": cfg.calibrator,
+    metrics = final_metrics(best, data, pre, result, {"fp32_val_top1": fp32_val, "ptq_val_top1": ptq_val, "ptq_test_top1": ptq_test, "calibrator": cfg.calibrator,
                                                       "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if kept else "QAD"})
     return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}
