@@ -245,7 +245,8 @@ def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
         metrics["speedup_vs_fp32"] = {str(s["batch"]): round(fp32[s["batch"]] / s["p50_ms"], 3) for s in shipped["sweep"] if s["batch"] in fp32}
         slower = [b for b, x in metrics["speedup_vs_fp32"].items() if x < 1.0]
         if slower and runtime == "ort-cpu" and t.layout == "ort-cpu":
-            ui.warn(f"the INT8 model is SLOWER than FP32 on {runtime} at batch {', '.join(slower)} (speed-up {metrics['speedup_vs_fp32']})")
+            ui.warn(f"the INT8 model is SLOWER than FP32 on {runtime} at batch "
+                    + ", ".join(f"{b} ({metrics['speedup_vs_fp32'][b]:.2f}x FP32's speed)" for b in slower))
     if avail.ok:
         metrics["within_budget"] = {"1": metrics["latency_ms"]["1"]["p50_ms"] <= t.latency_budget.batch1_ms}
     out = ctx.out / "bench.json"

@@ -107,7 +107,7 @@ def progress() -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=is_quiet(),
+        disable=is_quiet() or not console.is_terminal,  # a CI log gets heartbeat lines instead of a bar's last frame
         transient=False,
     )
 

@@ -52,7 +52,7 @@ def test_imagefolder_mixed_sizes_and_modes_and_a_truncated_file(tmp_path):
     (tmp_path / "cat" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00truncated")
     ds = load_dataset("imagefolder", root=str(tmp_path), val_fraction=0.25, store_size=32)
     assert ds.classes == ["cat", "dog"] and ds.channels == 3
-    assert len(ds.train) + len(ds.val) == 8
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 8 and ds.info["test_split_from_train"] == 0.2
     assert ds.info["skipped_files"] == [str(tmp_path / "cat" / "broken.png")]
     assert ds.train.images.shape[1:] == (3, 32, 32)
 
@@ -89,3 +89,15 @@ def test_augment_and_sharded_iteration_cover_the_split():
     out, flipped = augment_batch(torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4).repeat(64, 1, 1, 1), "flip", torch.Generator().manual_seed(0))
     assert 10 < int(flipped.sum()) < 54
     assert torch.equal(out[flipped][0, 0, 0], torch.tensor([3, 2, 1, 0], dtype=torch.uint8))
+
+
+def test_splits_are_stratified_and_deterministic():
+    from edgekd.data import Split, stratified_split
+
+    labels = torch.tensor([0] * 90 + [1] * 9 + [2] * 30)  # imbalanced, as users' folders are
+    split = Split(torch.arange(len(labels), dtype=torch.uint8).view(-1, 1, 1, 1), labels)
+    rest, held = stratified_split(split, 0.2, seed=3)
+    assert torch.bincount(held.labels).tolist() == [18, 2, 6] and len(rest) + len(held) == len(split)
+    assert set(rest.images.flatten().tolist()).isdisjoint(held.images.flatten().tolist())
+    again = stratified_split(split, 0.2, seed=3)[1]
+    assert torch.equal(again.images, held.images)
