@@ -1,0 +1,133 @@
+"""The teacher-output cache. When augmentation is deterministic ('none': one view per image,
+'flip': two views) the teacher's logits (and features) are computed once and kept on disk,
+keyed by teacher checksum + data fingerprint + teacher preprocessing + augmentation, so later
+epochs and later students cost only the student. 'crop-flip' runs the teacher online.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from edgekd import ui
+from edgekd.data import Batch, DataSet, Split
+from edgekd.errors import EdgekdError
+from edgekd.manifest import atomic_path, sha256_json
+from edgekd.models import safe_torch_load
+from edgekd.distill.teachers import Teacher, teacher_forward
+
+CACHE_ENV = "EDGEKD_CACHE_DIR"
+CACHE_FORMAT = "edgekd-teacher-cache"
+CACHE_VERSION = 1
+FEATURE_CACHE_LIMIT_BYTES = 2 << 30  # above this a teacher's feature maps are not cached (memory)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "edgekd" / "teacher-logits")
+
+
+def views_for(augment: str) -> int | None:
+    """Distinct views of one image under an augmentation: 1 ('none'), 2 ('flip'), None = random (not cacheable)."""
+    return {"none": 1, "flip": 2}.get(augment)
+
+
+def cache_key(teacher: Teacher, data: DataSet, augment: str, feature_layer: str | None) -> str:
+    """What the cached outputs depend on: teacher weights, data, teacher preprocessing, augmentation, hooked layer."""
+    return sha256_json({
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher_sha256": teacher.sha256, "data": data.fingerprint(),
+        "train_size": len(data.train), "preprocess": teacher.preprocess.to_dict(), "augment": augment, "feature_layer": feature_layer,
+    })[:32]
+
+
+class TeacherCache:
+    """Teacher outputs for every training image and view, (N, V, ...), in memory and on disk.
+
+    View 0 is the image as stored, view 1 its horizontal mirror (what ``data.augment_batch`` does
+    for 'flip'), so ``lookup`` indexes with ``batch.indices`` and ``batch.flipped``. Each table
+    ('logits', and 'feature' for feature losses) is its own file keyed by :func:`cache_key`, so a
+    logits-only run reuses the logits a feature run computed. ``key``/``path`` are the logits'.
+    """
+
+    def __init__(self, paths: dict[str, Path], tables: dict[str, torch.Tensor], hit: bool, seconds: float = 0.0):
+        self.paths, self.tables, self.hit, self.seconds = paths, tables, hit, seconds
+        self.path = paths["logits"]
+        self.key = self.path.stem
+
+    def lookup(self, batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+        view = batch.flipped.long() if self.tables["logits"].shape[1] > 1 else torch.zeros_like(batch.flipped, dtype=torch.long)
+        return {k: v[batch.indices, view].to(device).float() for k, v in self.tables.items()}
+
+
+def _read_table(path: Path, n: int, views: int) -> torch.Tensor | None:
+    """One cached table, or None (missing, unreadable or not matching its key/shape: then it is recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        payload = safe_torch_load(path, "teacher cache")
+    except EdgekdError as exc:
+        ui.warn(f"ignoring unreadable teacher cache {path} ({exc.message}); recomputing")
+        return None
+    table = payload.get("table") if isinstance(payload, dict) else None
+    if payload.get("key") != path.stem or not isinstance(table, torch.Tensor) or tuple(table.shape[:2]) != (n, views):
+        ui.warn(f"teacher cache {path} does not match its key or shape; recomputing")
+        return None
+    return table
+
+
+def compute_teacher_tables(teacher: Teacher, split: Split, views: int, device: torch.device, batch_size: int = 256) -> tuple[dict[str, torch.Tensor], float]:
+    """Run the teacher once over every image (and its mirror when views=2): logits float32, features float16."""
+    n = len(split)
+    tables: dict[str, torch.Tensor] = {}
+    t0, done = time.time(), 0
+    with ui.progress() as prog:
+        task = prog.add_task(f"teacher {teacher.name} -> cache", total=n * views, rate="", info="")
+        for start in range(0, n, batch_size):
+            images = split.images[start : start + batch_size]
+            for v in range(views):
+                out = teacher_forward(teacher, images.flip(-1) if v == 1 else images, device)
+                for k, val in out.items():
+                    if k not in tables:
+                        tables[k] = torch.empty((n, views, *val.shape[1:]), dtype=torch.float32 if k == "logits" else torch.float16)
+                    tables[k][start : start + len(images), v] = val.cpu().to(tables[k].dtype)
+                done += len(images)
+                prog.update(task, advance=len(images), rate=f"{done / max(1e-9, time.time() - t0):.0f} img/s")
+    return tables, time.time() - t0
+
+
+def feature_cache_bytes(teacher: Teacher, split: Split, views: int, device: torch.device) -> int:
+    """Bytes the hooked feature maps of every image/view would take in float16 (one probe batch)."""
+    if teacher.hook is None or len(split) == 0:
+        return 0
+    out = teacher_forward(teacher, split.images[:1], device)
+    return int(out["feature"].numel()) * 2 * len(split) * views
+
+
+def teacher_cache(teacher: Teacher, data: DataSet, augment: str, cache_dir: Path, device: torch.device) -> TeacherCache | None:
+    """The teacher's cached outputs (loaded or built), or None when they cannot be cached (random crops, too big)."""
+    views = views_for(augment)
+    if views is None:
+        ui.log(f"teacher {teacher.name} runs online every step: data.augment={augment} has random crops, so its outputs are not cacheable "
+               "(use --augment flip to cache them and train several times faster)")
+        return None
+    if feature_cache_bytes(teacher, data.train, views, device) > FEATURE_CACHE_LIMIT_BYTES:
+        ui.log(f"teacher {teacher.name} runs online: its '{teacher.hook.path}' feature maps would take over {FEATURE_CACHE_LIMIT_BYTES >> 30} GiB to cache "
+               "(pick a smaller --teacher-layer to cache them)")
+        return None
+    layers = {"logits": None, **({"feature": teacher.hook.path} if teacher.hook is not None else {})}
+    paths = {name: Path(cache_dir) / f"{cache_key(teacher, data, augment, layer)}.pt" for name, layer in layers.items()}
+    t0 = time.time()
+    tables = {name: _read_table(p, len(data.train), views) for name, p in paths.items()}
+    if all(t is not None for t in tables.values()):
+        ui.log(f"teacher {teacher.name}: cache hit {', '.join(str(p) for p in paths.values())} ({time.time() - t0:.1f} s to load)")
+        return TeacherCache(paths, tables, hit=True, seconds=time.time() - t0)
+    tables, seconds = compute_teacher_tables(teacher, data.train, views, device)
+    for name, p in paths.items():
+        with atomic_path(p) as tmp:
+            torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": p.stem, "teacher": teacher.describe(), "augment": augment,
+                        "layer": layers[name], "table": tables[name]}, tmp)
+    n = len(data.train) * views
+    ui.log(f"teacher {teacher.name}: cached {n:,} outputs in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} img/s) -> {', '.join(str(p) for p in paths.values())}")
+    return TeacherCache(paths, tables, hit=False, seconds=seconds)

@@ -1,0 +1,131 @@
+"""Stage: distill. One or more teachers into a small student (:func:`run_distill`).
+
+Losses (each a small ``nn.Module`` whose docstring gives its formula and paper):
+
+- :class:`KDLoss`: soft targets at temperature T (Hinton, Vinyals & Dean 2015, "Distilling the
+  Knowledge in a Neural Network"); several teachers are averaged with weights (:func:`soft_targets`).
+- :class:`HintLoss`: FitNets hints (Romero et al. 2015) with a learned 1x1 adapter.
+- :class:`RKDLoss`: relational KD, distance + angle (Park et al. 2019, "Relational Knowledge Distillation").
+- :class:`AttentionTransferLoss`: activation-based attention transfer (Zagoruyko & Komodakis 2017).
+- Born-again self-distillation (Furlanello et al. 2018): ``run_distill(..., self_distill=True)``.
+
+Features are found by module path through forward hooks (:class:`FeatureHook`, torchdistill's way),
+so no model code changes. :class:`DistillLoss` is the weighted sum of named terms and keeps each
+term's running mean for logging. :func:`build_distill_loss` builds it for any (student, teachers,
+DistillConfig); the quantization-aware distillation stage reuses it.
+
+Speed: teachers run in ``eval()`` under ``torch.inference_mode()``. When augmentation is
+deterministic ('none': one view per image, 'flip': two views) the teacher's outputs are computed
+once and cached on disk (:class:`TeacherCache`), keyed by teacher checksum + data fingerprint +
+teacher preprocessing + augmentation, so later epochs and later students cost only the student.
+'crop-flip' has random crops: the teacher then runs online, and the log says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from edgekd import ui
+from edgekd.config import DataConfig, DistillConfig, StudentConfig
+from edgekd.data import DataSet
+from edgekd.errors import EdgekdError
+from edgekd.models import count_params, create_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
+from edgekd.distill.loss import build_distill_loss, teacher_weights
+from edgekd.distill.teachers import Teacher, check_teachers_stronger, load_teacher, measure_teachers, warn_flat_soft_targets
+
+
+def check_student_name(name: str) -> None:
+    """Fail before any data is loaded when the student name is neither an edgekd student nor a timm model."""
+    import timm
+
+    if name in {s.name for s in list_students()} or timm.is_model(name):
+        return
+    raise EdgekdError(f"unknown student '{name}'", f"pick one of {', '.join(s.name for s in list_students())} (see `edgekd models`) or a timm model name")
+
+
+def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teacher], self_distill: bool) -> nn.Module:
+    """A fresh student: the configured one at the dataset's channels, or (born-again) a copy of the teacher's architecture."""
+    if self_distill:
+        t = teachers[0]
+        model = create_model(t.spec["name"], data.num_classes, "none", in_chans=t.spec["in_chans"], width=t.spec.get("width", 1.0), input_size=t.preprocess.input_size)
+        model.preprocess = t.preprocess
+        return model
+    return create_model(student_cfg.model, data.num_classes, "none", in_chans=data.channels, width=student_cfg.width, input_size=student_cfg.input_size)
+
+
+def check_resume_matches(last: Path, extra: dict) -> None:
+    """Refuse to resume a run that distilled with other losses, teachers or data settings (fit only checks the optimiser settings)."""
+    if not last.is_file():
+        return
+    ckpt = safe_torch_load(last, "resume checkpoint")
+    old = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    same = (old.get("distill") == extra["config"]["distill"] and old.get("data") == extra["config"]["data"]
+            and [t.get("sha256") for t in ckpt.get("teachers", [])] == [t["sha256"] for t in extra["teachers"]])
+    if not same:
+        raise EdgekdError(f"{last} was written by a distillation with other losses, teachers or data", "use a fresh --out folder, or pass --no-resume to start over")
+
+
+def run_distill(
+    teachers: list[str | Path],
+    student_cfg: StudentConfig,
+    distill_cfg: DistillConfig,
+    data_cfg: DataConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    deterministic: bool = False,
+    resume: bool = True,
+    data: DataSet | None = None,
+    self_distill: bool = False,
+    cache_dir: str | Path | None = None,
+) -> dict:
+    """Distil ``teachers`` into a student; writes ``best.pt``, ``last.pt`` and ``metrics.json`` into ``out_dir``.
+
+    With ``self_distill`` (born-again networks, Furlanello et al. 2018) the single teacher must be a
+    trained student and the new student is a freshly initialised copy of its architecture.
+    """
+    from edgekd.finetune import load_data
+    from edgekd.train import device as train_device, final_metrics, fit, seed_everything
+
+    if not teachers:
+        raise EdgekdError("distillation needs at least one teacher", "pass --teacher PATH (a checkpoint from `edgekd finetune`)")
+    if self_distill and len(teachers) != 1:
+        raise EdgekdError(f"self-distillation takes exactly one teacher, got {len(teachers)}", "pass one --teacher: the trained student to teach a fresh copy of itself")
+    if not self_distill:
+        check_student_name(student_cfg.model)
+    seed_everything(seed, deterministic)
+    loaded = [load_teacher(p) for p in teachers]
+    teacher_weights(distill_cfg, len(loaded))
+    data = data or load_data(data_cfg, seed)
+    if self_distill and student_cfg.model != loaded[0].spec["name"]:
+        ui.log(f"self-distillation: the student is a fresh {loaded[0].spec['name']} like the teacher (student.model={student_cfg.model} is ignored)")
+    student = make_student(student_cfg, data, loaded, self_distill)
+    dev = train_device()
+    student.to(dev)
+    loss_fn, adapters = build_distill_loss(student, loaded, distill_cfg, data, cache_dir, data_cfg.augment, dev)  # validates, then caches
+    teacher_records = measure_teachers(loaded, data, distill_cfg.temperature)
+    warn_flat_soft_targets(loaded, teacher_records, distill_cfg)
+    train_cfg = student_cfg.train
+    name = student.edgekd_spec["name"]
+    ui.log(f"student {name}{' (born-again copy of the teacher)' if self_distill else ''}: {count_params(student):,} params at {student.preprocess.input_size} px; "
+           f"teachers {', '.join(t.name for t in loaded)}; losses {'+'.join(distill_cfg.losses)}; data {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test")
+    trainable = nn.ModuleDict({"student": student, "distill": adapters}) if len(adapters) else None
+    extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": seed, "self_distill": self_distill},
+             "teachers": [t.describe() for t in loaded]}
+    if resume:
+        check_resume_matches(Path(out_dir) / "last.pt", extra)
+    try:
+        result = fit(student, data, train_cfg, out_dir, loss_fn, student.preprocess, augment=data_cfg.augment, seed=seed, kind="student",
+                     resume=resume, ckpt_extra=extra, trainable=trainable, description=f"distill {name}")
+    finally:
+        loss_fn.close()
+    best = model_from_checkpoint(load_checkpoint(result.best_path))
+    teacher_mode = ["cached" if c is not None else "online" for c in loss_fn.caches]
+    metrics = final_metrics(best, data, best.preprocess, result, {
+        "params": count_params(best), "model": name, "losses": list(distill_cfg.losses), "loss_parts": loss_fn.parts(), "self_distill": self_distill,
+        "teachers": [{**t.describe(), "outputs": m} for t, m in zip(loaded, teacher_mode)],
+        "teacher_cache_seconds": round(sum(c.seconds for c in loss_fn.caches if c is not None), 2),
+    })
+    check_teachers_stronger(teacher_records, metrics, born_again=self_distill)
+    return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}
