@@ -29,8 +29,12 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest, hold_run_folder, sha256_file, sha256_json, write_bytes_atomic, write_json_atomic
 
 STAGES = ("teacher", "control", "distill", "qad", "export", "evaluate", "bench", "report", "bundle")
-TIME_SHARES = {"teacher": 0.35, "control": 0.15, "distill": 0.30, "qad": 0.12}  # of the build's time budget
-TIME_RESERVE = 0.08  # kept for export, evaluation, bench, report and bundle
+DEFAULT_TIME_BUDGET_S = 20 * 60  # for the stages whose length edgekd sizes itself, unless the recipe sets time_budget_s
+# Shares of what is left of the budget when each training stage starts (the rest: the teacher-output
+# cache, export, evaluation, bench, report, bundle). Control and distill get the same share: the
+# control is the student alone *with the same budget*.
+TIME_SHARES = {"teacher": 0.25, "control": 0.23, "distill": 0.23, "qad": 0.06}
+TIME_RESERVE = 0.23
 QUICK_OVERRIDES = [
     "data.train_subset=3000", "data.test_subset=1000",
     "teacher.input_size=48", "teacher.train.epochs=1",
@@ -53,14 +57,21 @@ class BuildContext:
     stage_limit: float | None = None  # the running stage's time limit, set by run_stage
 
     def time_limit(self, stage: str) -> float | None:
-        """This training stage's share of what is left of the build's time budget (None: no budget)."""
-        budget = self.recipe.time_budget_s
-        if budget is None or stage not in TIME_SHARES:
+        """This training stage's share of what is left of the build's time budget (None: no limit).
+        The default budget applies only to stages whose length edgekd sizes (``min_steps`` > 0):
+        a recipe's explicit epochs are not cut unless it also sets a budget."""
+        explicit = self.recipe.time_budget_s is not None
+        budget = self.recipe.time_budget_s if explicit else DEFAULT_TIME_BUDGET_S
+        if not budget or stage not in TIME_SHARES or (not explicit and self.train_config(stage).min_steps == 0):
             return None
         pending = [s for s in self.order[self.order.index(stage):] if s in TIME_SHARES]
         left = budget - (time.time() - self.started)
         share = TIME_SHARES[stage] / (sum(TIME_SHARES[s] for s in pending) + TIME_RESERVE)
         return round(max(10.0, left * share), 1)
+
+    def train_config(self, stage: str):
+        rc = self.recipe
+        return {"teacher": rc.teacher.train, "control": rc.student.train, "distill": rc.student.train, "qad": rc.quantize.train}[stage]
 
     def limited(self, train):
         """``train`` (a TrainConfig) with the running stage's time limit, when the build has a budget."""
@@ -422,7 +433,8 @@ def summary(ctx: BuildContext, stages: dict[str, dict], seconds: float) -> dict:
     m = ctx.manifest
     result: dict[str, Any] = {"target": ctx.target.name, "out": str(ctx.out), "manifest": str(m.path), "seconds": round(seconds, 2),
                               "stages": {k: {"status": v["status"], "seconds": v["seconds"], "budget_s": v.get("budget_s")} for k, v in stages.items()},
-                              "time_budget_s": ctx.recipe.time_budget_s}
+                              "time_budget_s": ctx.recipe.time_budget_s if ctx.recipe.time_budget_s is not None
+                              else (DEFAULT_TIME_BUDGET_S if any(v.get("budget_s") for v in stages.values()) else None)}
     if m.stage("bundle") and m.stage("bundle").get("status") == "done":
         result["bundle"] = m.stage("bundle")["metrics"]["bundle"]
         tar = m.stage("bundle")["artifacts"].get("tar")

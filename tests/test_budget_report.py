@@ -43,8 +43,8 @@ def test_explicit_epochs_win_and_partial_overrides_keep_the_stage_defaults(tmp_p
     assert set_epochs.teacher.train.min_steps == 300  # other stages keep theirs
     both = load_recipe(overrides=["student.train.epochs=3", "student.train.min_steps=50"])
     assert both.student.train.min_steps == 50
-    lr_only = load_recipe(overrides=["teacher.train.lr=0.0003"])  # the teacher's own defaults stay (1 epoch, smoothing 0.1)
-    assert lr_only.teacher.train.epochs == default.teacher.train.epochs and lr_only.teacher.train.label_smoothing == default.teacher.train.label_smoothing
+    lr_only = load_recipe(overrides=["teacher.train.lr=0.0003"])  # the teacher's own defaults stay, not a bare TrainConfig's (5 epochs, no min_steps)
+    assert lr_only.teacher.train.model_dump() == {**default.teacher.train.model_dump(), "lr": 0.0003}
     recipe = tmp_path / "r.yaml"
     recipe.write_text("teacher:\n  train:\n    epochs: 4\n")
     assert load_recipe(recipe).teacher.train.min_steps == 0

@@ -23,8 +23,10 @@ def build(
     seed: SeedOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="A first look in a few minutes: 3,000 images, 1 teacher epoch at 48 px, 3 student epochs.")] = False,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage (teacher, control, distill, qad, export, evaluate, bench, report, bundle).")] = None,
-    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Wall time for the whole build, e.g. 20m, 90s, 1.5h: the training stages share it out "
-                                                       "(teacher 35%, control 15%, distill 30%, QAD 12% of what is left when each starts) and stop on time.")] = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Wall time for the whole build, e.g. 20m, 90s, 1.5h, or 'none'. The training "
+                                                       "stages share it out (teacher 25%, control and distill 23% each, QAD 6% of what is left when each "
+                                                       "starts) and stop on time, their learning rate annealed to the deadline. \\[default: 20m for the "
+                                                       "stages whose length edgekd sizes; a recipe's explicit epochs are not cut]")] = None,
     control: Annotated[bool, typer.Option("--control/--no-control", help="Also train the student alone on hard labels (the control), report what "
                                           "distillation bought against it, and ship the better one.")] = True,
     targets_dir: Annotated[Optional[Path], typer.Option(help="Extra folder of target .toml files (also $EDGEKD_TARGETS_DIR).")] = None,
