@@ -112,11 +112,13 @@ def verdict(acc: list[dict], lat: list[dict], stages: dict[str, dict], target: d
     if not acc:
         return "nothing was evaluated"
     last = acc[-1]
-    text = f"ships {last['step'].replace('exported ', '')}: {100 * last['test_top1']:.2f}% +-{100 * last['ci95']:.2f} test top-1"
+    text = f"ships the {last['step']}: {100 * last['test_top1']:.2f}% +-{100 * last['ci95']:.2f} test top-1"
     b1 = next((r for r in lat if r["batch"] == 1), None)
+    bench = stages.get("bench") or {}
     if b1 and b1["speedup"]:
-        where = (stages.get("bench") or {}).get("runtime", "here")
-        text += f", {b1['speedup']:.2f}x FP32's speed at batch 1 on {where}"
+        text += f", {b1['speedup']:.2f}x FP32's speed at batch 1 on {bench.get('runtime', 'this machine')}"
+        if not bench.get("on_target_runtime", True):
+            text += f" (not the target's {target.get('runtime')}: time it there)"
     if (stages.get("distill") or {}).get("shipped_student") == "control":
         text += "; distillation lost to the student alone, so the control ships"
     return text
