@@ -20,7 +20,22 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class PlainCNN(nn.Module):
+class _Classifier(nn.Module):
+    """Global average pool -> dropout -> linear, as attributes ``pool``, ``flatten``, ``dropout``,
+    ``head`` (the names checkpoints and feature hooks use)."""
+
+    def add_classifier(self, channels: int, num_classes: int, dropout: float) -> None:
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(channels, num_classes)
+        self.num_features = channels
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.flatten(self.pool(features))))
+
+
+class PlainCNN(_Classifier):
     """Stages of Conv-BN-ReLU, 2x2 max-pool between stages, global average pool, linear head."""
 
     def __init__(self, stages: list[list[int]], in_chans: int, num_classes: int, dropout: float = 0.1):
@@ -34,14 +49,10 @@ class PlainCNN(nn.Module):
                 layers.append(conv_bn_relu(c, cout))
                 c = cout
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(c, num_classes)
-        self.num_features = c
+        self.add_classifier(c, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.flatten(self.pool(self.features(x)))))
+        return self.classify(self.features(x))
 
 
 class BasicBlock(nn.Module):
@@ -64,7 +75,7 @@ class BasicBlock(nn.Module):
         return self.relu2(y + self.shortcut(x))
 
 
-class SmallResNet(nn.Module):
+class SmallResNet(_Classifier):
     def __init__(self, widths: list[int], in_chans: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
         self.stem = conv_bn_relu(in_chans, widths[0])
@@ -74,14 +85,10 @@ class SmallResNet(nn.Module):
             blocks.append(BasicBlock(c, w, 1 if i == 0 else 2))
             c = w
         self.features = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(c, num_classes)
-        self.num_features = c
+        self.add_classifier(c, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.flatten(self.pool(self.features(self.stem(x))))))
+        return self.classify(self.features(self.stem(x)))
 
 
 @register_student("nano")
