@@ -111,8 +111,8 @@ def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
 
 def training_metrics(m: dict) -> dict:
     """What the manifest keeps of a training stage's metrics.json."""
-    return {"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "params": m.get("params"), "train_seconds": m["train_seconds"],
-            "stopped": m.get("stopped"), "plan": m.get("plan")}
+    return {"val_top1": m["val"]["top1"], "val_n": m["val"].get("n"), "test_top1": m["test"]["top1"], "params": m.get("params"),
+            "train_seconds": m["train_seconds"], "stopped": m.get("stopped"), "plan": m.get("plan")}
 
 
 def stage_control(ctx: BuildContext) -> tuple[dict, dict]:

@@ -96,9 +96,14 @@ def notes(stages: dict[str, dict], n: int) -> list[str]:
     if 0 < n and half_width(0.9, n) > 0.01:
         out.append(f"The test set has {n} images: one image is {100 / n:.1f} points and an accuracy near 90% is known to "
                    f"+-{100 * half_width(0.9, n):.1f} points (95%); smaller differences are noise.")
-    d = stages.get("distill") or {}
+    d, c = stages.get("distill") or {}, stages.get("control") or {}
     if d.get("ship_reason"):
         out.append(d["ship_reason"])
+    if d.get("val_top1") is not None and c.get("val_top1") is not None and d.get("val_n"):
+        noise = diff_half_width(d["val_top1"], c["val_top1"], d["val_n"])
+        if abs(d["val_top1"] - c["val_top1"]) < noise:
+            out.append(f"On {d['val_n']} validation images the distilled student and the control are within noise of each other "
+                       f"({100 * (d['val_top1'] - c['val_top1']):+.2f} points, +-{100 * noise:.2f}): which one ships is close to a coin toss.")
     for stage in ("teacher", "control", "distill", "qad"):
         plan = (stages.get(stage) or {}).get("plan") or {}
         if plan.get("why"):

@@ -93,6 +93,15 @@ def test_choose_student_ships_the_control_only_when_it_wins_on_validation():
     assert choose_student({"val_top1": 0.90}, None, "better") == ("distilled", None)
 
 
+def test_a_validation_set_too_small_to_choose_is_said():
+    from edgekd.report import notes
+
+    close = notes({"distill": {"val_top1": 0.93, "val_n": 30}, "control": {"val_top1": 0.9}}, 72)
+    assert any("within noise" in n for n in close) and any("72 images" in n for n in close)
+    clear = notes({"distill": {"val_top1": 0.93, "val_n": 6000}, "control": {"val_top1": 0.9}}, 10_000)
+    assert not any("within noise" in n for n in clear) and not any("images: one image" in n for n in clear)
+
+
 def test_intervals():
     lo, hi = wilson(0.9, 100)
     assert abs(lo - 0.8256) < 1e-3 and abs(hi - 0.9448) < 1e-3  # the textbook Wilson interval
