@@ -433,8 +433,7 @@ def summary(ctx: BuildContext, stages: dict[str, dict], seconds: float) -> dict:
     m = ctx.manifest
     result: dict[str, Any] = {"target": ctx.target.name, "out": str(ctx.out), "manifest": str(m.path), "seconds": round(seconds, 2),
                               "stages": {k: {"status": v["status"], "seconds": v["seconds"], "budget_s": v.get("budget_s")} for k, v in stages.items()},
-                              "time_budget_s": ctx.recipe.time_budget_s if ctx.recipe.time_budget_s is not None
-                              else (DEFAULT_TIME_BUDGET_S if any(v.get("budget_s") for v in stages.values()) else None)}
+                              "time_budget_s": (ctx.recipe.time_budget_s or DEFAULT_TIME_BUDGET_S) if any(v.get("budget_s") for v in stages.values()) else None}
     if m.stage("bundle") and m.stage("bundle").get("status") == "done":
         result["bundle"] = m.stage("bundle")["metrics"]["bundle"]
         tar = m.stage("bundle")["artifacts"].get("tar")

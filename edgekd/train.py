@@ -357,7 +357,7 @@ def fit(
         save(best_path, model, {**extra, "metrics": {}})
         save(last_path, model, {**extra, "train_state": train_state(cfg.epochs - 1)})
     plan = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "recipe_epochs": recipe_cfg.epochs, "recipe_batch_size": recipe_cfg.batch_size,
-            "epochs_run": len(history), "steps": len(history) and steps * len(history), "why": why, "time_limit_s": cfg.time_limit_s}
+            "epochs_run": len(history), "steps": steps * len(history), "why": why, "time_limit_s": cfg.time_limit_s}
     return FitResult(best_path, last_path, out / "metrics.json", {}, history, seconds, seen / seconds if seconds > 0 else 0.0, resumed, stopped, plan)
 
 
