@@ -1,0 +1,70 @@
+"""What every stage of a build shares: the recipe, the run folder, the manifest, the data
+loaded once, and the time budget shared out over the training stages."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekd.config import Recipe
+from edgekd.manifest import Manifest
+
+
+DEFAULT_TIME_BUDGET_S = 20 * 60  # for the stages whose length edgekd sizes itself, unless the recipe sets time_budget_s
+# Shares of what is left of the budget when each training stage starts (the rest: the teacher-output
+# cache, export, evaluation, bench, report, bundle). Control and distill get the same share: the
+# control is the student alone *with the same budget*.
+TIME_SHARES = {"teacher": 0.25, "control": 0.23, "distill": 0.23, "qad": 0.06}
+TIME_RESERVE = 0.23
+
+
+@dataclass
+class BuildContext:
+    recipe: Recipe
+    out: Path
+    target: Any  # edgekd.targets.Target
+    manifest: Manifest
+    teacher_checkpoint: Path | None = None
+    _data: Any = None
+    results: dict[str, dict] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    order: list[str] = field(default_factory=list)
+    stage_limit: float | None = None  # the running stage's time limit, set by run_stage
+
+    def time_limit(self, stage: str) -> float | None:
+        """This training stage's share of what is left of the build's time budget (None: no limit).
+        The default budget applies only to stages whose length edgekd sizes (``min_steps`` > 0):
+        a recipe's explicit epochs are not cut unless it also sets a budget."""
+        explicit = self.recipe.time_budget_s is not None
+        budget = self.recipe.time_budget_s if explicit else DEFAULT_TIME_BUDGET_S
+        if not budget or stage not in TIME_SHARES or (not explicit and self.train_config(stage).min_steps == 0):
+            return None
+        pending = [s for s in self.order[self.order.index(stage):] if s in TIME_SHARES]
+        left = budget - (time.time() - self.started)
+        share = TIME_SHARES[stage] / (sum(TIME_SHARES[s] for s in pending) + TIME_RESERVE)
+        return round(max(10.0, left * share), 1)
+
+    def train_config(self, stage: str):
+        rc = self.recipe
+        return {"teacher": rc.teacher.train, "control": rc.student.train, "distill": rc.student.train, "qad": rc.quantize.train}[stage]
+
+    def limited(self, train):
+        """``train`` (a TrainConfig) with the running stage's time limit, when the build has a budget."""
+        return train if self.stage_limit is None else train.model_copy(update={"time_limit_s": self.stage_limit})
+
+    @property
+    def data(self):
+        """The dataset, loaded once and shared by every stage that needs it."""
+        if self._data is None:
+            from edgekd.finetune import load_data
+
+            self._data = load_data(self.recipe.data, self.recipe.seed, store_size=max(64, self.recipe.teacher.input_size))
+        return self._data
+
+    def path(self, stage: str, key: str) -> Path:
+        return self.manifest.artifact_path(stage, key)
+
+    def sha(self, stage: str, key: str) -> str:
+        return self.manifest.stage(stage)["artifacts"][key]["sha256"]

@@ -1,0 +1,146 @@
+"""The stages after training: export (ONNX per target layout), evaluate (accuracy of the
+exported file), bench (latency here), report (what each stage bought) and bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd import ui
+from edgekd.config import Recipe
+from edgekd.manifest import write_bytes_atomic, write_json_atomic
+from edgekd.pipeline.context import BuildContext
+
+
+def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
+    from edgekd.export import run_export
+
+    rc, t = ctx.recipe, ctx.target
+    precision = export_precision(rc, t)
+    source = "qad" if precision == "int8" and rc.quantize.enabled else "distill"
+    layout = rc.export.layout if rc.export.layout != "auto" else t.layout
+    export_cfg = rc.export.model_copy(update={"precision": precision, "layout": layout})
+    r = run_export(ctx.path("qad", "checkpoint") if source == "qad" else ctx.path("distill", "shipped_checkpoint"), ctx.out / "export", ctx.data, export_cfg, rc.quantize, t.name, rc.seed)
+    artifacts = {"onnx": r["path"], "record": str(ctx.out / "export" / "export.json")}
+    if r.get("fp32_path"):
+        artifacts["fp32_onnx"] = r["fp32_path"]
+    checks = r.get("checks", {})
+    return artifacts, {"precision": precision, "layout": r.get("layout"), "source": source, "checks": checks, "comparison": r.get("comparison"),
+                       "relu_codes": r.get("relu_codes")}
+
+
+def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False) -> dict:
+    """Top-1 of the exported file itself on the whole test set (what ships is what is measured).
+
+    ``exact_qdq`` for a TensorRT-layout file: its Q/DQ run as written, TensorRT's arithmetic
+    (see :func:`edgekd.export.ort_session`)."""
+    from edgekd.export import ort_logits, ort_session
+    from edgekd.metrics import classification_metrics
+
+    sess = ort_session(onnx_path, exact_qdq=exact_qdq)
+    preds = []
+    for start in range(0, len(data.test), 500):
+        x = preprocess(data.test.images[start : start + 500]).numpy()
+        preds.append(ort_logits(sess, x).argmax(1))
+    return classification_metrics(np.concatenate(preds), data.test.labels.numpy(), data.classes)
+
+
+def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
+    from edgekd.models import load_checkpoint
+    from edgekd.data import Preprocess
+
+    pre = Preprocess.from_dict(load_checkpoint(ctx.path("distill", "checkpoint"))["preprocess"])
+    export = ctx.manifest.stage("export")["metrics"]
+    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=export.get("precision") == "int8" and export.get("layout") == "tensorrt")
+    metrics = {"test_top1": shipped["top1"], "per_class": shipped["per_class"], "n": shipped["n"], "precision": export.get("precision", "").upper()}
+    if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
+        fp32 = onnx_test_accuracy(ctx.path("export", "fp32_onnx"), ctx.data, pre)
+        metrics["fp32_test_top1"] = fp32["top1"]
+        drop = fp32["top1"] - shipped["top1"]
+        metrics["int8_drop_points"] = round(100 * drop, 3)
+        if drop > 0.003:
+            ui.warn(f"the shipped INT8 model is {100 * drop:.2f} points less accurate than FP32 on the test set ({shipped['top1']:.4f} vs {fp32['top1']:.4f})")
+    out = ctx.out / "evaluate.json"
+    write_json_atomic(out, metrics)
+    return {"record": out}, metrics
+
+
+def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
+    """Latency here, on this machine's runtime for the target (onnxruntime CPU when the target's runtime is absent)."""
+    from edgekd.bench import BenchRequest, TimingPlan, run_bench
+    from edgekd.targets import accelerator_present
+
+    rc, t = ctx.recipe, ctx.target
+    avail = accelerator_present(t)
+    runtime = t.runtime if avail.ok else "ort-cpu"
+    if not avail.ok:
+        ui.log(f"target runtime {t.runtime} is not available here ({avail.reason}); timing on onnxruntime CPU instead")
+    batches = sorted({1, t.batch, *rc.bench.batches})
+    plan = TimingPlan(warmup=rc.bench.warmup, runs=rc.bench.runs)
+    threads = rc.bench.threads or t.threads
+    results = {}
+    for key in ("onnx", "fp32_onnx"):
+        if key in ctx.manifest.stage("export")["artifacts"]:
+            results[key] = run_bench(BenchRequest(model=str(ctx.path("export", key)), runtime=runtime, batches=batches, plan=plan, threads=threads, target=t.name))
+    shipped = results["onnx"]
+    metrics: dict[str, Any] = {
+        "runtime": runtime, "on_target_runtime": avail.ok, "reason": None if avail.ok else avail.reason,
+        "latency_ms": {str(s["batch"]): {k: s[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "throughput")} for s in shipped["sweep"]},
+        "fingerprint": shipped["fingerprint"],
+    }
+    if "fp32_onnx" in results:
+        fp32 = {s["batch"]: s["p50_ms"] for s in results["fp32_onnx"]["sweep"]}
+        metrics["fp32_p50_ms"] = {str(b): v for b, v in fp32.items()}
+        metrics["speedup_vs_fp32"] = {str(s["batch"]): round(fp32[s["batch"]] / s["p50_ms"], 3) for s in shipped["sweep"] if s["batch"] in fp32}
+        slower = [b for b, x in metrics["speedup_vs_fp32"].items() if x < 1.0]
+        if slower and runtime == "ort-cpu" and t.layout == "ort-cpu":
+            ui.warn(f"the INT8 model is SLOWER than FP32 on {runtime} at batch "
+                    + ", ".join(f"{b} ({metrics['speedup_vs_fp32'][b]:.2f}x FP32's speed)" for b in slower))
+    if avail.ok:
+        metrics["within_budget"] = {"1": metrics["latency_ms"]["1"]["p50_ms"] <= t.latency_budget.batch1_ms}
+    out = ctx.out / "bench.json"
+    write_json_atomic(out, {"metrics": metrics, "results": results})
+    return {"record": out}, metrics
+
+
+def stage_report(ctx: BuildContext) -> tuple[dict, dict]:
+    """report.json / report.md / report.png: what each stage bought, from the manifest's metrics."""
+    from edgekd.report import build_report, markdown, plot
+
+    stages = {k: v.get("metrics", {}) for k, v in ctx.manifest.data["stages"].items() if v.get("status") == "done"}
+    report = build_report(stages, ctx.target.to_dict(), {"bundle": str(ctx.out / "bundle"), "bundle_tar": str(ctx.out / "bundle.tar.gz")})
+    folder = ctx.out / "report"
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / "report.json", report)
+    write_bytes_atomic(folder / "report.md", markdown(report, f"edgekd build --target {ctx.target.name}").encode())
+    plot(report, folder / "report.png")
+    return {"json": folder / "report.json", "md": folder / "report.md", "png": folder / "report.png"}, report
+
+
+def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
+    from edgekd.bundle import make_bundle
+    from edgekd.models import load_checkpoint
+
+    ck = load_checkpoint(ctx.path("distill", "shipped_checkpoint"))
+    onnx_files = {"model": ctx.path("export", "onnx")}
+    if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
+        onnx_files["fp32"] = ctx.path("export", "fp32_onnx")
+    ev, be = ctx.manifest.stage("evaluate")["metrics"], ctx.manifest.stage("bench")["metrics"]
+    metrics = {"accuracy": {"test_top1": ev["test_top1"], "fp32_test_top1": ev.get("fp32_test_top1"), "n": ev["n"]},
+               "latency_host": {"runtime": be["runtime"], "on_target_runtime": be["on_target_runtime"], "ms": be["latency_ms"], "fingerprint": be["fingerprint"]},
+               "export_checks": ctx.manifest.stage("export")["metrics"].get("checks")}
+    extra = {"recipe": ctx.recipe.model_dump(mode="json"), "stages": {k: v.get("config_hash") for k, v in ctx.manifest.data["stages"].items()}}
+    report = {f"report/report.{k}": ctx.path("report", k) for k in ("md", "png", "json")}
+    bundle_dir = make_bundle(ctx.out / "bundle", onnx_files, "model", ck["classes"], ck["preprocess"], ctx.target.to_dict(), metrics, extra, attachments=report)
+    tar = Path(str(bundle_dir) + ".tar.gz")
+    arts = {"bundle_json": bundle_dir / "bundle.json"}
+    if tar.is_file():
+        arts["tar"] = tar
+    return arts, {"bundle": str(bundle_dir)}
+
+
+def export_precision(recipe: Recipe, target) -> str:
+    """The target decides unless the recipe asks for something else than its default int8."""
+    return recipe.export.precision if recipe.export.precision != "int8" else target.precision

@@ -1,0 +1,140 @@
+"""Orchestration: which stages run in which order, when a stage is up to date, and the loop
+that runs them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from edgekd import ui
+from edgekd.config import Recipe
+from edgekd.errors import EdgekdError
+from edgekd.manifest import Manifest, hold_run_folder, sha256_file, sha256_json
+from edgekd.pipeline.context import BuildContext
+from edgekd.pipeline.delivery import export_precision, stage_bench, stage_bundle, stage_evaluate, stage_export, stage_report
+from edgekd.pipeline.summary import summary
+from edgekd.pipeline.training import stage_control, stage_distill, stage_qad, stage_teacher
+
+
+STAGES = ("teacher", "control", "distill", "qad", "export", "evaluate", "bench", "report", "bundle")
+QUICK_OVERRIDES = [
+    "data.train_subset=3000", "data.test_subset=1000",
+    "teacher.input_size=48", "teacher.train.epochs=1",
+    "student.train.epochs=3", "quantize.train.epochs=1", "quantize.calib_images=256",
+    "bench.runs=50", "bench.warmup=5",
+]
+
+
+STAGE_FUNCS: dict[str, Callable[[BuildContext], tuple[dict, dict]]] = {
+    "teacher": stage_teacher, "control": stage_control, "distill": stage_distill, "qad": stage_qad, "export": stage_export,
+    "evaluate": stage_evaluate, "bench": stage_bench, "report": stage_report, "bundle": stage_bundle,
+}
+
+
+def stages_for(recipe: Recipe, target) -> list[str]:
+    quantized = export_precision(recipe, target) == "int8" and recipe.quantize.enabled
+    return [s for s in STAGES if (s != "qad" or quantized) and (s != "control" or recipe.student.control)]
+
+
+def _inputs(stage: str) -> list[tuple[str, str]]:
+    """(stage, artifact) pairs whose checksums are part of ``stage``'s identity."""
+    return {
+        "distill": [("teacher", "checkpoint"), ("control", "checkpoint")],
+        "qad": [("teacher", "checkpoint"), ("distill", "shipped_checkpoint")],
+        "export": [("qad", "checkpoint"), ("distill", "shipped_checkpoint")],
+        "evaluate": [("export", "onnx")],
+        "bench": [("export", "onnx")],
+        "report": [("evaluate", "record"), ("bench", "record")],
+        "bundle": [("export", "onnx"), ("evaluate", "record"), ("bench", "record"), ("report", "json")],
+    }.get(stage, [])
+
+
+def stage_config(recipe: Recipe, target, stage: str) -> dict:
+    """The part of the recipe a stage depends on (so editing bench settings never retrains a teacher)."""
+    rc = recipe.model_dump(mode="json")
+    common = {"seed": rc["seed"], "deterministic": rc["deterministic"], "data": rc["data"]}
+    return {
+        "teacher": {**common, "teacher": rc["teacher"]},
+        "control": {**common, "student": rc["student"]},
+        "distill": {**common, "student": rc["student"], "distill": rc["distill"]},
+        "qad": {**common, "quantize": rc["quantize"], "distill": rc["distill"], "student_augment": rc["student"]["augment"], "layout": target.layout},
+        "export": {**common, "export": rc["export"], "quantize": rc["quantize"], "layout": target.layout, "precision": export_precision(recipe, target)},
+        "evaluate": common,
+        "bench": {"bench": rc["bench"], "target": target.to_dict()},
+        "report": {"target": target.to_dict()},
+        "bundle": {"target": target.to_dict(), "recipe": rc},
+    }[stage]
+
+
+def check_model_names(recipe: Recipe, teacher_checkpoint: Path | None) -> None:
+    """Refuse an unknown student/teacher name at once, not after minutes of teacher fine-tuning."""
+    import timm
+
+    from edgekd.models import list_students
+
+    students = [s.name for s in list_students()]
+    named = [("student", recipe.student.model)] + ([] if teacher_checkpoint else [("teacher", recipe.teacher.model)])
+    for role, name in named:
+        if name not in students and not timm.is_model(name):
+            raise EdgekdError(f"unknown {role} model '{name}'", f"use one of {', '.join(students)} (see `edgekd models`) or a timm model name")
+
+
+def stage_hash(ctx: BuildContext, stage: str) -> str:
+    inputs = {f"{s}.{k}": ctx.sha(s, k) for s, k in _inputs(stage) if ctx.manifest.stage(s) and k in ctx.manifest.stage(s).get("artifacts", {})}
+    extra = {"teacher_checkpoint": str(ctx.teacher_checkpoint) if ctx.teacher_checkpoint else None,
+             "teacher_sha": sha256_file(ctx.teacher_checkpoint) if ctx.teacher_checkpoint and stage == "teacher" else None}
+    return sha256_json({"stage": stage, "config": stage_config(ctx.recipe, ctx.target, stage), "inputs": inputs, **extra})
+
+
+def run_stage(ctx: BuildContext, stage: str) -> dict:
+    h = stage_hash(ctx, stage)
+    if ctx.manifest.is_done(stage, h):
+        entry = ctx.manifest.stage(stage)
+        ui.log(f"[dim]{stage}: up to date, skipped[/]")
+        return {"status": "skipped", "seconds": 0.0, "metrics": entry.get("metrics", {})}
+    limit = ctx.stage_limit = ctx.time_limit(stage)
+    ui.log(f"[bold]{stage}[/] ..." + (f" (time budget share: {limit:.0f} s)" if limit else ""))
+    ctx.manifest.start(stage, h)
+    t0 = time.time()
+    with ui.heartbeat(stage):
+        artifacts, metrics = STAGE_FUNCS[stage](ctx)
+    entry = ctx.manifest.finish(stage, artifacts, metrics)
+    return {"status": "done", "seconds": round(time.time() - t0, 2), "metrics": entry["metrics"], "budget_s": limit}
+
+
+def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targets_dir: str | None = None,
+          teacher_checkpoint: str | Path | None = None, until: str | None = None) -> dict:
+    """Run every stage for ``target_name`` into ``out``; returns the machine-readable summary."""
+    from edgekd.targets import resolve
+
+    loaded = resolve(target_name or recipe.target, targets_dir)
+    target = loaded.target
+    check_model_names(recipe, Path(teacher_checkpoint) if teacher_checkpoint else None)
+    out = Path(out).resolve()  # stage functions return absolute paths; the manifest stores them relative to the run folder
+    out.mkdir(parents=True, exist_ok=True)
+    with hold_run_folder(out) as stale:
+        if stale:
+            ui.log(f"[dim]removed {len(stale)} temporary file(s) left by an interrupted run[/]")
+        return _build_locked(recipe, out, target, teacher_checkpoint, until)
+
+
+def _build_locked(recipe: Recipe, out: Path, target, teacher_checkpoint: str | Path | None, until: str | None) -> dict:
+    ctx = BuildContext(recipe, out, target, Manifest(out), Path(teacher_checkpoint).resolve() if teacher_checkpoint else None)
+    ctx.manifest.data["recipe"] = recipe.model_dump(mode="json")
+    ctx.manifest.data["target"] = target.to_dict()
+    ctx.manifest.save()
+    order = stages_for(recipe, target)
+    ctx.order = order
+    if until is not None and until not in order:
+        raise EdgekdError(f"unknown stage '{until}'", f"use one of: {', '.join(order)}")
+    stages: dict[str, dict] = {}
+    t0 = time.time()
+    for stage in order:
+        stages[stage] = run_stage(ctx, stage)
+        if stage == until:
+            break
+    problems = ctx.manifest.verify()
+    if problems:
+        raise EdgekdError(f"manifest check failed after build: {problems[0]}", "rerun the build; a file was changed while it ran")
+    return summary(ctx, stages, time.time() - t0)

@@ -1,0 +1,88 @@
+"""The training stages of a build: teacher (fine-tune), control (the student alone), distill
+(ships the better of distilled and control) and qad (INT8 fake-quant + KD)."""
+
+from __future__ import annotations
+
+from edgekd import ui
+from edgekd.manifest import write_bytes_atomic
+from edgekd.pipeline.context import BuildContext
+
+
+def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
+    if ctx.teacher_checkpoint is not None:
+        from edgekd.models import load_checkpoint
+
+        ck = load_checkpoint(ctx.teacher_checkpoint)  # validates it before anything builds on it
+        # A copy inside the run folder: the manifest only records (and trusts) files under --out.
+        copy = write_bytes_atomic(ctx.out / "teacher" / "provided.pt", ctx.teacher_checkpoint.read_bytes())
+        return {"checkpoint": copy}, {"provided": True, "model": ck["model"]["name"], "source": str(ctx.teacher_checkpoint)}
+    from edgekd.finetune import run_finetune
+
+    cfg = ctx.recipe.teacher.model_copy(update={"train": ctx.limited(ctx.recipe.teacher.train)})
+    r = run_finetune(cfg, ctx.recipe.data, ctx.out / "teacher", ctx.recipe.seed, ctx.recipe.deterministic, data=ctx.data)
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {**training_metrics(r["metrics"]), "model": cfg.model}
+
+
+def training_metrics(m: dict) -> dict:
+    """What the manifest keeps of a training stage's metrics.json."""
+    return {"val_top1": m["val"]["top1"], "val_n": m["val"].get("n"), "test_top1": m["test"]["top1"], "params": m.get("params"),
+            "train_seconds": m["train_seconds"], "stopped": m.get("stopped"), "plan": m.get("plan")}
+
+
+def stage_control(ctx: BuildContext) -> tuple[dict, dict]:
+    """The student alone on hard labels, same budget: what distillation has to beat."""
+    from edgekd.control import run_control
+
+    rc = ctx.recipe
+    student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
+    r = run_control(student, rc.data.model_copy(update={"augment": rc.student.augment}), ctx.out / "control", ctx.data, rc.seed, rc.deterministic)
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, training_metrics(r["metrics"])
+
+
+def choose_student(distilled: dict, control: dict | None, rule: str) -> tuple[str, str | None]:
+    """("distilled" | "control", why): the control ships only when it beat distillation on
+    validation and the recipe allows it (``distill.ship: better``)."""
+    if control is None or control.get("val_top1") is None or rule != "better":
+        return "distilled", None
+    if control["val_top1"] > distilled["val_top1"]:
+        return "control", (f"distillation lost to the student alone on validation ({100 * distilled['val_top1']:.2f}% vs "
+                           f"{100 * control['val_top1']:.2f}%): the control ships (distill.ship=distilled ships the distilled one)")
+    return "distilled", None
+
+
+def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
+    from edgekd.distill import run_distill
+
+    rc = ctx.recipe
+    data_cfg = rc.data.model_copy(update={"augment": rc.student.augment})
+    student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
+    r = run_distill([ctx.path("teacher", "checkpoint")], student, rc.distill, data_cfg, ctx.out / "student", rc.seed, rc.deterministic,
+                    data=ctx.data, cache_dir=ctx.out / "cache")
+    metrics = {**training_metrics(r["metrics"]), "teacher_weaker_than_student": r["metrics"].get("teacher_weaker_than_student")}
+    control = ctx.manifest.stage("control")["metrics"] if "control" in ctx.order else None
+    shipped, why = choose_student(metrics, control, rc.distill.ship)
+    if why:
+        ui.warn(why)
+    chosen = r["checkpoint"] if shipped == "distilled" else ctx.path("control", "checkpoint")
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"], "shipped_checkpoint": chosen}, {**metrics, "shipped_student": shipped, "ship_reason": why}
+
+
+def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
+    """Quantization-aware distillation: the INT8 fake-quant student keeps learning from the FP32 teacher."""
+    from edgekd.distill import build_distill_loss, load_teacher
+    from edgekd.quantize import run_qad
+
+    rc = ctx.recipe
+    teacher = load_teacher(ctx.path("teacher", "checkpoint"))
+    augment = rc.student.augment
+
+    def make_loss(qstudent):
+        return build_distill_loss(qstudent, [teacher], rc.distill, ctx.data, ctx.out / "cache", augment)
+
+    cfg = rc.quantize if rc.quantize.layout != "auto" else rc.quantize.model_copy(update={"layout": ctx.target.layout})
+    cfg = cfg.model_copy(update={"train": ctx.limited(cfg.train)})
+    r = run_qad(ctx.path("distill", "shipped_checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
+    m = r["metrics"]
+    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {**training_metrics(m), "fp32_val_top1": m.get("fp32_val_top1"),
+                                                                             "ptq_val_top1": m.get("ptq_val_top1"), "ptq_test_top1": m.get("ptq_test_top1"),
+                                                                             "result": m.get("result")}
