@@ -10,7 +10,7 @@ A bundle is a folder plus a deterministic ``.tar.gz`` of it::
       model/NAME.onnx      the INT8 (or FP16/FP32) ONNX model(s)
       reference/inputs.npy images the host ran; the device must give the same top-1 (selfcheck)
       engine/build_engine.sh  TensorRT targets: the exact trtexec build + timing commands
-      edgekd/runtime.py    the torch-free runtime (+ edgekd/__init__.py, errors.py, manifest.py)
+      edgekd/runtime/      the torch-free runtime package (+ edgekd/__init__.py, errors.py, manifest.py)
       run.sh, README.md
 
 The trtexec flags follow NVIDIA's TensorRT "Best Practices" guide and the Jetson benchmarking
@@ -21,8 +21,8 @@ cache, ``--useCudaGraph --noDataTransfers`` with warm-up and a fixed duration fo
 (built in a temp folder, renamed into place); extraction goes through
 :func:`edgekd.runtime.safe_extract`.
 
->>> make_bundle("runs/x/bundle", {"student_int8": "runs/x/student_int8.onnx"}, "student_int8",
-...             classes, model.preprocess, get_target("jetson"), {"test_top1": 0.90})  # doctest: +SKIP
+>>> make_bundle("runs/x/bundle", BundleModel({"student_int8": "runs/x/student_int8.onnx"}, "student_int8",
+...             classes, model.preprocess), get_target("jetson"), {"test_top1": 0.90})  # doctest: +SKIP
 PosixPath('runs/x/bundle')
 """
 
@@ -37,6 +37,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,7 +48,8 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import atomic_path, out_of_space, versions
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-RUNTIME_FILES = ("__init__.py", "errors.py", "manifest.py", "runtime.py")
+RUNTIME_FILES = ("__init__.py", "errors.py", "manifest.py", "runtime/__init__.py", "runtime/__main__.py", "runtime/backends.py",
+                 "runtime/checks.py", "runtime/classifier.py", "runtime/cli.py", "runtime/integrity.py", "runtime/preprocessing.py")
 EXECUTABLE = {"run.sh", "engine/build_engine.sh"}
 DEFAULT_WARMUP_MS = 500
 DEFAULT_DURATION_S = 10
@@ -197,12 +199,32 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+@dataclass(frozen=True)
+class BundleModel:
+    """What a bundle runs: ``onnx_files`` maps a model name to its ONNX path, ``primary`` names the
+    one the runtime runs, ``preprocess`` is a dict or has ``to_dict()`` (e.g. ``model.preprocess``)."""
+
+    onnx_files: Mapping[str, str | os.PathLike]
+    primary: str
+    classes: list[str]
+    preprocess: Any
+
+
+def _checked_model(model: BundleModel) -> BundleModel:
+    """``model`` with its preprocessing as a plain dict, once its files and names are valid."""
+    if model.primary not in model.onnx_files:
+        raise EdgekdError(f"primary model '{model.primary}' is not among {sorted(model.onnx_files)}", "name one of the ONNX files as primary")
+    for name, path in model.onnx_files.items():
+        if not Path(path).is_file():
+            raise EdgekdError(f"ONNX file for '{name}' not found: {path}", "run `edgekd export` first")
+        if not name.replace("-", "_").replace(".", "_").isidentifier():
+            raise EdgekdError(f"model name '{name}' must be a plain identifier", "use letters, digits, '_' or '-'")
+    return BundleModel(model.onnx_files, model.primary, model.classes, _as_dict(model.preprocess, "preprocess"))
+
+
 def make_bundle(
     out_dir: str | os.PathLike,
-    onnx_files: Mapping[str, str | os.PathLike],
-    primary: str,
-    classes: list[str],
-    preprocess: Any,
+    model: BundleModel,
     target: Any,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
@@ -212,20 +234,13 @@ def make_bundle(
 ) -> Path:
     """Write the bundle folder (atomically) and, by default, ``<out_dir>.tar.gz`` next to it.
 
-    ``onnx_files`` maps a model name to its ONNX path; ``primary`` is the one the runtime runs.
-    ``metrics`` are the caller's *measured* accuracy/latency; ``sample_images`` (uint8 NCHW, e.g.
-    real test images) become the reference the device must reproduce. ``attachments`` maps a
-    relative path in the bundle to a file copied there (the build report), checksummed like the rest.
+    ``model`` is what the runtime runs (see :class:`BundleModel`). ``metrics`` are the caller's
+    *measured* accuracy/latency; ``sample_images`` (uint8 NCHW, e.g. real test images) become the
+    reference the device must reproduce. ``attachments`` maps a relative path in the bundle to a
+    file copied there (the build report), checksummed like the rest.
     """
     out = Path(out_dir)
-    if primary not in onnx_files:
-        raise EdgekdError(f"primary model '{primary}' is not among {sorted(onnx_files)}", "name one of the ONNX files as primary")
-    for name, path in onnx_files.items():
-        if not Path(path).is_file():
-            raise EdgekdError(f"ONNX file for '{name}' not found: {path}", "run `edgekd export` first")
-        if not name.replace("-", "_").replace(".", "_").isidentifier():
-            raise EdgekdError(f"model name '{name}' must be a plain identifier", "use letters, digits, '_' or '-'")
-    pre = _as_dict(preprocess, "preprocess")
+    model = _checked_model(model)
     tgt = _as_dict(target, "target")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -233,7 +248,7 @@ def make_bundle(
         for rel, src in (attachments or {}).items():
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tmp / rel)
-        meta = _fill(tmp, out.name, onnx_files, primary, classes, pre, tgt, dict(metrics or {}), dict(extra or {}), sample_images)
+        meta = _fill(tmp, out.name, model, tgt, dict(metrics or {}), dict(extra or {}), sample_images)
         _write_sums(tmp, meta)
         os.chmod(tmp, 0o755)  # mkdtemp made it private
         rt.verify_bundle(tmp)  # what the device will do, done once here
@@ -252,17 +267,17 @@ def make_bundle(
     return out
 
 
-def _fill(root: Path, name: str, onnx_files: Mapping[str, str | os.PathLike], primary: str, classes: list[str], pre: dict, tgt: dict,
-          metrics: dict, extra: dict, sample_images: np.ndarray | None) -> dict[str, Any]:
+def _fill(root: Path, name: str, model: BundleModel, tgt: dict, metrics: dict, extra: dict, sample_images: np.ndarray | None) -> dict[str, Any]:
+    primary, classes, pre = model.primary, model.classes, model.preprocess
     models = {}
-    for model_name, path in onnx_files.items():
+    for model_name, path in model.onnx_files.items():
         rel = f"model/{model_name}.onnx"
         (root / "model").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, root / rel)
         models[model_name] = rel
     _write_text(root / "labels.txt", "\n".join(classes) + "\n")
-    for f in RUNTIME_FILES:
-        (root / "edgekd").mkdir(exist_ok=True)
+    for f in RUNTIME_FILES:  # keeps the relative paths: edgekd/runtime/*.py in the bundle
+        (root / "edgekd" / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PACKAGE_DIR / f, root / "edgekd" / f)
     input_name, dims = onnx_input(root / models[primary])
     images = sample_images if sample_images is not None else reference_images(pre)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from edgekd import runtime as rt
-from edgekd.bundle import make_bundle, tar_bytes, tar_bundle, trtexec_commands
+from edgekd.bundle import BundleModel, make_bundle, tar_bytes, tar_bundle, trtexec_commands
 from edgekd.errors import EdgekdError
 from edgekd.targets import get_target
 
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def bundle(pico_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("b") / "pico-bundle"
-    path = make_bundle(out, {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, get_target("x86-cpu"),
+    path = make_bundle(out, BundleModel({"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess), get_target("x86-cpu"),
                        {"test_top1": 0.7}, {"note": "test"}, sample_images=pico_model.images[:16])
     return path
 
@@ -197,7 +197,7 @@ def test_tar_is_deterministic(bundle, tmp_path):
         assert all(m.mtime == 0 and m.uid == 0 and not m.issym() for m in tar.getmembers())
 
 
-@pytest.mark.parametrize("victim", ["model/pico.onnx", "labels.txt", "edgekd/runtime.py", "bundle.json"])
+@pytest.mark.parametrize("victim", ["model/pico.onnx", "labels.txt", "edgekd/runtime/classifier.py", "bundle.json"])
 def test_tampered_file_is_refused(bundle, tmp_path, victim):
     copy = tmp_path / "copy"
     rt.safe_extract(bundle.with_name(bundle.name + ".tar.gz"), copy)
@@ -285,7 +285,8 @@ def test_trtexec_commands_for_dla_and_gpu_targets(pico_model):
 
 
 def test_tensorrt_bundle_has_build_script(pico_model, tmp_path):
-    b = make_bundle(tmp_path / "jb", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, get_target("jetson"), {}, make_tar=False)
+    b = make_bundle(tmp_path / "jb", BundleModel({"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess), get_target("jetson"), {},
+                    make_tar=False)
     script = (b / "engine" / "build_engine.sh").read_text()
     meta = json.loads((b / "bundle.json").read_text())
     assert "--saveEngine=engine/pico.plan" in script and "nvpmodel -m 0" in script and meta["trtexec"]["build"][0] == "trtexec"
@@ -297,12 +298,13 @@ def test_tensorrt_bundle_has_build_script(pico_model, tmp_path):
 
 def test_make_bundle_refuses_bad_inputs_and_replaces_atomically(pico_model, tmp_path):
     with pytest.raises(EdgekdError, match="primary model"):
-        make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "other", pico_model.classes, pico_model.preprocess, None)
+        make_bundle(tmp_path / "x", BundleModel({"pico": pico_model.onnx}, "other", pico_model.classes, pico_model.preprocess), None)
     with pytest.raises(EdgekdError, match="not found"):
-        make_bundle(tmp_path / "x", {"pico": tmp_path / "missing.onnx"}, "pico", pico_model.classes, pico_model.preprocess, None)
+        make_bundle(tmp_path / "x", BundleModel({"pico": tmp_path / "missing.onnx"}, "pico", pico_model.classes, pico_model.preprocess), None)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x.*"))
-    first = make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, None, {"v": 1}, make_tar=False)
-    make_bundle(tmp_path / "x", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, None, {"v": 2}, make_tar=False)
+    first = make_bundle(tmp_path / "x", BundleModel({"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess), None, {"v": 1},
+                        make_tar=False)
+    make_bundle(tmp_path / "x", BundleModel({"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess), None, {"v": 2}, make_tar=False)
     assert json.loads((first / "bundle.json").read_text())["metrics"] == {"v": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
 
@@ -317,7 +319,8 @@ def test_tensorrt_engine_in_bundle_matches_onnxruntime(pico_model, tmp_path):
         pytest.skip(f"needs TensorRT and an NVIDIA GPU ({why or 'no GPU'})")
     import tensorrt as trt
 
-    b = make_bundle(tmp_path / "trt", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess, get_target("x86-cuda"), {}, make_tar=False)
+    b = make_bundle(tmp_path / "trt", BundleModel({"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess), get_target("x86-cuda"), {},
+                    make_tar=False)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)

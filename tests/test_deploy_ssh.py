@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import assert_one_line_error, json_out, run_cli
-from edgekd.bundle import make_bundle
+from edgekd.bundle import BundleModel, make_bundle
 from edgekd.deploy import deploy, parse_trtexec_times
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ssh
 
 @pytest.fixture(scope="module")
 def bundle_tar(pico_model, tmp_path_factory) -> Path:
-    out = make_bundle(tmp_path_factory.mktemp("d") / "pico-deploy", {"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess,
+    out = make_bundle(tmp_path_factory.mktemp("d") / "pico-deploy", BundleModel({"pico": pico_model.onnx}, "pico", pico_model.classes, pico_model.preprocess),
                       get_target("x86-cpu"), {"test_top1": 0.7}, sample_images=pico_model.images[:16])
     return out.with_name(out.name + ".tar.gz")
 
@@ -35,7 +35,7 @@ def test_deploy_checks_and_times_the_bundle_on_the_device(sshd, bundle_tar, tmp_
     run_dir = tmp_path / "run"
     result = deploy(bundle_tar, _device(sshd), remote_dir=remote, runs=20, warmup=2, run_dir=run_dir)
     # The files really arrived through ssh and were verified there by the copy of the runtime inside the bundle.
-    assert (Path(remote) / "SHA256SUMS").is_file() and (Path(remote) / "edgekd" / "runtime.py").is_file()
+    assert (Path(remote) / "SHA256SUMS").is_file() and (Path(remote) / "edgekd" / "runtime" / "__main__.py").is_file()
     check = result["selfcheck"]
     assert check["ok"] and check["checksums"] == "ok" and check["reference"]["top1_agreement"] == 1.0
     assert check["device"]["torch_loaded"] is False  # the device side never imports torch

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgekd import runtime
-from edgekd.bundle import load_bundle_meta, make_bundle
+from edgekd.bundle import BundleModel, load_bundle_meta, make_bundle
 from edgekd.config import apply_overrides, load_recipe, parse_file
 from edgekd.errors import EdgekdError
 from edgekd.manifest import MANIFEST_NAME, Manifest, read_json
@@ -135,7 +135,7 @@ def test_manifest_with_mutated_bytes(ops):
 def small_bundle(pico_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("fuzzbundle") / "bundle"
     pre = pico_model.preprocess.to_dict()
-    make_bundle(out, {"model": pico_model.onnx}, "model", pico_model.classes, pre, {"name": "x86-cpu", "runtime": "ort-cpu"},
+    make_bundle(out, BundleModel({"model": pico_model.onnx}, "model", pico_model.classes, pre), {"name": "x86-cpu", "runtime": "ort-cpu"},
                 sample_images=pico_model.images[:2])
     return out
 

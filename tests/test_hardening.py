@@ -60,7 +60,7 @@ def run_inprocess(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """A real pico checkpoint (a teacher and a student look alike to the CLI), a real ONNX and a bundle folder."""
-    from edgekd.bundle import make_bundle
+    from edgekd.bundle import BundleModel, make_bundle
     from edgekd.models import create_model, save_checkpoint
 
     d = tmp_path_factory.mktemp("inputs")
@@ -69,7 +69,7 @@ def files(tmp_path_factory):
     onnx_path = d / "pico.onnx"
     torch.onnx.export(model.eval(), torch.zeros(1, 1, 28, 28), str(onnx_path), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    bundle = make_bundle(d / "bundle", {"model": onnx_path}, "model", [str(i) for i in range(10)], model.preprocess.to_dict(),
+    bundle = make_bundle(d / "bundle", BundleModel({"model": onnx_path}, "model", [str(i) for i in range(10)], model.preprocess.to_dict()),
                          {"name": "x86-cpu", "runtime": "ort-cpu"})
     return {"ck": ck, "onnx": onnx_path, "bundle": bundle, "dir": d}
 
@@ -355,7 +355,7 @@ def _no_partial_files(folder: Path) -> list[Path]:
 
 
 def test_full_disk_while_writing_artifacts(tiny_tmpfs, files):
-    from edgekd.bundle import make_bundle
+    from edgekd.bundle import BundleModel, make_bundle
     from edgekd.models import create_model, save_checkpoint
 
     (tiny_tmpfs / "filler").write_bytes(b"\0" * (1024 * 1024 - 40 * 1024))  # leave ~40 KiB
@@ -365,7 +365,8 @@ def test_full_disk_while_writing_artifacts(tiny_tmpfs, files):
         save_checkpoint(tiny_tmpfs / "best.pt", create_model("nano_cnn", 10), ["a"], "student")
     with pytest.raises(EdgekdError, match="disk full"):
         pre = json.loads((files["bundle"] / "bundle.json").read_text())["preprocess"]
-        make_bundle(tiny_tmpfs / "bundle", {"model": files["onnx"]}, "model", [str(i) for i in range(10)], pre, {"name": "x86-cpu", "runtime": "ort-cpu"})
+        make_bundle(tiny_tmpfs / "bundle", BundleModel({"model": files["onnx"]}, "model", [str(i) for i in range(10)], pre),
+                    {"name": "x86-cpu", "runtime": "ort-cpu"})
     assert sorted(p.name for p in tiny_tmpfs.iterdir()) == ["filler"], "a partial artifact was left"
 
 

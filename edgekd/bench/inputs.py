@@ -6,7 +6,6 @@ No torch import: this runs on the device next to onnxruntime.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 from pathlib import Path
@@ -16,7 +15,6 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 
-FASHION_MNIST_TEST = "t10k-images-idx3-ubyte.gz"
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
@@ -89,20 +87,14 @@ def _model_named_in(meta: Path) -> str | None:
     return None
 
 
-def _read_idx_images(path: Path) -> np.ndarray:
-    """The IDX image file format of (Fashion-)MNIST, read with numpy alone."""
-    with gzip.open(path, "rb") as fh:
-        raw = fh.read()
-    n, h, w = (int.from_bytes(raw[i:i + 4], "big") for i in (4, 8, 12))
-    return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, h, w)
-
-
 def _real_images(batch: int, seed: int) -> np.ndarray:
-    root = Path(os.environ.get("EDGEKD_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
-    path = root / FASHION_MNIST_TEST
-    if not path.is_file():
-        raise EdgekdError(f"Fashion-MNIST test images not found at {path}", "apt-get install dataset-fashion-mnist, set EDGEKD_FASHION_MNIST, or use --input random")
-    images = _read_idx_images(path)
+    """``batch`` Fashion-MNIST test images (uint8, N x 28 x 28), read by the data package's IDX reader."""
+    from edgekd.data import fashion_mnist_root, load_fashion_mnist_split
+
+    try:
+        images = load_fashion_mnist_split(fashion_mnist_root(None), "test").images[:, 0].numpy()
+    except EdgekdError as exc:
+        raise EdgekdError(exc.message, "apt-get install dataset-fashion-mnist, set EDGEKD_FASHION_MNIST, or use --input random") from exc
     pick = np.random.default_rng(seed).choice(len(images), size=batch, replace=len(images) < batch)
     return images[pick]
 

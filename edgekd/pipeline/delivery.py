@@ -120,7 +120,7 @@ def stage_report(ctx: BuildContext) -> tuple[dict, dict]:
 
 
 def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgekd.bundle import make_bundle
+    from edgekd.bundle import BundleModel, make_bundle
     from edgekd.models import load_checkpoint
 
     ck = load_checkpoint(ctx.path("distill", "shipped_checkpoint"))
@@ -133,7 +133,8 @@ def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
                "export_checks": ctx.manifest.stage("export")["metrics"].get("checks")}
     extra = {"recipe": ctx.recipe.model_dump(mode="json"), "stages": {k: v.get("config_hash") for k, v in ctx.manifest.data["stages"].items()}}
     report = {f"report/report.{k}": ctx.path("report", k) for k in ("md", "png", "json")}
-    bundle_dir = make_bundle(ctx.out / "bundle", onnx_files, "model", ck["classes"], ck["preprocess"], ctx.target.to_dict(), metrics, extra, attachments=report)
+    bundle_dir = make_bundle(ctx.out / "bundle", BundleModel(onnx_files, "model", ck["classes"], ck["preprocess"]), ctx.target.to_dict(), metrics, extra,
+                             attachments=report)
     tar = Path(str(bundle_dir) + ".tar.gz")
     arts = {"bundle_json": bundle_dir / "bundle.json"}
     if tar.is_file():

@@ -100,7 +100,9 @@ def _train_epoch(loop: _Loop, data: DataSet, epoch: int, augment: str, seed: int
             if isinstance(mod, nn.modules.batchnorm._BatchNorm):
                 mod.eval()
     ep_loss, ep_n, ep_t = 0.0, 0, time.time()
-    for batch in iterate(data.train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment, rank=loop.env.rank, world=loop.env.world, drop_last=True):
+    for batch in iterate(data.train, cfg.batch_size, shuffle=True, seed=seed, epoch=epoch, augment=augment, rank=loop.env.rank, world=loop.env.world):
+        if len(batch.labels) < cfg.batch_size:
+            break  # drop the last partial batch: a tiny batch gives a noisy step and odd BatchNorm statistics
         x = batch_input(batch, loop.preprocess, loop.dev)
         with torch.autocast(loop.dev.type, enabled=loop.scaler.is_enabled()):
             loss, _ = loop.loss_fn(loop.net, batch, x)
@@ -261,3 +263,5 @@ def final_metrics(model: nn.Module, data: DataSet, preprocess: Preprocess, resul
         **(extra or {}),
     }
     write_json_atomic(result.metrics_path, metrics)
+    result.metrics = metrics
+    return metrics

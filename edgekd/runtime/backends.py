@@ -1,0 +1,142 @@
+"""Inference backends: onnxruntime (any device) and TensorRT (an engine built on the device).
+
+Both expose the same small surface (``name``, ``providers``, ``run(x) -> logits``), so the
+classifier can prefer TensorRT where an engine exists and fall back to onnxruntime otherwise.
+TensorRT and the CUDA bindings are imported only when used: a plain device needs neither.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekd.errors import EdgekdError
+
+
+class OrtModel:
+    """An onnxruntime session; fixed-batch graphs are fed in chunks."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, cuda: bool = False):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EdgekdError("onnxruntime is not installed on this machine", "pip install onnxruntime numpy pillow") from exc
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+            raise EdgekdError(f"onnxruntime cannot load {onnx_path}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
+                              "the file is truncated or not an ONNX model; copy the bundle again") from exc
+        inp = self.session.get_inputs()[0]
+        if len(inp.shape) != 4:
+            raise EdgekdError(f"{onnx_path} takes a rank-{len(inp.shape)} input {inp.shape}, the runtime feeds images as (N, C, H, W)",
+                              "bundle an image classifier exported by edgekd")
+        self.input_name = inp.name
+        self.fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+        self.providers = self.session.get_providers()
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return self._run(x)
+        except EdgekdError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's InvalidArgument etc.: inputs that do not fit the model
+            raise EdgekdError(f"onnxruntime refused an input of shape {tuple(x.shape)}: {str(exc).splitlines()[0][:160]}",
+                              "the bundle's preprocess settings do not match its model; rebuild the bundle") from exc
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        if self.fixed_batch is None or x.shape[0] == self.fixed_batch:
+            return self.session.run(None, {self.input_name: x})[0]
+        outs = []
+        for start in range(0, x.shape[0], self.fixed_batch):
+            chunk = x[start : start + self.fixed_batch]
+            pad = self.fixed_batch - chunk.shape[0]
+            if pad:
+                chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.session.run(None, {self.input_name: chunk})[0][: self.fixed_batch - pad])
+        return np.concatenate(outs)
+
+
+def _cudart() -> Any:
+    """cuda-python's runtime bindings (new and old module paths)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart  # type: ignore[no-redef]
+    return cudart
+
+
+def _cuda_ok(result: Any) -> Any:
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise EdgekdError(f"CUDA call failed with error {err}", "check the GPU with nvidia-smi / tegrastats")
+    return rest[0] if len(rest) == 1 else rest
+
+
+class TrtModel:
+    """A TensorRT engine built on this device (``engine/*.plan``), run with the TensorRT 10 tensor API."""
+
+    name = "tensorrt"
+
+    def __init__(self, engine_path: str | os.PathLike):
+        import tensorrt as trt
+
+        self.trt = trt
+        self.cudart = _cudart()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
+        if self.engine is None:
+            raise EdgekdError(f"TensorRT could not load {engine_path}", "engines are tied to the GPU and TensorRT version: rebuild it on this device with engine/build_engine.sh")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.out_dtype = trt.nptype(self.engine.get_tensor_dtype(self.output_name))
+        self.stream = _cuda_ok(self.cudart.cudaStreamCreate())
+        self.buffers: dict[tuple, tuple[int, int, np.ndarray]] = {}
+        self.providers = ["TensorRT " + trt.__version__]
+
+    def _buffers(self, shape: tuple[int, ...]) -> tuple[int, int, np.ndarray]:
+        if shape not in self.buffers:
+            self.context.set_input_shape(self.input_name, shape)
+            out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype)
+            d_in = _cuda_ok(self.cudart.cudaMalloc(int(np.prod(shape)) * 4))
+            d_out = _cuda_ok(self.cudart.cudaMalloc(out.nbytes))
+            self.buffers[shape] = (d_in, d_out, out)
+        return self.buffers[shape]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        d_in, d_out, out = self._buffers(tuple(x.shape))
+        cu = self.cudart
+        self.context.set_input_shape(self.input_name, x.shape)
+        self.context.set_tensor_address(self.input_name, int(d_in))
+        self.context.set_tensor_address(self.output_name, int(d_out))
+        _cuda_ok(cu.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+        if not self.context.execute_async_v3(self.stream):
+            raise EdgekdError("TensorRT inference failed", "see the TensorRT log above")
+        _cuda_ok(cu.cudaMemcpyAsync(out.ctypes.data, d_out, out.nbytes, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
+        _cuda_ok(cu.cudaStreamSynchronize(self.stream))
+        return out.astype(np.float32).copy()
+
+
+def tensorrt_usable() -> str | None:
+    """None when TensorRT + a CUDA binding can be imported here, else the reason it cannot."""
+    try:
+        importlib.import_module("tensorrt")
+        _cudart()
+    except ImportError as exc:
+        return f"{exc.name or 'tensorrt'} not importable"
+    return None
