@@ -20,13 +20,16 @@ import re
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgekd import ui
 from edgekd.bundle import load_bundle_meta, tar_bytes
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest, sha256_json, write_json_atomic
 from edgekd.runtimes.ssh import SshDevice
+
+if TYPE_CHECKING:
+    from edgekd.bench.timing import TimingPlan
 
 DEPLOY_STAGE = "deploy"
 GPU_TIME_RE = re.compile(r"GPU Compute Time: (.*)")
@@ -148,11 +151,13 @@ def deploy(
     return result
 
 
-def remote_bench(model: str | os.PathLike, target: str, batch: int, warmup: int, runs: int, threads: int | None = None,
+def remote_bench(model: str | os.PathLike, target: str, batch: int, plan: TimingPlan, threads: int | None = None,
                  device: SshDevice | None = None, remote_dir: str | None = None, timeout: float = 1800) -> dict[str, Any]:
     """Time a bundle on ``device`` (the hook `edgekd bench --remote` calls): copy it, verify it there,
-    run ``edgekd.runtime bench --samples`` there, and return the raw samples plus the device's
-    fingerprint so the host computes statistics and regression decisions exactly as for local runs."""
+    run ``edgekd.runtime bench --samples`` there with ``plan``'s warm-up and run counts (its
+    ``duration_s`` is not used: the device times a fixed number of runs), and return the raw samples
+    plus the device's fingerprint so the host computes statistics and regression decisions exactly as
+    for local runs."""
     if device is None:
         raise EdgekdError("remote benchmarking needs a device", "pass --host user@device (and --known-hosts / --identity as for `edgekd deploy`)")
     root, meta = load_bundle_meta(model)
@@ -161,7 +166,7 @@ def remote_bench(model: str | os.PathLike, target: str, batch: int, warmup: int,
     device.upload_tar(tar_bytes(root), remote_dir, strip_components=1, timeout=timeout)
     py = f"cd {shlex.quote(remote_dir)} && {shlex.quote(device.python)} -m edgekd.runtime"
     opts = f" --threads {int(threads)}" if threads else ""
-    got = remote_json(device, f"{py} bench . --json --samples --batch {int(batch)} --runs {int(runs)} --warmup {int(warmup)}{opts}", timeout)
+    got = remote_json(device, f"{py} bench . --json --samples --batch {int(batch)} --runs {int(plan.runs)} --warmup {int(plan.warmup)}{opts}", timeout)
     lat = got["latency"][0]
     info = got.get("device", {})
     fingerprint = {  # the same keys as edgekd.bench.fingerprint(), read on the device

@@ -1,4 +1,4 @@
-"""Stage 1: fine-tune a pretrained backbone into the teacher (transfer learning).
+"""The teacher stage: fine-tune a pretrained backbone into the teacher (transfer learning).
 
 Two modes: ``full`` (every weight trains; best accuracy) and ``linear-probe`` (the backbone is
 frozen, only the new classifier head trains; minutes instead of hours, and a sanity check that

@@ -1,5 +1,6 @@
 """Recipe parsing: defaults, overrides, strictness and clear errors."""
 
+import pydantic
 import pytest
 
 from edgekd.config import Recipe, apply_overrides, load_recipe, recipe_to_yaml
@@ -55,5 +56,5 @@ def test_bad_override_and_missing_file(tmp_path):
 
 
 def test_recipe_forbids_unknown_top_level_key():
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError, match="tacher"):
         Recipe.model_validate({"tacher": {}})

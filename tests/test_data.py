@@ -101,3 +101,15 @@ def test_splits_are_stratified_and_deterministic():
     assert set(rest.images.flatten().tolist()).isdisjoint(held.images.flatten().tolist())
     again = stratified_split(split, 0.2, seed=3)[1]
     assert torch.equal(again.images, held.images)
+
+
+def test_a_tiny_split_still_holds_out_what_the_fraction_asks():
+    """10 images in 2 classes at 10%: one image held out (each class's own 0.5 would round to 0,
+    leaving no validation set at all), and never more than a class has."""
+    from edgekd.data import Split, stratified_split
+
+    split = Split(torch.zeros(10, 1, 2, 2, dtype=torch.uint8), torch.tensor([0] * 5 + [1] * 5))
+    rest, held = stratified_split(split, 0.1, seed=0)
+    assert (len(rest), len(held)) == (9, 1)
+    rest, held = stratified_split(Split(split.images[:3], torch.tensor([0, 1, 2])), 0.9, seed=0)
+    assert (len(rest), len(held)) == (0, 3)

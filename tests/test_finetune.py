@@ -1,12 +1,14 @@
-"""Stage 1 end to end through the real CLI: train, metrics, resume, and clear errors for bad input."""
+"""The teacher stage (`edgekd finetune`) end to end through the real CLI: train, metrics, resume, and clear errors for bad input."""
 
 import json
 import os
+import time
+import subprocess
 
 import pytest
 import torch
 
-from cli_helpers import assert_one_line_error, json_out, run_cli
+from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.models import create_model, load_checkpoint
 
@@ -46,13 +48,28 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 
 @needs_fmnist
 def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
-    """Kill-free simulation of an interrupted 2-epoch run: the 1-epoch run's last.pt is what a
-    killed run leaves; rewriting its config to 2 epochs makes it a run stopped after epoch 1."""
+    """Kill a 6-epoch run (SIGKILL, nothing to clean up) once its first epoch is saved, then run
+    the same command again: it resumes from last.pt instead of starting over, keeps the killed
+    run's finished epochs, and ends with all six and no temporary files."""
     out = tmp_path / "r"
-    args = ["finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "1024", "--test-subset", "256", "--out", out, "--json"]
-    json_out(run_cli(*args, "--epochs", "2"))
-    last = torch.load(out / "last.pt", weights_only=True)
-    assert last["train_state"]["epoch"] == 1
+    args = [EDGEKD, "finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "4096",
+            "--test-subset", "256", "--batch-size", "32", "--epochs", "6", "--out", str(out), "--json"]
+    env = {**os.environ, "EDGEKD_QUIET": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 300
+    while not (out / "last.pt").is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    killed = torch.load(out / "last.pt", weights_only=True)["train_state"]
+    assert killed["epoch"] < 5, "the run finished before it could be interrupted: make it longer"
+    resumed = subprocess.run(args, capture_output=True, text=True, env={**env, "EDGEKD_QUIET": "0"}, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming fine-tune pico_cnn after epoch {killed['epoch'] + 1}/6" in resumed.stderr.replace("\n", " ")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["resumed_from_epoch"] == killed["epoch"] + 1 and len(metrics["history"]) == 6
+    assert metrics["history"][: killed["epoch"] + 1] == killed["history"]  # the killed run's epochs, kept as they were
+    assert not [p.name for p in out.iterdir() if p.suffix == ".tmp"]  # no half-written file left by the kill
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):

@@ -229,9 +229,14 @@ def test_dataset_folders_that_cannot_train(tmp_path):
 def test_folder_with_mixed_sizes_modes_and_a_truncated_image_trains(tmp_path):
     """Mixed sizes and modes are decoded to one size; the truncated file is skipped, not fatal."""
     root = _image_folder(tmp_path / "mixed", n=6, bad={"a/broken.png": b"\x89PNG\r\n\x1a\n\x00\x00truncated"})
-    res = json_out(run_cli("finetune", "--dataset", "imagefolder", "--data-root", root, "--model", "pico_cnn", "--pretrained", "none",
-                           "--input-size", "28", "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "o", "--json", env=ENV))
-    assert 0.0 <= res["test_top1"] <= 1.0 and (tmp_path / "o" / "best.pt").is_file()
+    proc = run_cli("finetune", "--dataset", "imagefolder", "--data-root", root, "--model", "pico_cnn", "--pretrained", "none",
+                   "--input-size", "28", "--epochs", "1", "--batch-size", "4", "--out", tmp_path / "o", "--json", env=ENV)
+    json_out(proc)
+    assert "skipped 1 unreadable image" in proc.stderr and "broken.png" in proc.stderr
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    # the 12 readable images, and only they, were split up: 20% test (2), 10% of the other 10 for validation (1)
+    assert sum(map(sum, metrics["test"]["confusion"])) == metrics["test"]["n"] == 2 and metrics["val"]["n"] == 1
+    assert (tmp_path / "o" / "best.pt").is_file()
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
@@ -31,6 +31,12 @@ def _target_settings(name: str | None) -> dict[str, Any]:
 
 
 def _show(result: dict[str, Any], budgets: dict[int, float]) -> None:
+    """A busy-machine warning, the latency table (against the budgets), the reference and the profile."""
+    from edgekd.bench import busy_machine_note
+
+    note = busy_machine_note(result)
+    if note:
+        ui.warn(note)
     rows = []
     for s in result["sweep"]:
         budget = budgets.get(s["batch"])
@@ -81,7 +87,7 @@ def bench(
     set_: SetOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Stage 4: time a model (p50/p90/p99, throughput, batch sweep), optionally against a baseline.
+    """Time a model (p50/p90/p99, throughput, batch sweep), optionally against a baseline.
 
     Examples:
       edgekd bench runs/x/model.onnx --target x86-cpu
@@ -89,13 +95,38 @@ def bench(
       edgekd bench model.onnx --reference ref.onnx --save-baseline benchmarks/baselines/nano.json
       edgekd bench model.onnx --reference ref.onnx --baseline benchmarks/baselines/nano.json --max-regression 10%
     """
-    from edgekd.bench import BenchRequest, TimingPlan, busy_machine_note, check_regression, load_baseline, parse_percent, run_bench
-    from edgekd.config import load_recipe
+    from edgekd.bench import BenchRequest, TimingPlan, run_bench
 
     tgt = _target_settings(target)
-    recipe = load_recipe(config, (set_ or []) + overrides({"bench.warmup": warmup, "bench.runs": runs, "bench.batches": batch, "bench.threads": threads}))
-    runtime_name = runtime or tgt.get("runtime") or "ort-cpu"
+    recipe = _bench_recipe(config, set_, warmup, runs, batch, threads)
     batches = batch or tgt.get("batches") or recipe.bench.batches
+    runtime_name, options = _runtime_choice(tgt, runtime, batches, precision, dla_core)
+    judge = _baseline_judge(baseline, max_regression, allow_other_machine, confidence)  # validate before spending minutes measuring
+    if remote:
+        result = _remote(model, tgt, batches, recipe.bench, threads, _ssh_device(host, port, identity, known_hosts, python), remote_dir)
+    else:
+        _check_runs_here(tgt, runtime)
+        req = BenchRequest(model=model, runtime=runtime_name, batches=batches, plan=TimingPlan(recipe.bench.warmup, recipe.bench.runs, duration),
+                           threads=recipe.bench.threads, input_source=input_source, seed=seed, reference=reference,
+                           profile_top=top if profile else 0, runtime_options=options, target=tgt.get("name"))
+        result = run_bench(req, progress=ui.log)
+    budgets = tgt.get("budgets", {}) if runtime_name == tgt.get("runtime") else {}
+    if _report(result, budgets, save_baseline, judge, as_json):
+        sys.exit(REGRESSION_EXIT)
+
+
+def _bench_recipe(config: Path | None, set_: list[str] | None, warmup: int | None, runs: int | None, batch: list[int] | None,
+                  threads: int | None) -> Any:
+    """The recipe's bench section with --warmup, --runs, --batch and --threads over it (validated there)."""
+    from edgekd.config import load_recipe
+
+    return load_recipe(config, (set_ or []) + overrides({"bench.warmup": warmup, "bench.runs": runs, "bench.batches": batch, "bench.threads": threads}))
+
+
+def _runtime_choice(tgt: dict[str, Any], runtime: str | None, batches: list[int], precision: str | None,
+                    dla_core: int | None) -> tuple[str, dict[str, Any]]:
+    """The runtime to time on and its options: the target's, then --precision / --dla-core, then TensorRT's batch range."""
+    runtime_name = runtime or tgt.get("runtime") or "ort-cpu"
     options = dict(tgt.get("options", {})) if runtime_name == tgt.get("runtime") else {}
     if precision:
         if precision not in ("int8", "fp16", "fp32"):
@@ -106,40 +137,64 @@ def bench(
     if runtime_name == "tensorrt":
         options.setdefault("batch", batches[0])
         options.setdefault("max_batch", max(batches))
-    budget = parse_percent(max_regression)  # validate before spending minutes measuring
-    base = load_baseline(baseline) if baseline else None
-    if remote:
-        from edgekd.runtimes.ssh import SshDevice
+    return runtime_name, options
 
-        if not host:
-            raise EdgekdError("--remote needs --host user@device", "e.g. --remote --host jetson@192.168.1.20 --known-hosts ~/.ssh/known_hosts")
-        device = SshDevice(host, port, identity, known_hosts, python)
-        result = _remote(model, tgt, batches, recipe.bench, threads, device, remote_dir)
-    else:
-        if tgt and not tgt["available"] and not runtime:
-            raise EdgekdError(f"target '{tgt['name']}' cannot run here: {tgt['why']}", "measure on the device with --remote, or pick --runtime ort-cpu")
-        req = BenchRequest(model=model, runtime=runtime_name, batches=batches, plan=TimingPlan(recipe.bench.warmup, recipe.bench.runs, duration),
-                           threads=recipe.bench.threads, input_source=input_source, seed=seed, reference=reference,
-                           profile_top=top if profile else 0, runtime_options=options, target=tgt.get("name"))
-        result = run_bench(req, progress=ui.log)
-    note = busy_machine_note(result)
-    if note:
-        ui.warn(note)
-    _show(result, tgt.get("budgets", {}) if runtime_name == tgt.get("runtime") else {})
+
+def _ssh_device(host: str | None, port: int, identity: Path | None, known_hosts: Path | None, python: str) -> Any:
+    """--remote: the device to measure on."""
+    from edgekd.runtimes.ssh import SshDevice
+
+    if not host:
+        raise EdgekdError("--remote needs --host user@device", "e.g. --remote --host jetson@192.168.1.20 --known-hosts ~/.ssh/known_hosts")
+    return SshDevice(host, port, identity, known_hosts, python)
+
+
+def _check_runs_here(tgt: dict[str, Any], runtime: str | None) -> None:
+    """A target whose hardware is absent here is measured on the device, unless --runtime says what to use here."""
+    if tgt and not tgt["available"] and not runtime:
+        raise EdgekdError(f"target '{tgt['name']}' cannot run here: {tgt['why']}", "measure on the device with --remote, or pick --runtime ort-cpu")
+
+
+def _report(result: dict[str, Any], budgets: dict[int, float], save_baseline: Path | None, judge: Callable[[dict[str, Any]], Any] | None,
+            as_json: bool) -> bool:
+    """Show the result, write it as a baseline, judge it against one, print it for --json; True on a regression."""
+    _show(result, budgets)
     if save_baseline:
-        save_baseline_path = save_baseline_file(save_baseline, result)
-        ui.log(f"baseline written: {save_baseline_path}")
-        result["baseline_written"] = str(save_baseline_path)
-    comparison = None
-    if base is not None:
-        comparison = check_regression(result, base, budget, allow_other_machine, confidence, str(baseline))
-        for n in comparison.notes:
-            ui.warn(n)
-        (ui.warn if comparison.verdict in ("regression", "possible-regression") else ui.log)(comparison.message())
-        result["comparison"] = comparison.to_dict()
-    emit({k: v for k, v in result.items() if k not in ("samples_ms", "device_samples_ms")} | _ref_without_samples(result), as_json)
-    if comparison is not None and comparison.is_regression:
-        sys.exit(REGRESSION_EXIT)
+        written = save_baseline_file(save_baseline, result)
+        ui.log(f"baseline written: {written}")
+        result["baseline_written"] = str(written)
+    comparison = judge(result) if judge else None
+    emit(_json_view(result), as_json)
+    return comparison is not None and comparison.is_regression
+
+
+def _baseline_judge(baseline: Path | None, max_regression: str, allow_other_machine: bool, confidence: float) -> Callable[[dict[str, Any]], Any] | None:
+    """Read --max-regression and --baseline now, so a bad one fails before minutes of measuring; the
+    function returned judges a result against the baseline (None without --baseline)."""
+    from edgekd.bench import load_baseline, parse_percent
+
+    budget = parse_percent(max_regression)
+    if not baseline:
+        return None
+    base = load_baseline(baseline)
+    return lambda result: _compare(result, base, str(baseline), budget, allow_other_machine, confidence)
+
+
+def _compare(result: dict[str, Any], base: dict[str, Any], baseline_name: str, budget: float, allow_other_machine: bool, confidence: float) -> Any:
+    """Judge ``result`` against the baseline, say the verdict, and record it in ``result``."""
+    from edgekd.bench import check_regression
+
+    comparison = check_regression(result, base, budget, allow_other_machine, confidence, baseline_name)
+    for n in comparison.notes:
+        ui.warn(n)
+    (ui.warn if comparison.verdict in ("regression", "possible-regression") else ui.log)(comparison.message())
+    result["comparison"] = comparison.to_dict()
+    return comparison
+
+
+def _json_view(result: dict[str, Any]) -> dict[str, Any]:
+    """The result for --json: the statistics without the raw samples."""
+    return {k: v for k, v in result.items() if k not in ("samples_ms", "device_samples_ms")} | _ref_without_samples(result)
 
 
 def save_baseline_file(path: Path, result: dict[str, Any]) -> Path:
@@ -155,16 +210,17 @@ def _ref_without_samples(result: dict[str, Any]) -> dict[str, Any]:
 
 def _remote(model: str, tgt: dict[str, Any], batches: list[int], bench_cfg: Any, threads: int | None, device: Any, remote_dir: str | None) -> dict[str, Any]:
     """Time on the device through edgekd.deploy's remote_bench hook; statistics are computed here, the same way."""
-    from edgekd.bench import resolve_model_path, summarize
+    from edgekd.bench import TimingPlan, resolve_model_path, summarize
     from edgekd.runtimes import remote_hook
 
     if not tgt:
         raise EdgekdError("--remote needs --target", "name the device's target, e.g. --target jetson-orin-nano")
     remote_bench = remote_hook()
+    plan = TimingPlan(bench_cfg.warmup, bench_cfg.runs)  # the device times a fixed number of runs (no --duration)
     path = resolve_model_path(model)
     sweep, first = [], None
     for b in batches:
-        got = remote_bench(model, target=tgt["name"], batch=b, warmup=bench_cfg.warmup, runs=bench_cfg.runs, threads=threads, device=device, remote_dir=remote_dir)
+        got = remote_bench(model, target=tgt["name"], batch=b, plan=plan, threads=threads, device=device, remote_dir=remote_dir)
         stats = summarize(got["samples_ms"], b, got.get("device_samples_ms"))
         sweep.append(stats.to_dict())
         first = first or got

@@ -34,7 +34,7 @@ def build(
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the full recipe (every default, after overrides) as YAML and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Fine-tune -> distill -> quantization-aware distill -> export -> evaluate -> bench -> bundle, for one target.
+    """Teacher -> control -> distill -> quantization-aware distill (qad) -> export -> evaluate -> bench -> report -> bundle, for one target.
 
     Every stage writes into --out with a manifest (config, sha256 of every artifact, metrics,
     timings). Rerunning skips finished stages; an interrupted build resumes where it stopped.

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import (ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, SetOpt, TestSubsetOpt,
-                                TrainSubsetOpt, batch_opt, emit, epochs_opt, lr_opt, output_folder, overrides)
+from edgekd.cli_options import ConfigOpt, SetOpt, emit, output_folder
+from edgekd.commands import TRAINING_OPTIONS, RunOptions, TrainOptions, run_options, train_options
 from edgekd.config import DistillConfig
 from edgekd.errors import EdgekdError
 
 _DEFAULTS = DistillConfig()
+QUICK = ["data.train_subset=2000", "data.test_subset=1000", "student.train.epochs=2"]
 
 TeacherOpt = Annotated[Optional[list[Path]], typer.Option("--teacher", "-t", help="Teacher checkpoint from `edgekd finetune` (repeat for several teachers).")]
 
@@ -31,6 +32,8 @@ def _names(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
 
+@run_options(*TRAINING_OPTIONS, out=Path("runs/student"), quick_help="A first look in under a minute: 2,000 images, 2 epochs, flip augmentation.")
+@train_options("student", "epochs", "batch_size", "lr")
 def distill(
     teacher: TeacherOpt = None,
     config: ConfigOpt = None,
@@ -50,42 +53,34 @@ def distill(
     input_size: Annotated[Optional[int], typer.Option(help="Student input side in pixels. \\[default: 28]")] = None,
     width: Annotated[Optional[float], typer.Option(help="Width multiplier of edgekd students. \\[default: 1]")] = None,
     augment: Annotated[Optional[str], typer.Option(help="'none', 'flip' (teacher outputs cached) or 'crop-flip' (teacher runs online). \\[default: flip]")] = None,
-    epochs: epochs_opt("student") = None,
-    batch_size: batch_opt("student") = None,
-    lr: lr_opt("student") = None,
-    dataset: DatasetOpt = None,
-    data_root: DataRootOpt = None,
-    train_subset: TrainSubsetOpt = None,
-    test_subset: TestSubsetOpt = None,
-    seed: SeedOpt = None,
-    quick: Annotated[bool, typer.Option("--quick", help="A first look in under a minute: 2,000 images, 2 epochs, flip augmentation.")] = False,
-    out: OutOpt = Path("runs/student"),
-    resume: ResumeOpt = True,
-    as_json: JsonOpt = False,
+    *,
+    train: TrainOptions,
+    run: RunOptions,
 ) -> None:
-    """Stage 2: distil one or more teachers into a small student.
+    """Distil one or more teachers into a small student (build stage: distill).
 
     Example: edgekd distill --teacher runs/teacher/best.pt --student nano_cnn --loss kd,fitnet --augment flip --out runs/student
     """
-    from edgekd.config import load_recipe
     from edgekd.distill import run_distill
 
     if not teacher:
         raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers")
-    quick_set = ["data.train_subset=2000", "data.test_subset=1000", "student.train.epochs=2"] if quick else []
-    opts = overrides({
-        "student.model": student, "student.input_size": input_size, "student.width": width,
-        "student.train.epochs": epochs, "student.train.batch_size": batch_size, "student.train.lr": lr,
+    recipe = run.recipe(config, set_, {
+        "student.model": student, "student.input_size": input_size, "student.width": width, "student.augment": augment,
+        **train.overrides(),
         "distill.losses": _names(loss), "distill.temperature": temperature, "distill.alpha": alpha, "distill.feature_weight": feature_weight,
         "distill.relation_weight": relation_weight, "distill.student_layer": student_layer, "distill.teacher_layer": teacher_layer,
         "distill.teacher_weights": _floats(teacher_weights, "--teacher-weights"), "distill.cache_teacher": cache,
-        "data.dataset": dataset, "data.root": data_root, "data.train_subset": train_subset, "data.test_subset": test_subset, "student.augment": augment, "seed": seed,
-    })
-    recipe = load_recipe(config, quick_set + (set_ or []) + opts)
+    }, QUICK)
     data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
-    with output_folder(out):
-        result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, out, recipe.seed, recipe.deterministic, resume,
+    with output_folder(run.out):
+        result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, run.out, recipe.seed, recipe.deterministic, run.resume,
                              self_distill=self_distill, cache_dir=cache_dir)
+    _report(result, run.as_json)
+
+
+def _report(result: dict[str, Any], as_json: bool) -> None:
+    """The student's row on the terminal and, with --json, its metrics on stdout."""
     m = result["metrics"]
     modes = ", ".join(t["outputs"] for t in m["teachers"])
     ui.show(ui.table("student distillation", ["student", "params", "losses", "teachers", "val top-1", "test top-1", "train s", "img/s", "checkpoint"],

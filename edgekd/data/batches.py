@@ -157,17 +157,30 @@ def num_batches(n: int, batch_size: int, world: int = 1, drop_last: bool = False
     return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
 
 
+def _held_per_class(sizes: list[int], fraction: float, total: int) -> list[int]:
+    """How many images of each class to hold out: ``fraction`` of each, rounded down, and the
+    rest of ``total`` to the classes with the largest remainders (largest-remainder rounding), so
+    10 images in 2 classes at 10% hold out 1, not 0 (each class's own 0.5 rounds to nothing)."""
+    exact = [s * fraction for s in sizes]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[: max(0, total - sum(counts))]:
+        counts[i] = min(sizes[i], counts[i] + 1)
+    return counts
+
+
 def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(rest, held out): ``fraction`` of every class held out, so a small or imbalanced data set
     keeps each class in both parts (a plain random split of 300 images can leave a class out)."""
-    if round(len(split) * fraction) == 0:
+    total = round(len(split) * fraction)
+    if total == 0:
         return split, Split(split.images[:0], split.labels[:0])
     g = torch.Generator().manual_seed(seed)
+    classes = torch.unique(split.labels).tolist()
+    members = [torch.nonzero(split.labels == c).flatten() for c in classes]
     held, rest = [], []
-    for c in torch.unique(split.labels).tolist():
-        idx = torch.nonzero(split.labels == c).flatten()
+    for idx, n in zip(members, _held_per_class([len(m) for m in members], fraction, total)):
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n = int(round(len(idx) * fraction))
         held.append(idx[:n])
         rest.append(idx[n:])
     h, r = torch.cat(held).sort().values, torch.cat(rest).sort().values

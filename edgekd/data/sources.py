@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.data.batches import DataSet, Split, stratified_split
 
@@ -173,6 +174,8 @@ def load_dataset(
     elif key == "imagefolder":
         splits, classes, info = load_imagefolder(root, store_size)
         source, name = str(root), f"imagefolder:{Path(root).name}"
+        if info["skipped_files"]:
+            ui.warn(f"skipped {len(info['skipped_files'])} unreadable image(s) in {root}, e.g. {info['skipped_files'][0]}")
     else:
         splits, classes = load_torchvision(dataset, root)
         source, name = root or "torchvision", dataset

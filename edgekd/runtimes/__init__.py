@@ -178,8 +178,8 @@ def open_runner(runtime: str, path: str | Path, threads: int | None = None, **op
 
 
 def remote_hook() -> Callable[..., dict[str, Any]]:
-    """The deploy path's remote benchmark: ``edgekd.deploy.remote_bench(model, target=..., batch=..., warmup=...,
-    runs=..., threads=...)`` must return ``{"samples_ms": [...], "fingerprint": {...}}`` measured on the device.
+    """The deploy path's remote benchmark: ``edgekd.deploy.remote_bench(model, target=..., batch=..., plan=TimingPlan(warmup, runs),
+    threads=...)`` must return ``{"samples_ms": [...], "fingerprint": {...}}`` measured on the device.
 
     Kept as a hook so bench never imports ssh code unless a remote target is asked for.
     """

@@ -69,7 +69,7 @@ def _resume(last_path: Path, cfg: TrainConfig, model: nn.Module, trainable: nn.M
     opt.load_state_dict(ts["optimizer"])
     sched.load_state_dict(ts["scheduler"])
     torch.set_rng_state(ts["rng"]["torch"])
-    ui.log(f"resuming {description} from epoch {ts['epoch'] + 1}/{cfg.epochs} ({last_path})")
+    ui.log(f"resuming {description} after epoch {ts['epoch'] + 1}/{cfg.epochs} ({last_path})")
     return ts["epoch"] + 1, ts["history"], ts["epoch"] + 1
 
 

@@ -1,0 +1,6 @@
+"""`python -m edgekd` = the `edgekd` command."""
+
+from edgekd.cli import main
+
+if __name__ == "__main__":
+    main()

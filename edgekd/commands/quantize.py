@@ -1,0 +1,75 @@
+"""CLI command for quantization-aware distillation (issue 4): ``edgekd quantize``.
+
+A thin wrapper: options become recipe overrides (validated once in edgekd/config.py), then
+:func:`edgekd.quantize.run_qad` runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from edgekd import ui
+from edgekd.cli_options import ConfigOpt, SetOpt, emit, output_folder
+from edgekd.commands import TRAINING_OPTIONS, CalibImagesOpt, CalibratorOpt, CheckpointArg, RunOptions, TrainOptions, run_options, train_options
+
+QUICK = ["data.train_subset=2000", "data.test_subset=1000", "quantize.train.epochs=1"]
+
+
+@run_options(*TRAINING_OPTIONS, out=Path("runs/quantized"), quick_help="A first look: 2,000 images, 1 epoch.")
+@train_options("quantize", "epochs", "lr")
+def quantize(
+    checkpoint: CheckpointArg,
+    teacher: Annotated[Optional[Path], typer.Option("--teacher", "-t", help="FP32 teacher checkpoint; without it QAD fine-tunes on hard labels.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    calibrator: CalibratorOpt = None,
+    calib_images: CalibImagesOpt = None,
+    fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. \\[default: fold]")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="Place quantizers for this runtime's Q/DQ layout: tensorrt or ort-cpu. \\[default: the recipe target's]")] = None,
+    *,
+    train: TrainOptions,
+    run: RunOptions,
+) -> None:
+    """Quantization-aware distillation: INT8 fake-quant in the student, FP32 teacher, fine-tune.
+
+    Example: edgekd quantize runs/student/best.pt --teacher runs/teacher/best.pt --out runs/quantized
+    """
+    from edgekd.finetune import load_data
+    from edgekd.quantize import run_qad
+
+    recipe = run.recipe(config, set_, {"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
+                                       "quantize.layout": layout, **train.overrides()}, QUICK)
+    if recipe.quantize.layout == "auto":
+        from edgekd.targets import get_target
+
+        recipe.quantize.layout = get_target(recipe.target).layout
+    data = load_data(recipe.data, recipe.seed)
+    augment = "flip" if recipe.data.augment != "none" else "none"
+    with output_folder(run.out):
+        result = run_qad(checkpoint, recipe.quantize, data, run.out, _loss_factory(teacher, recipe, data, augment), recipe.seed, augment, run.resume)
+    m = result["metrics"]
+    ui.show(ui.table("quantization-aware distillation", ["FP32 val", "PTQ val", "QAD val", "QAD test", "quantizers", "checkpoint"],
+                     [[m["fp32_val_top1"], m["ptq_val_top1"], m["val"]["top1"], m["test"]["top1"], m["quantizers"], result["checkpoint"]]]))
+    emit({"checkpoint": result["checkpoint"], "metrics_file": result["metrics_file"], "fp32_val_top1": m["fp32_val_top1"], "ptq_val_top1": m["ptq_val_top1"],
+          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"]}, run.as_json)
+
+
+def _loss_factory(teacher: Path | None, recipe, data, augment: str):
+    """QAD loss: the distillation loss from the FP32 teacher when given, else cross-entropy on labels."""
+    from edgekd.train import cross_entropy_loss
+
+    if teacher is None:
+        ui.warn("no --teacher: quantization-aware fine-tuning uses hard labels only (pass the FP32 teacher for QAD)")
+        return lambda model: (cross_entropy_loss(), None)
+    from edgekd.distill import build_distill_loss, load_teacher
+
+    t = load_teacher(teacher)
+    return lambda model: build_distill_loss(model, [t], recipe.distill, data, augment=augment)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the edgekd app."""
+    app.command("quantize")(quantize)
