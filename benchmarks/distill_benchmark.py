@@ -118,7 +118,7 @@ def run_row(row: str, a: argparse.Namespace, data: DataSet, data_cfg: DataConfig
         paths = [teachers["main"], teachers["second"]] if row == "two-teachers" else [teachers["main"]]
         cfg = DistillConfig(losses=losses, temperature=a.temperature, alpha=a.alpha, feature_weight=a.feature_weight,
                             teacher_layer=a.teacher_layer if "fitnet" in losses else None)
-        m = run_distill(paths, student_cfg(a), cfg, data_cfg, out, a.seed, resume=False, data=data, cache_dir=work / "teacher-cache")["metrics"]
+        m = run_distill(paths, student_cfg(a), cfg, data_cfg, out, seed=a.seed, resume=False, data=data, cache_dir=work / "teacher-cache")["metrics"]
     m["wall_seconds"] = round(time.time() - t0, 1)
     return m
 
@@ -129,7 +129,7 @@ def online_vs_cached(a: argparse.Namespace, data: DataSet, data_cfg: DataConfig,
     cfg.train = cfg.train.model_copy(update={"epochs": 1})
     speeds = {}
     for mode, cache in (("online", False), ("cached", True)):
-        m = run_distill([teacher], cfg, DistillConfig(losses=["kd"], cache_teacher=cache), data_cfg, work / f"speed-{mode}", a.seed, resume=False,
+        m = run_distill([teacher], cfg, DistillConfig(losses=["kd"], cache_teacher=cache), data_cfg, work / f"speed-{mode}", seed=a.seed, resume=False,
                         data=data, cache_dir=work / "teacher-cache")["metrics"]
         speeds[mode] = m["images_per_second"]
     return speeds

@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-import torch
 import torch.nn as nn
 from rich.console import Console
 

@@ -65,7 +65,6 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
         raise EdgekdError(f"batch sizes must be >= 1, got {req.batches}", "e.g. --batch 1 --batch 64")
     model_path = resolve_model_path(req.model)
     ref_path = resolve_model_path(req.reference) if req.reference else None
-    pre = bundle_preprocess(model_path)
     # Two onnxruntime sessions timed in turns must not spin: a session's workers keep spinning after
     # its run and steal the other's cores, which skewed the model/reference ratio of two identical
     # networks by 0.78-1.17x from one process to the next (1.00 +- 0.01 without spinning).
@@ -73,58 +72,70 @@ def run_bench(req: BenchRequest, progress: Callable[[str], None] | None = None) 
     runner = _open(req.runtime, model_path, req.threads, options)
     ref_runner = _open(req.runtime, ref_path, req.threads, options) if ref_path else None
     load_before = _load_average()
-    sweep, primary_samples, primary_device, ref_samples = [], [], [], None
     try:
-        for i, batch in enumerate(req.batches):
-            try:
-                feeds = runner.prepare(_feeds(runner, batch, req.input_source, req.seed, pre))
-            except EdgekdError as exc:
-                if i == 0:
-                    raise
-                say(f"skipping batch {batch}: {exc.one_line()}")
-                continue
-            say(f"timing {model_path.name} at batch {batch}" + (f" interleaved with {ref_path.name}" if ref_runner and i == 0 else ""))
-            if ref_runner is not None and i == 0:
-                ref_feeds = ref_runner.prepare(_feeds(ref_runner, batch, req.input_source, req.seed, bundle_preprocess(ref_path)))
-                host, ref_host = time_interleaved(runner, feeds, ref_runner, ref_feeds, req.plan)
-                device: list[float] = []
-                ref_samples = ref_host
-            else:
-                host, device = time_runner(runner, feeds, req.plan)
-            stats = summarize(host, batch, device)
-            sweep.append(stats.to_dict())
-            if i == 0:
-                primary_samples, primary_device = host, device
+        timed = _sweep(req, runner, model_path, (ref_runner, ref_path), say)
         profile = []
         if req.profile_top > 0:
             say(f"profiling layers over {req.profile_runs} runs")
-            layers = runner.layer_profile(_feeds(runner, req.batches[0], req.input_source, req.seed, pre), req.profile_runs)
+            layers = runner.layer_profile(_feeds(runner, req.batches[0], req.input_source, req.seed, bundle_preprocess(model_path)), req.profile_runs)
             profile = [asdict(layer) for layer in layers[: req.profile_top]]
     finally:
         runner.close()
         if ref_runner is not None:
             ref_runner.close()
-    info = runner.info
-    result: dict[str, Any] = dict(sweep[0])
+    return _result(req, runner.info, model_path, timed, {"load_average": {"before": load_before, "after": _load_average()}, "profile": profile})
+
+
+@dataclass
+class _Timed:
+    """What the batch sweep measured: per-batch statistics and the primary batch's raw samples."""
+
+    sweep: list[dict[str, Any]]
+    samples: list[float]
+    device_samples: list[float]
+    ref_path: Path | None = None
+    ref_samples: list[float] | None = None
+
+
+def _sweep(req: BenchRequest, runner: Any, model_path: Path, reference: tuple[Any, Path | None], say: Callable[[str], None]) -> _Timed:
+    """Time every batch size; the first one interleaved with the reference model when there is one.
+    A later batch size the model cannot take (a fixed batch axis) is skipped with a note."""
+    ref_runner, ref_path = reference
+    pre = bundle_preprocess(model_path)
+    timed = _Timed([], [], [], ref_path)
+    for i, batch in enumerate(req.batches):
+        try:
+            feeds = runner.prepare(_feeds(runner, batch, req.input_source, req.seed, pre))
+        except EdgekdError as exc:
+            if i == 0:
+                raise
+            say(f"skipping batch {batch}: {exc.one_line()}")
+            continue
+        say(f"timing {model_path.name} at batch {batch}" + (f" interleaved with {ref_path.name}" if ref_runner and i == 0 else ""))
+        if ref_runner is not None and i == 0:
+            ref_feeds = ref_runner.prepare(_feeds(ref_runner, batch, req.input_source, req.seed, bundle_preprocess(ref_path)))
+            host, timed.ref_samples = time_interleaved(runner, feeds, ref_runner, ref_feeds, req.plan)
+            device: list[float] = []
+        else:
+            host, device = time_runner(runner, feeds, req.plan)
+        timed.sweep.append(summarize(host, batch, device).to_dict())
+        if i == 0:
+            timed.samples, timed.device_samples = host, device
+    return timed
+
+
+def _result(req: BenchRequest, info: Any, model_path: Path, timed: _Timed, extra: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able result: the primary batch's numbers at the top level, the sweep, raw samples."""
+    result: dict[str, Any] = dict(timed.sweep[0])
     result.update({
-        "model": str(model_path),
-        "runtime": info.runtime,
-        "threads": info.threads,
-        "target": req.target,
-        "input": req.input_source,
-        "warmup": req.plan.warmup,
-        "duration_s": req.plan.duration_s,
-        "sweep": sweep,
-        "samples_ms": [round(v, 5) for v in primary_samples],
-        "device_samples_ms": [round(v, 5) for v in primary_device],
-        "fingerprint": fingerprint(info.runtime, info.threads, info.device, info.providers),
-        "runtime_info": asdict(info),
-        "load_average": {"before": load_before, "after": _load_average()},
-        "profile": profile,
+        "model": str(model_path), "runtime": info.runtime, "threads": info.threads, "target": req.target, "input": req.input_source,
+        "warmup": req.plan.warmup, "duration_s": req.plan.duration_s, "sweep": timed.sweep,
+        "samples_ms": [round(v, 5) for v in timed.samples], "device_samples_ms": [round(v, 5) for v in timed.device_samples],
+        "fingerprint": fingerprint(info.runtime, info.threads, info.device, info.providers), "runtime_info": asdict(info), **extra,
     })
-    if ref_path is not None and ref_samples is not None:
-        ref_stats = summarize(ref_samples, req.batches[0])
-        result["reference"] = {"model": str(ref_path), **ref_stats.to_dict(), "samples_ms": [round(v, 5) for v in ref_samples],
+    if timed.ref_path is not None and timed.ref_samples is not None:
+        ref_stats = summarize(timed.ref_samples, req.batches[0])
+        result["reference"] = {"model": str(timed.ref_path), **ref_stats.to_dict(), "samples_ms": [round(v, 5) for v in timed.ref_samples],
                                "ratio_p50": round(result["p50_ms"] / ref_stats.p50_ms, 6)}
     return result
 

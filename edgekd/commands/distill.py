@@ -74,7 +74,7 @@ def distill(
     }, QUICK)
     data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
     with output_folder(run.out):
-        result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, run.out, recipe.seed, recipe.deterministic, run.resume,
+        result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, run.out, seed=recipe.seed, deterministic=recipe.deterministic, resume=run.resume,
                              self_distill=self_distill, cache_dir=cache_dir)
     _report(result, run.as_json)
 

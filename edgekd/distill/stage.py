@@ -23,12 +23,15 @@ teacher preprocessing + augmentation, so later epochs and later students cost on
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
 from edgekd import ui
-from edgekd.config import DataConfig, DistillConfig, StudentConfig
+from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
 from edgekd.data import DataSet
 from edgekd.errors import EdgekdError
 from edgekd.models import count_params, create_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
@@ -67,64 +70,97 @@ def check_resume_matches(last: Path, extra: dict) -> None:
         raise EdgekdError(f"{last} was written by a distillation with other losses, teachers or data", "use a fresh --out folder, or pass --no-resume to start over")
 
 
-def run_distill(
-    teachers: list[str | Path],
-    student_cfg: StudentConfig,
-    distill_cfg: DistillConfig,
-    data_cfg: DataConfig,
-    out_dir: str | Path,
-    seed: int = 0,
-    deterministic: bool = False,
-    resume: bool = True,
-    data: DataSet | None = None,
-    self_distill: bool = False,
-    cache_dir: str | Path | None = None,
-) -> dict:
-    """Distil ``teachers`` into a student; writes ``best.pt``, ``last.pt`` and ``metrics.json`` into ``out_dir``.
+@dataclass
+class DistillOptions:
+    """How a distillation run is seeded, resumed and fed (the ``run_distill`` keywords)."""
 
-    With ``self_distill`` (born-again networks, Furlanello et al. 2018) the single teacher must be a
-    trained student and the new student is a freshly initialised copy of its architecture.
-    """
-    from edgekd.finetune import load_data
-    from edgekd.train import device as train_device, final_metrics, fit, seed_everything
+    seed: int = 0
+    deterministic: bool = False
+    resume: bool = True  # continue from ``last.pt`` in the output folder
+    data: DataSet | None = None  # already loaded (a build shares one copy); default: load ``data_cfg``
+    self_distill: bool = False  # born-again: a fresh copy of the one teacher's architecture
+    cache_dir: str | Path | None = None  # where teacher outputs are cached (default: beside the output)
 
+
+def _check_teachers(teachers: list[str | Path], student_cfg: StudentConfig, opts: DistillOptions) -> None:
     if not teachers:
         raise EdgekdError("distillation needs at least one teacher", "pass --teacher PATH (a checkpoint from `edgekd finetune`)")
-    if self_distill and len(teachers) != 1:
+    if opts.self_distill and len(teachers) != 1:
         raise EdgekdError(f"self-distillation takes exactly one teacher, got {len(teachers)}", "pass one --teacher: the trained student to teach a fresh copy of itself")
-    if not self_distill:
+    if not opts.self_distill:
         check_student_name(student_cfg.model)
-    seed_everything(seed, deterministic)
+
+
+def _within_stage_limit(train_cfg: TrainConfig, started: float) -> TrainConfig:
+    """The training time limit less what the stage already spent (teacher-output cache, teacher
+    measurements): a build's time share covers the whole stage, not only its epochs."""
+    if not train_cfg.time_limit_s:
+        return train_cfg
+    left = max(10.0, train_cfg.time_limit_s - (time.time() - started))
+    return train_cfg.model_copy(update={"time_limit_s": round(left, 1)})
+
+
+def run_distill(teachers: list[str | Path], student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg: DataConfig, out_dir: str | Path,
+                **options: Any) -> dict:
+    """Distil ``teachers`` into a student; writes ``best.pt``, ``last.pt`` and ``metrics.json`` into ``out_dir``.
+
+    ``options`` are :class:`DistillOptions` fields. With ``self_distill`` (born-again networks,
+    Furlanello et al. 2018) the single teacher must be a trained student and the new student is a
+    freshly initialised copy of its architecture.
+    """
+    from edgekd.finetune import load_data
+    from edgekd.train import device as train_device, seed_everything
+
+    opts, started = DistillOptions(**options), time.time()
+    _check_teachers(teachers, student_cfg, opts)
+    seed_everything(opts.seed, opts.deterministic)
     loaded = [load_teacher(p) for p in teachers]
     teacher_weights(distill_cfg, len(loaded))
-    data = data or load_data(data_cfg, seed)
-    if self_distill and student_cfg.model != loaded[0].spec["name"]:
+    data = opts.data or load_data(data_cfg, opts.seed)
+    if opts.self_distill and student_cfg.model != loaded[0].spec["name"]:
         ui.log(f"self-distillation: the student is a fresh {loaded[0].spec['name']} like the teacher (student.model={student_cfg.model} is ignored)")
-    student = make_student(student_cfg, data, loaded, self_distill)
+    student = make_student(student_cfg, data, loaded, opts.self_distill)
     dev = train_device()
     student.to(dev)
-    loss_fn, adapters = build_distill_loss(student, loaded, distill_cfg, data, cache_dir, data_cfg.augment, dev)  # validates, then caches
+    loss_fn, adapters = build_distill_loss(student, loaded, distill_cfg, data, opts.cache_dir, data_cfg.augment, dev)  # validates, then caches
     teacher_records = measure_teachers(loaded, data, distill_cfg.temperature)
     warn_flat_soft_targets(loaded, teacher_records, distill_cfg)
-    train_cfg = student_cfg.train
-    name = student.edgekd_spec["name"]
-    ui.log(f"student {name}{' (born-again copy of the teacher)' if self_distill else ''}: {count_params(student):,} params at {student.preprocess.input_size} px; "
-           f"teachers {', '.join(t.name for t in loaded)}; losses {'+'.join(distill_cfg.losses)}; data {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test")
-    trainable = nn.ModuleDict({"student": student, "distill": adapters}) if len(adapters) else None
-    extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": seed, "self_distill": self_distill},
+    ui.log(f"student {student.edgekd_spec['name']}{' (born-again copy of the teacher)' if opts.self_distill else ''}: {count_params(student):,} params at "
+           f"{student.preprocess.input_size} px; teachers {', '.join(t.name for t in loaded)}; losses {'+'.join(distill_cfg.losses)}; "
+           f"data {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test")
+    extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": opts.seed,
+                        "self_distill": opts.self_distill},
              "teachers": [t.describe() for t in loaded]}
-    if resume:
+    train_cfg = _within_stage_limit(student_cfg.train, started)
+    result = _train_student(student, adapters, loss_fn, train_cfg, data, out_dir, extra, opts)
+    return _finish(result, loss_fn, loaded, teacher_records, distill_cfg, data, opts.self_distill)
+
+
+def _train_student(student: nn.Module, adapters: nn.Module, loss_fn: Any, train_cfg: TrainConfig, data: DataSet, out_dir: str | Path, extra: dict,
+                   opts: DistillOptions) -> Any:
+    """``fit`` the student with the distillation loss; refuses to resume another distillation's
+    ``last.pt`` (``extra`` is what every checkpoint records: configs and teachers)."""
+    from edgekd.train import fit
+
+    trainable = nn.ModuleDict({"student": student, "distill": adapters}) if len(adapters) else None
+    if opts.resume:
         check_resume_matches(Path(out_dir) / "last.pt", extra)
     try:
-        result = fit(student, data, train_cfg, out_dir, loss_fn, student.preprocess, augment=data_cfg.augment, seed=seed, kind="student",
-                     resume=resume, ckpt_extra=extra, trainable=trainable, description=f"distill {name}")
+        return fit(student, data, train_cfg, out_dir, loss_fn, student.preprocess, augment=extra["config"]["data"]["augment"], seed=opts.seed,
+                   kind="student", resume=opts.resume, ckpt_extra=extra, trainable=trainable, description=f"distill {student.edgekd_spec['name']}")
     finally:
         loss_fn.close()
+
+
+def _finish(result: Any, loss_fn: Any, loaded: list[Teacher], teacher_records: list, distill_cfg: DistillConfig, data: DataSet, self_distill: bool) -> dict:
+    """Metrics of the best checkpoint (val, test, loss parts, teachers) and the stage's outputs."""
+    from edgekd.train import final_metrics
+
     best = model_from_checkpoint(load_checkpoint(result.best_path))
     teacher_mode = ["cached" if c is not None else "online" for c in loss_fn.caches]
     metrics = final_metrics(best, data, best.preprocess, result, {
-        "params": count_params(best), "model": name, "losses": list(distill_cfg.losses), "loss_parts": loss_fn.parts(), "self_distill": self_distill,
-        "teachers": [{**t.describe(), "outputs": m} for t, m in zip(loaded, teacher_mode)],
+        "params": count_params(best), "model": best.edgekd_spec["name"], "losses": list(distill_cfg.losses), "loss_parts": loss_fn.parts(),
+        "self_distill": self_distill, "teachers": [{**t.describe(), "outputs": m} for t, m in zip(loaded, teacher_mode)],
         "teacher_cache_seconds": round(sum(c.seconds for c in loss_fn.caches if c is not None), 2),
     })
     check_teachers_stronger(teacher_records, metrics, born_again=self_distill)

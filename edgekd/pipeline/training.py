@@ -56,7 +56,7 @@ def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
     rc = ctx.recipe
     data_cfg = rc.data.model_copy(update={"augment": rc.student.augment})
     student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
-    r = run_distill([ctx.path("teacher", "checkpoint")], student, rc.distill, data_cfg, ctx.out / "student", rc.seed, rc.deterministic,
+    r = run_distill([ctx.path("teacher", "checkpoint")], student, rc.distill, data_cfg, ctx.out / "student", seed=rc.seed, deterministic=rc.deterministic,
                     data=ctx.data, cache_dir=ctx.out / "cache")
     metrics = {**training_metrics(r["metrics"]), "teacher_weaker_than_student": r["metrics"].get("teacher_weaker_than_student")}
     control = ctx.manifest.stage("control")["metrics"] if "control" in ctx.order else None
