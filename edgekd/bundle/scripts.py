@@ -1,0 +1,136 @@
+"""What a bundle tells the device to run: the trtexec engine build and timing commands
+(``engine/build_engine.sh``), ``run.sh`` and the bundle's README."""
+
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from typing import Any, Mapping
+
+from edgekd.errors import EdgekdError
+
+
+DEFAULT_WARMUP_MS = 500
+DEFAULT_DURATION_S = 10
+
+
+def onnx_input(onnx_path: str | os.PathLike) -> tuple[str, list[int | None]]:
+    """The model's first input name and shape (None for symbolic dims such as a dynamic batch)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - onnx raises several types for a bad file
+        raise EdgekdError(f"{onnx_path} is not a readable ONNX model: {exc}", "re-export it with `edgekd export`") from exc
+    inits = {i.name for i in model.graph.initializer}
+    inp = next((i for i in model.graph.input if i.name not in inits), None)
+    if inp is None:
+        raise EdgekdError(f"{onnx_path} has no graph input", "re-export it with `edgekd export`")
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
+    return inp.name, dims
+
+
+# ----------------------------------------------------------------------------- trtexec
+def _shape(name: str, dims: list[int]) -> str:
+    return f"{name}:" + "x".join(str(d) for d in dims)
+
+
+def trtexec_commands(target: Mapping[str, Any], onnx_rel: str, input_name: str, input_dims: list[int | None], primary: str) -> dict[str, list[str]]:
+    """The exact trtexec command lines (argv) to build and time the engine on the device."""
+    engine = f"engine/{primary}.plan"
+    chw = [int(d) for d in input_dims[1:]]
+    dynamic = input_dims[0] is None
+    batch = int(target.get("batch") or 1) if dynamic else int(input_dims[0])
+    precision = {"int8": ["--int8", "--fp16"], "fp16": ["--fp16"], "fp32": []}[target.get("precision", "int8")]
+    dla = target.get("dla") or {}
+    dla_flags = [f"--useDLACore={dla['core']}"] + (["--allowGPUFallback"] if dla.get("gpu_fallback", True) else []) if dla.get("core") is not None else []
+    shapes = [f"--minShapes={_shape(input_name, [1, *chw])}", f"--optShapes={_shape(input_name, [batch, *chw])}", f"--maxShapes={_shape(input_name, [batch, *chw])}"] if dynamic else []
+    timing = ["--noDataTransfers", f"--warmUp={DEFAULT_WARMUP_MS}", f"--duration={DEFAULT_DURATION_S}", "--useSpinWait", "--percentile=99"]
+    if dla.get("core") is None:
+        timing.insert(0, "--useCudaGraph")  # CUDA graphs cannot capture DLA work
+    load = ["trtexec", f"--loadEngine={engine}", *dla_flags[:1]]
+    cmds = {
+        "build": ["trtexec", f"--onnx={onnx_rel}", f"--saveEngine={engine}", *precision, *shapes, *dla_flags,
+                  "--timingCacheFile=engine/timing.cache", "--profilingVerbosity=detailed", "--skipInference"],
+        "bench_batch1": [*load, *([f"--shapes={_shape(input_name, [1, *chw])}"] if dynamic else []), *timing],
+        "profile": [*load, *([f"--shapes={_shape(input_name, [batch, *chw])}"] if dynamic else []), "--noDataTransfers", "--separateProfileRun",
+                    "--dumpProfile", "--exportProfile=engine/profile.json", "--exportLayerInfo=engine/layers.json"],
+    }
+    if batch != 1:
+        cmds["bench_batch"] = [*load, f"--shapes={_shape(input_name, [batch, *chw])}", *timing]
+    if str(target.get("tensorrt") or "10").split(".")[0] in ("8", "9"):
+        cmds["build"][-1] = "--buildOnly"  # TensorRT < 10 spells --skipInference as --buildOnly
+    return cmds
+
+
+def build_engine_script(cmds: Mapping[str, list[str]], target: Mapping[str, Any]) -> str:
+    """A POSIX sh script that runs the trtexec commands on the device and keeps every log."""
+    power = target.get("power") or {}
+    lines = [
+        "#!/bin/sh",
+        "# Build and time the TensorRT engine on this device (written by edgekd; run from the bundle folder).",
+        "set -eu",
+        'cd "$(dirname "$0")/.."',
+        "TRTEXEC=$(command -v trtexec || true)",
+        'for p in /usr/src/tensorrt/bin/trtexec /opt/tensorrt/bin/trtexec; do [ -n "$TRTEXEC" ] || { [ -x "$p" ] && TRTEXEC=$p; } || true; done',
+        '[ -n "$TRTEXEC" ] || { echo "trtexec not found (JetPack installs it at /usr/src/tensorrt/bin/trtexec)" >&2; exit 3; }',
+    ]
+    if power:
+        lines += [
+            f"# Timing assumes nvpmodel mode {power['id']} ({power['name']})" + (" with jetson_clocks" if power.get("jetson_clocks") else "") + ":",
+            f"#   sudo nvpmodel -m {power['id']}" + ("  &&  sudo jetson_clocks" if power.get("jetson_clocks") else ""),
+            "if command -v nvpmodel >/dev/null 2>&1; then nvpmodel -q > engine/nvpmodel.txt 2>&1 || true; fi",
+        ]
+    for key in ("build", "bench_batch1", "bench_batch", "profile"):
+        if key in cmds:
+            argv = ['"$TRTEXEC"', *(shlex.quote(a) for a in cmds[key][1:])]
+            lines.append(f"{' '.join(argv)} > engine/{key}.log 2>&1 || {{ tail -n 30 engine/{key}.log >&2; exit 4; }}")
+    lines.append('echo "engine: engine/$(ls engine | grep .plan$)"')
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- README / run.sh
+RUN_SH = """#!/bin/sh
+# Classify images with this bundle: ./run.sh image.png [more.png ...]   (needs python3, numpy, pillow, onnxruntime)
+# Also: ./run.sh selfcheck   |   ./run.sh bench --runs 200
+set -eu
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+case "${1:-}" in
+  selfcheck|bench) cmd=$1; shift; exec "$PY" -m edgekd.runtime "$cmd" . "$@" ;;
+  *) exec "$PY" -m edgekd.runtime predict . "$@" ;;
+esac
+"""
+
+
+def readme_text(meta: Mapping[str, Any]) -> str:
+    t = meta.get("target") or {}
+    m = meta.get("metrics") or {}
+    trt = "\n".join(f"    {' '.join(shlex.quote(a) for a in argv)}" for argv in (meta.get("trtexec") or {}).values())
+    return f"""# edgekd bundle: {meta['name']}
+
+Target: **{t.get('name', 'none')}** ({t.get('description', '')}); runtime {t.get('runtime', '-')}, precision {t.get('precision', '-')},
+Q/DQ layout {t.get('layout', '-')}, batch {t.get('batch', '-')}.
+Input: {meta['preprocess']['input_size']}x{meta['preprocess']['input_size']}, {meta['preprocess']['channels']} channel(s), mean {meta['preprocess']['mean']}, std {meta['preprocess']['std']}.
+Classes: {len(meta['classes'])} (labels.txt). Measured on the host: {json.dumps(m)}
+
+## On the device (no torch needed)
+
+    pip install numpy pillow onnxruntime       # on a Jetson: JetPack's python3 + tensorrt work too
+    sha256sum -c SHA256SUMS                   # every file is checked again when the runtime loads
+    ./run.sh selfcheck                        # checksums, load, same top-1 as the host on reference/inputs.npy
+    ./run.sh image.png                        # top-5 labels and probabilities
+    ./run.sh bench --runs 200                 # latency p50/p90/p99 (records nvpmodel -q / jetson_clocks --show)
+
+## TensorRT engine (built on the device: engines are tied to the GPU and TensorRT version)
+
+    sh engine/build_engine.sh
+
+which runs:
+
+{trt or '    (not a TensorRT target)'}
+
+Time in a fixed power mode: `sudo nvpmodel -m ID && sudo jetson_clocks`, and report trtexec's "GPU Compute Time" percentiles.
+"""
