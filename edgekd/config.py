@@ -79,6 +79,15 @@ class StudentConfig(Strict):
 
 
 class DistillConfig(Strict):
+    mode: Literal["teacher", "assistant", "mutual"] = Field("teacher", description=(
+        "'teacher': learn from the teacher(s); cross-resolution when the teacher's input size is above the student's "
+        "(kd and rkd need no alignment, fitnet and at pool the larger feature map to the smaller). 'assistant': teacher -> "
+        "distill.assistant -> student (Mirzadeh et al. 2020). 'mutual': distill.peers students learn from each other, "
+        "no teacher (Zhang et al. 2018)"))
+    assistant: str | None = Field(None, description="mode 'assistant': the intermediate network, an edgekd student or timm name "
+                                                    "(distilled from the teacher first) or a checkpoint .pt")
+    peers: int | list[str] = Field(2, description="mode 'mutual': how many copies of the student, or the peers' model names "
+                                                  "(the first is the student); the best on validation is kept")
     losses: list[Literal["kd", "fitnet", "rkd", "at"]] = Field(default_factory=lambda: ["kd"])
     # T=1, alpha=0.5 measured best by validation for a teacher fine-tuned with label smoothing (edgekd's
     # default): at Hinton's usual T=4 its soft targets are nearly uniform (benchmarks/distill_results.md).
@@ -92,12 +101,22 @@ class DistillConfig(Strict):
     cache_teacher: bool = Field(True, description="cache teacher logits when augmentation allows it")
     ship: Literal["better", "distilled"] = Field("better", description="'better': when the control (student alone) beats the distilled "
                                                                      "student on validation, build ships the control and says why")
+    weak_teacher: Literal["control", "keep"] = Field("control", description="in `build`, when the fine-tuned teacher validates below the "
+                                                                        "control (student alone): 'control' distils from the control instead "
+                                                                        "(born-again) and QAD learns from it too; 'keep' uses the teacher anyway")
 
     @field_validator("losses")
     @classmethod
     def _nonempty(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("at least one loss is needed")
+        return v
+
+    @field_validator("peers")
+    @classmethod
+    def _two_or_more(cls, v: int | list[str]) -> int | list[str]:
+        if (v if isinstance(v, int) else len(v)) < 2:
+            raise ValueError("mutual learning needs at least 2 peers")
         return v
 
 

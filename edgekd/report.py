@@ -50,6 +50,16 @@ def _row(step: str, top1: float | None, n: int, base: float | None, seconds: flo
     return row
 
 
+def distilled_label(d: dict) -> str:
+    """The distilled row's name: how it was distilled (teacher, control, assistant chain, peers)."""
+    if d.get("mode") == "assistant":
+        a = d.get("assistant") or {}
+        return f"distilled via assistant {a.get('model') or 'checkpoint'}"
+    if d.get("mode") == "mutual":
+        return f"mutual learning, {len(d.get('peers') or [])} peers"
+    return "distilled student" + (" (from the control)" if d.get("distilled_from") == "control" else "")
+
+
 def accuracy_rows(stages: dict[str, dict], n: int) -> list[dict[str, Any]]:
     """The accuracy ladder from the stages' metrics (a stage that did not run has no row)."""
     t, c, d, q, e = (stages.get(k) or {} for k in ("teacher", "control", "distill", "qad", "evaluate"))
@@ -58,9 +68,11 @@ def accuracy_rows(stages: dict[str, dict], n: int) -> list[dict[str, Any]]:
     ptq, qad = q.get("ptq_test_top1"), q.get("test_top1")
     rows = [
         _row(f"teacher {t.get('model') or ''}".strip(), t.get("test_top1"), n, None, t.get("train_seconds")),
+        _row(f"assistant {(d.get('assistant') or {}).get('model')}", (d.get("assistant") or {}).get("test_top1"), n, None,
+             (d.get("assistant") or {}).get("train_seconds")),
         _row("student alone (control)", c.get("test_top1"), n, None, c.get("train_seconds")),
-        _row("distilled student", d.get("test_top1"), n, c.get("test_top1"), d.get("train_seconds"),
-             "shipped the control instead" if shipped == "control" else ""),
+        _row(distilled_label(d), d.get("test_top1"), n,
+             c.get("test_top1"), d.get("train_seconds"), "shipped the control instead" if shipped == "control" else ""),
         _row("INT8 calibrated (PTQ)", ptq, n, fp32),
         _row("INT8 after QAD", qad, n, ptq, q.get("train_seconds"), "kept PTQ: QAD did not beat it" if str(q.get("result", "")).startswith("calibrated") else ""),
         _row(f"exported {e.get('precision') or 'INT8'} file", e.get("test_top1"), n, qad if qad is not None else fp32),
@@ -97,6 +109,8 @@ def notes(stages: dict[str, dict], n: int) -> list[str]:
         out.append(f"The test set has {n} images: one image is {100 / n:.1f} points and an accuracy near 90% is known to "
                    f"+-{100 * half_width(0.9, n):.1f} points (95%); smaller differences are noise.")
     d, c = stages.get("distill") or {}, stages.get("control") or {}
+    if d.get("distilled_from_reason"):
+        out.append(d["distilled_from_reason"])
     if d.get("ship_reason"):
         out.append(d["ship_reason"])
     if d.get("val_top1") is not None and c.get("val_top1") is not None and d.get("val_n"):

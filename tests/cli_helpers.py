@@ -1,7 +1,10 @@
-"""Run the real `edgekd` console script in a subprocess, the way users and CI do."""
+"""Run `edgekd` the way users and CI do: the real console script in a subprocess (``run_cli``), or
+the same entry point in this process for error checks (``run_inprocess``: no Python + torch start-up)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -28,3 +31,22 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1 or all("error" not in line.lower() for line in lines[:-1]), proc.stderr
     assert needle in proc.stderr.replace("\n", " "), proc.stderr
+
+
+def run_inprocess(*args: str) -> subprocess.CompletedProcess:
+    """``edgekd ARGS`` through the real entry point (edgekd.cli.main), in this process: the same
+    error handling as the console script without paying Python + torch start-up for every case."""
+    from edgekd import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["edgekd", *map(str, args)]
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["edgekd", *args], code, out.getvalue(), err.getvalue())

@@ -17,6 +17,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest
 from edgekd.models import create_model
 from edgekd.pipeline import choose_student
+from edgekd.pipeline.training import distill_teacher
 from edgekd.report import accuracy_table, diff_half_width, latency_table, wilson
 from edgekd.train import cross_entropy_loss, fit, fit_to_data, stop_reason
 
@@ -92,6 +93,26 @@ def test_choose_student_ships_the_control_only_when_it_wins_on_validation():
     assert choose_student({"val_top1": 0.90}, None, "better") == ("distilled", None)
 
 
+def test_a_teacher_weaker_than_the_control_is_replaced_by_the_control():
+    assert distill_teacher({"val_top1": 0.87}, {"val_top1": 0.92}, "control")[0] == "control"
+    assert "born-again" in distill_teacher({"val_top1": 0.87}, {"val_top1": 0.92}, "control")[1]
+    assert distill_teacher({"val_top1": 0.92}, {"val_top1": 0.92}, "control") == ("teacher", None)  # as good: keep the teacher
+    assert distill_teacher({"val_top1": 0.87}, {"val_top1": 0.92}, "keep") == ("teacher", None)
+    assert distill_teacher({"val_top1": 0.87}, None, "control") == ("teacher", None)  # --no-control: nothing to compare with
+    assert distill_teacher({"provided": True}, {"val_top1": 0.92}, "control") == ("teacher", None)  # a --teacher checkpoint: not measured here
+
+
+@needs_fmnist
+def test_build_distils_from_the_control_when_the_teacher_is_weaker(tmp_path):
+    """An untrained teacher: the build distils from the control (born-again) and says so."""
+    weak = ["teacher.model=pico_cnn", "teacher.pretrained=none", "teacher.input_size=28", "teacher.train.epochs=0", "student.model=pico_cnn",
+            "student.train.epochs=1", "data.train_subset=600", "data.test_subset=200"]
+    json_out(run_cli("build", "--target", "x86-cpu", *[x for s in weak for x in ("--set", s)], "--until", "distill", "--out", tmp_path / "run", "--json"))
+    distill = Manifest(tmp_path / "run").stage("distill")
+    assert distill["metrics"]["distilled_from"] == "control" and "born-again" in distill["metrics"]["distilled_from_reason"]
+    assert distill["artifacts"]["kd_teacher"]["path"] == "control/best.pt"
+
+
 def test_a_validation_set_too_small_to_choose_is_said():
     from edgekd.report import notes
 
@@ -112,7 +133,7 @@ def test_intervals():
 LOSING = [
     "--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28", "--set", "teacher.train.epochs=0",
     "--set", "student.model=pico_cnn", "--set", "student.train.epochs=3", "--set", "distill.alpha=1.0", "--set", "distill.temperature=1.0",
-    "--set", "data.train_subset=1500", "--set", "data.test_subset=500", "--set", "quantize.train.epochs=1",
+    "--set", "distill.weak_teacher=keep", "--set", "data.train_subset=1500", "--set", "data.test_subset=500", "--set", "quantize.train.epochs=1",
     "--set", "quantize.calib_images=128", "--set", "bench.runs=20", "--set", "bench.warmup=2", "--set", "bench.batches=[1,8]",
     "--set", "export.check_batch=128",
 ]

@@ -8,17 +8,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from cli_helpers import assert_one_line_error, json_out, run_cli, run_inprocess
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
 from edgekd.data import iterate, load_dataset
 from edgekd.distill import (AttentionTransferLoss, FeatureHook, HintLoss, KDLoss, RKDLoss, build_distill_loss, load_teacher, run_distill, soft_targets,
@@ -28,7 +25,6 @@ from edgekd.manifest import sha256_file
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
 from edgekd.train import cross_entropy_loss, fit
 
-EDGEKD = [str(Path(sys.executable).parent / "edgekd")]
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -236,17 +232,11 @@ def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, t
 
 
 # ----------------------------------------------------------------------------- CLI
-def _edgekd(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EDGEKD_QUIET": "1"}
-    return subprocess.run(EDGEKD + list(args), capture_output=True, text=True, timeout=120, env=env)
-
-
 def test_cli_distill_end_to_end(teacher_path, tmp_path):
     out = tmp_path / "student"
-    r = _edgekd("distill", "--teacher", str(teacher_path), "--student", "pico_cnn", "--loss", "kd,fitnet", "--epochs", "2", "--batch-size", "32",
-                "--lr", "0.005", "--train-subset", "1000", "--test-subset", "300", "--augment", "flip", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--json")
-    assert r.returncode == 0, r.stderr
-    summary = json.loads(r.stdout)
+    summary = json_out(run_cli("distill", "--teacher", teacher_path, "--student", "pico_cnn", "--loss", "kd,fitnet", "--epochs", "2", "--batch-size", "32",
+                               "--lr", "0.005", "--train-subset", "1000", "--test-subset", "300", "--augment", "flip", "--out", out,
+                               "--cache-dir", tmp_path / "c", "--json"))
     for name in ("best.pt", "last.pt", "metrics.json"):
         assert (out / name).is_file()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -259,29 +249,25 @@ def test_cli_distill_end_to_end(teacher_path, tmp_path):
     assert ckpt["config"]["distill"]["losses"] == ["kd", "fitnet"]
 
 
-def _one_line_error(r: subprocess.CompletedProcess) -> str:
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr
-    return lines[0]
-
-
 def test_cli_error_when_teacher_has_other_class_count(tmp_path):
     bad = create_model("pico_cnn", 5)
     save_checkpoint(tmp_path / "five.pt", bad, ["a", "b", "c", "d", "e"], "teacher")
-    line = _one_line_error(_edgekd("distill", "--teacher", str(tmp_path / "five.pt"), "--train-subset", "200", "--out", str(tmp_path / "o")))
-    assert "predicts 5 classes" in line and "has 10" in line
+    proc = run_inprocess("distill", "--teacher", tmp_path / "five.pt", "--train-subset", "200", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "predicts 5 classes")
+    assert "has 10" in proc.stderr
 
 
 def test_cli_error_for_unknown_layer(teacher_path, tmp_path):
-    line = _one_line_error(_edgekd("distill", "--teacher", str(teacher_path), "--student", "pico_cnn", "--loss", "kd,fitnet", "--student-layer", "body.9",
-                                   "--train-subset", "200", "--augment", "flip", "--out", str(tmp_path / "o")))
-    assert "student has no layer 'body.9'" in line and "features" in line
+    proc = run_inprocess("distill", "--teacher", teacher_path, "--student", "pico_cnn", "--loss", "kd,fitnet", "--student-layer", "body.9",
+                         "--train-subset", "200", "--augment", "flip", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "student has no layer 'body.9'")
+    assert "features" in proc.stderr
 
 
 def test_cli_error_for_unknown_student(teacher_path, tmp_path):
-    line = _one_line_error(_edgekd("distill", "--teacher", str(teacher_path), "--student", "mega_cnn_xl", "--out", str(tmp_path / "o")))
-    assert "unknown student 'mega_cnn_xl'" in line and "nano_cnn" in line
+    proc = run_inprocess("distill", "--teacher", teacher_path, "--student", "mega_cnn_xl", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "unknown student 'mega_cnn_xl'")
+    assert "nano_cnn" in proc.stderr
 
 
 def test_logits_only_run_reuses_the_logits_a_feature_run_cached(data, teacher_path, tmp_path):

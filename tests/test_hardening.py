@@ -8,8 +8,6 @@ manifest. docs/hardening.md is the table of what was tried and what happened.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -23,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli
+from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli, run_inprocess
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest, write_json_atomic
@@ -34,25 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PICO = ["--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28", "--set", "teacher.train.lr=0.003",
         "--set", "student.model=pico_cnn", "--set", "quantize.calib_images=128", "--set", "bench.runs=20", "--set", "bench.warmup=2",
         "--set", "bench.batches=[1,8]", "--set", "export.check_batch=128"]
-
-
-def run_inprocess(*args: str) -> subprocess.CompletedProcess:
-    """``edgekd ARGS`` through the real entry point (edgekd.cli.main), in this process: the same
-    error handling as the console script without paying Python + torch start-up for every case."""
-    from edgekd import cli
-
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["edgekd", *map(str, args)]
-    code = 0
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(["edgekd", *args], code, out.getvalue(), err.getvalue())
 
 
 # ----------------------------------------------------------------------------- every option at bad values

@@ -28,6 +28,13 @@ def _floats(text: str | None, what: str) -> list[float] | None:
         raise EdgekdError(f"{what} '{text}' is not a comma-separated list of numbers", "write e.g. --teacher-weights 0.7,0.3") from exc
 
 
+def _peers(text: str | None) -> int | list[str] | None:
+    """--peers 3 (copies of the student) or --peers nano_cnn,small_cnn (named peers)."""
+    if text is None:
+        return None
+    return int(text) if text.strip().isdigit() else _names(text)
+
+
 def _names(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
@@ -47,6 +54,12 @@ def distill(
     student_layer: Annotated[Optional[str], typer.Option(help="Student module path hooked by feature losses. \\[default: the model's feature layer]")] = None,
     teacher_layer: Annotated[Optional[str], typer.Option(help="Teacher module path hooked by feature losses. \\[default: the model's feature layer]")] = None,
     teacher_weights: Annotated[Optional[str], typer.Option(help="One weight per --teacher for the averaged soft targets, e.g. 0.7,0.3. \\[default: equal]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="'teacher': learn from --teacher (cross-resolution when the teacher's input is larger: kd and rkd "
+                                                      "need no alignment, fitnet and at pool the larger map to the smaller); 'assistant': teacher -> "
+                                                      "--assistant -> student; 'mutual': --peers students learn from each other, no --teacher. "
+                                                      "\\[default: teacher]")] = None,
+    assistant: Annotated[Optional[str], typer.Option(help="--mode assistant: the intermediate network (a name, distilled from the teacher first) or its checkpoint .pt.")] = None,
+    peers: Annotated[Optional[str], typer.Option(help="--mode mutual: how many copies of the student (e.g. 2), or the peers' names (e.g. nano_cnn,small_cnn). \\[default: 2]")] = None,
     self_distill: Annotated[bool, typer.Option("--self-distill", help="Born-again: the single --teacher is a trained student; train a fresh copy of it.")] = False,
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Cache teacher outputs when augmentation allows it ('none', 'flip'). \\[default: cache]")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Teacher-output cache folder. \\[default: $EDGEKD_CACHE_DIR or ~/.cache/edgekd/teacher-logits]")] = None,
@@ -61,11 +74,10 @@ def distill(
 
     Example: edgekd distill --teacher runs/teacher/best.pt --student nano_cnn --loss kd,fitnet --augment flip --out runs/student
     """
-    from edgekd.distill import run_distill
+    from edgekd.distill import run_distill_mode
 
-    if not teacher:
-        raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers")
     recipe = run.recipe(config, set_, {
+        "distill.mode": mode, "distill.assistant": assistant, "distill.peers": _peers(peers),
         "student.model": student, "student.input_size": input_size, "student.width": width, "student.augment": augment,
         **train.overrides(),
         "distill.losses": _names(loss), "distill.temperature": temperature, "distill.alpha": alpha, "distill.feature_weight": feature_weight,
@@ -73,8 +85,10 @@ def distill(
         "distill.teacher_weights": _floats(teacher_weights, "--teacher-weights"), "distill.cache_teacher": cache,
     }, QUICK)
     data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
+    if not teacher and recipe.distill.mode != "mutual":
+        raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers, or use --mode mutual")
     with output_folder(run.out):
-        result = run_distill(list(teacher), recipe.student, recipe.distill, data_cfg, run.out, seed=recipe.seed, deterministic=recipe.deterministic, resume=run.resume,
+        result = run_distill_mode(list(teacher or []), recipe.student, recipe.distill, data_cfg, run.out, seed=recipe.seed, deterministic=recipe.deterministic, resume=run.resume,
                              self_distill=self_distill, cache_dir=cache_dir)
     _report(result, run.as_json)
 
@@ -87,7 +101,8 @@ def _report(result: dict[str, Any], as_json: bool) -> None:
                      [[m["model"], f"{m['params']:,}", "+".join(m["losses"]), modes, m["val"]["top1"], m["test"]["top1"], m["train_seconds"], m["images_per_second"], result["checkpoint"]]]))
     emit({"checkpoint": result["checkpoint"], "metrics_file": result["metrics_file"], "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"],
           "params": m["params"], "model": m["model"], "losses": m["losses"], "loss_parts": m["loss_parts"], "teachers": m["teachers"],
-          "train_seconds": m["train_seconds"], "images_per_second": m["images_per_second"]}, as_json)
+          "train_seconds": m["train_seconds"], "images_per_second": m["images_per_second"], "mode": m.get("mode", "teacher"),
+          "assistant": m.get("assistant"), "peers": m.get("peers")}, as_json)
 
 
 def register(app: typer.Typer) -> None:

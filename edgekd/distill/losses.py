@@ -46,6 +46,34 @@ class KDLoss(nn.Module):
         return sum(self.terms(student_logits, teacher_probs, labels).values())
 
 
+class MutualLoss(nn.Module):
+    """Deep Mutual Learning (Zhang, Xiang, Hospedales & Lu, CVPR 2018, "Deep Mutual Learning"):
+    K peers learn together, each from the labels and from the others' predictions, no teacher.
+
+    ``L_k = (1-alpha) * CE(z_k, y) + alpha * T^2 * 1/(K-1) * sum_{l != k} KL(p_l || q_k)``, with
+    ``q_k = softmax(z_k/T)`` and ``p_l = softmax(z_l/T)`` held constant in peer k's term. The sum
+    over k is minimised in one backward pass: each peer's gradient is that of its own ``L_k`` (the
+    paper alternates peer updates; updating all at once is the usual simultaneous variant). At
+    alpha=0.5, T=1 the two terms weigh 1:1 as in the paper.
+    """
+
+    def __init__(self, temperature: float, alpha: float):
+        super().__init__()
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def terms(self, logits: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, k = self.temperature, len(logits)
+        log_q = [F.log_softmax(z.float() / t, dim=1) for z in logits]
+        targets = [lq.detach().exp() for lq in log_q]
+        ce = sum(F.cross_entropy(z.float(), labels) for z in logits)
+        kl = sum(F.kl_div(log_q[i], targets[j], reduction="batchmean") for i in range(k) for j in range(k) if i != j) * (t * t) / (k - 1)
+        return {"mutual": self.alpha * kl, "ce": (1.0 - self.alpha) * ce}
+
+    def forward(self, logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        return sum(self.terms(logits, labels).values())
+
+
 def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring two (N, C, H, W) maps to the smaller of their spatial sizes by adaptive average pooling.
 

@@ -8,6 +8,11 @@ Losses (each a small ``nn.Module`` whose docstring gives its formula and paper):
 - :class:`RKDLoss`: relational KD, distance + angle (Park et al. 2019, "Relational Knowledge Distillation").
 - :class:`AttentionTransferLoss`: activation-based attention transfer (Zagoruyko & Komodakis 2017).
 - Born-again self-distillation (Furlanello et al. 2018): ``run_distill(..., self_distill=True)``.
+- Teacher-assistant chains (Mirzadeh et al. 2020, ``assistant.py``) and Deep Mutual Learning
+  (Zhang et al. 2018, :class:`MutualLoss`, ``mutual.py``): ``distill.mode``, see :func:`run_distill_mode`.
+- Cross-resolution (the image case of cross-modal distillation): the teacher sees the image at its
+  own, larger input size and the student at the size the device affords; logits need no alignment
+  and the feature losses pool the larger map to the smaller (:func:`match_spatial`).
 
 Features are found by module path through forward hooks (:class:`FeatureHook`, torchdistill's way),
 so no model code changes. :class:`DistillLoss` is the weighted sum of named terms and keeps each
@@ -165,3 +170,20 @@ def _finish(result: Any, loss_fn: Any, loaded: list[Teacher], teacher_records: l
     })
     check_teachers_stronger(teacher_records, metrics, born_again=self_distill)
     return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}
+
+
+def run_distill_mode(teachers: list[str | Path], student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg: DataConfig, out_dir: str | Path,
+                     **options: Any) -> dict:
+    """The distill stage in ``distill.mode``: 'teacher' (:func:`run_distill`; cross-resolution when
+    the teacher's input is larger), 'assistant' (teacher -> assistant -> student) or 'mutual'
+    (peers, no teacher). Same outputs in every mode: ``best.pt``, ``last.pt``, ``metrics.json``."""
+    if distill_cfg.mode == "assistant":
+        from edgekd.distill.assistant import run_assistant_chain
+
+        return run_assistant_chain(teachers, student_cfg, distill_cfg, data_cfg, out_dir, **options)
+    if distill_cfg.mode == "mutual":
+        from edgekd.distill.mutual import run_mutual
+
+        options.pop("self_distill", None)
+        return run_mutual(student_cfg, distill_cfg, data_cfg, out_dir, **options)
+    return run_distill(teachers, student_cfg, distill_cfg, data_cfg, out_dir, **options)

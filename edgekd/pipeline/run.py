@@ -41,7 +41,7 @@ def _inputs(stage: str) -> list[tuple[str, str]]:
     """(stage, artifact) pairs whose checksums are part of ``stage``'s identity."""
     return {
         "distill": [("teacher", "checkpoint"), ("control", "checkpoint")],
-        "qad": [("teacher", "checkpoint"), ("distill", "shipped_checkpoint")],
+        "qad": [("distill", "kd_teacher"), ("distill", "shipped_checkpoint")],
         "export": [("qad", "checkpoint"), ("distill", "shipped_checkpoint")],
         "evaluate": [("export", "onnx")],
         "bench": [("export", "onnx")],

@@ -50,30 +50,52 @@ def choose_student(distilled: dict, control: dict | None, rule: str) -> tuple[st
     return "distilled", None
 
 
+def distill_teacher(teacher: dict, control: dict | None, rule: str) -> tuple[str, str | None]:
+    """("teacher" | "control", why): which model the student learns from. A fine-tuned teacher
+    that validates below the student trained alone pulls the student down (measured: -1.2 points
+    on the default build), so with ``distill.weak_teacher: control`` the student distils from the
+    control instead: born-again distillation (Furlanello et al. 2018, "Born-Again Neural Networks")."""
+    if rule != "control" or control is None or control.get("val_top1") is None or teacher.get("val_top1") is None:
+        return "teacher", None
+    if teacher["val_top1"] >= control["val_top1"]:
+        return "teacher", None
+    return "control", (f"the teacher validates below the student alone ({100 * teacher['val_top1']:.2f}% vs {100 * control['val_top1']:.2f}%): "
+                       "the student distils from the control instead (born-again; distill.weak_teacher=keep uses the teacher)")
+
+
 def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgekd.distill import run_distill
+    from edgekd.distill import run_distill_mode
 
     rc = ctx.recipe
     data_cfg = rc.data.model_copy(update={"augment": rc.student.augment})
     student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
-    r = run_distill([ctx.path("teacher", "checkpoint")], student, rc.distill, data_cfg, ctx.out / "student", seed=rc.seed, deterministic=rc.deterministic,
-                    data=ctx.data, cache_dir=ctx.out / "cache")
-    metrics = {**training_metrics(r["metrics"]), "teacher_weaker_than_student": r["metrics"].get("teacher_weaker_than_student")}
     control = ctx.manifest.stage("control")["metrics"] if "control" in ctx.order else None
+    rule = rc.distill.weak_teacher if rc.distill.mode == "teacher" else "keep"
+    source, source_why = distill_teacher(ctx.manifest.stage("teacher")["metrics"], control, rule)
+    if source_why:
+        ui.warn(source_why)
+    kd_teacher = ctx.path(source, "checkpoint")
+    r = run_distill_mode([kd_teacher], student, rc.distill, data_cfg, ctx.out / "student", seed=rc.seed, deterministic=rc.deterministic,
+                         data=ctx.data, cache_dir=ctx.out / "cache", self_distill=source == "control")
+    m = r["metrics"]
+    metrics = {**training_metrics(m), "teacher_weaker_than_student": m.get("teacher_weaker_than_student"), "distilled_from": source,
+               "distilled_from_reason": source_why, "mode": rc.distill.mode, "assistant": m.get("assistant"), "peers": m.get("peers")}
     shipped, why = choose_student(metrics, control, rc.distill.ship)
     if why:
         ui.warn(why)
     chosen = r["checkpoint"] if shipped == "distilled" else ctx.path("control", "checkpoint")
-    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"], "shipped_checkpoint": chosen}, {**metrics, "shipped_student": shipped, "ship_reason": why}
+    artifacts = {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"], "shipped_checkpoint": chosen, "kd_teacher": kd_teacher}
+    return artifacts, {**metrics, "shipped_student": shipped, "ship_reason": why}
 
 
 def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
-    """Quantization-aware distillation: the INT8 fake-quant student keeps learning from the FP32 teacher."""
+    """Quantization-aware distillation: the INT8 fake-quant student keeps learning from the FP32
+    model the distill stage learned from (the teacher, or the control when the teacher was weaker)."""
     from edgekd.distill import build_distill_loss, load_teacher
     from edgekd.quantize import run_qad
 
     rc = ctx.recipe
-    teacher = load_teacher(ctx.path("teacher", "checkpoint"))
+    teacher = load_teacher(ctx.path("distill", "kd_teacher"))
     augment = rc.student.augment
 
     def make_loss(qstudent):

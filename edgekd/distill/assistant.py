@@ -1,0 +1,57 @@
+"""``distill.mode: assistant``: teacher-assistant distillation (Mirzadeh, Farajtabar, Li, Levine,
+Matsukawa & Ghasemzadeh, AAAI 2020, "Improved Knowledge Distillation via Teacher Assistant").
+
+When the gap between a big teacher and a tiny student is too wide, the student learns less from
+the teacher than from a network of intermediate size: distil the teacher into the assistant first,
+then the assistant into the student (each link is ordinary KD with the recipe's losses). The chain
+runs as one command; each link is its own run folder (``assistant/``, then the stage's own), so it
+resumes and caches teacher outputs like any distillation. ``distill.assistant`` is a network name
+(trained here, from the teacher) or a checkpoint ``.pt`` of an already trained assistant.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgekd import ui
+from edgekd.config import DataConfig, DistillConfig, StudentConfig
+from edgekd.errors import EdgekdError
+from edgekd.manifest import write_json_atomic
+
+
+def _split_limit(student_cfg: StudentConfig, share: float, started: float) -> StudentConfig:
+    """The student config with ``share`` of what is left of the stage's time limit (the two links
+    share the stage's budget instead of taking it twice)."""
+    limit = student_cfg.train.time_limit_s
+    if not limit:
+        return student_cfg
+    left = max(10.0, (limit - (time.time() - started)) * share)
+    return student_cfg.model_copy(update={"train": student_cfg.train.model_copy(update={"time_limit_s": round(left, 1)})})
+
+
+def run_assistant_chain(teachers: list[str | Path], student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg: DataConfig,
+                        out_dir: str | Path, **options: Any) -> dict:
+    """teacher(s) -> ``distill.assistant`` -> student; returns the student link's result, with the
+    assistant's accuracy under ``metrics["assistant"]``."""
+    from edgekd.distill.stage import run_distill
+
+    if not distill_cfg.assistant:
+        raise EdgekdError("distill.mode=assistant needs distill.assistant", "e.g. --assistant small_cnn (a network name) or --assistant assistant.pt")
+    started, link = time.time(), distill_cfg.model_copy(update={"mode": "teacher"})
+    given = Path(distill_cfg.assistant)
+    if given.suffix == ".pt" or given.is_file():
+        assistant_ckpt, assistant_metrics = str(given), {"checkpoint": str(given), "trained_here": False}
+        ui.log(f"teacher assistant: {given} (given)")
+    else:
+        ui.log(f"teacher assistant: distilling {distill_cfg.assistant} from the teacher first, then the student from it")
+        a_cfg = _split_limit(student_cfg, 0.5, started).model_copy(update={"model": distill_cfg.assistant})
+        r = run_distill(teachers, a_cfg, link, data_cfg, Path(out_dir) / "assistant", **options)
+        assistant_ckpt = r["checkpoint"]
+        assistant_metrics = {"checkpoint": assistant_ckpt, "trained_here": True, "model": distill_cfg.assistant, "params": r["metrics"]["params"],
+                             "val_top1": r["metrics"]["val"]["top1"], "test_top1": r["metrics"]["test"]["top1"], "train_seconds": r["metrics"]["train_seconds"]}
+    result = run_distill([assistant_ckpt], _split_limit(student_cfg, 1.0, started), link, data_cfg, out_dir, **options)
+    result["metrics"].update({"mode": "assistant", "assistant": assistant_metrics})
+    write_json_atomic(result["metrics_file"], result["metrics"])
+    return result
