@@ -127,3 +127,28 @@ def pico_model(tmp_path_factory: pytest.TempPathFactory) -> PicoModel:
     torch.onnx.export(model, model.preprocess(data.test.images[:2]), str(out), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
     return PicoModel(model, out, list(data.classes), model.preprocess, data.test.images.numpy(), data.test.labels.numpy())
+
+
+@pytest.fixture(scope="session")
+def fmnist_600():
+    """600 real Fashion-MNIST training images (val and test: 200 each), shared by the distillation tests."""
+    from edgekd.data import load_dataset
+
+    return load_dataset("fashion-mnist", train_subset=600, test_subset=200, seed=0)
+
+
+@pytest.fixture(scope="session")
+def teacher_32px(tmp_path_factory: pytest.TempPathFactory, fmnist_600) -> Path:
+    """A real teacher checkpoint: pico_cnn at 32 px (so its maps are larger than a 28-px student's), three short epochs."""
+    import torch
+
+    from edgekd.config import TrainConfig
+    from edgekd.models import create_model
+    from edgekd.train import cross_entropy_loss, fit
+
+    torch.manual_seed(0)
+    model = create_model("pico_cnn", fmnist_600.num_classes, in_chans=1, input_size=32)
+    out = tmp_path_factory.mktemp("teacher32")
+    fit(model, fmnist_600, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess,
+        augment="flip", kind="teacher")
+    return out / "best.pt"

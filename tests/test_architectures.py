@@ -72,6 +72,7 @@ def drift(ref: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(ref - got).mean() / np.abs(ref).mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 def test_architecture_qad_and_both_layouts(name, data, tmp_path):
     for layout in ("tensorrt", "ort-cpu"):

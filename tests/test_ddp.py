@@ -20,6 +20,7 @@ from edgekd.models import create_model
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
 def test_two_gloo_ranks_match_single_process(tmp_path):
     common = ["finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "256", "--test-subset", "64",

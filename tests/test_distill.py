@@ -17,30 +17,24 @@ import torch.nn.functional as F
 
 from cli_helpers import assert_one_line_error, json_out, run_cli, run_inprocess
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
-from edgekd.data import iterate, load_dataset
+from edgekd.data import iterate
 from edgekd.distill import (AttentionTransferLoss, FeatureHook, HintLoss, KDLoss, RKDLoss, build_distill_loss, load_teacher, run_distill, soft_targets,
                             teacher_forward)
 from edgekd.errors import EdgekdError
 from edgekd.manifest import sha256_file
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
-from edgekd.train import cross_entropy_loss, fit
 
 
 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset("fashion-mnist", train_subset=600, test_subset=200, seed=0)
+def data(fmnist_600):
+    return fmnist_600
 
 
 @pytest.fixture(scope="module")
-def teacher_path(tmp_path_factory, data):
-    """A real teacher: pico_cnn at 32 px (so spatial sizes differ from a 28-px student), three short epochs."""
-    torch.manual_seed(0)
-    model = create_model("pico_cnn", data.num_classes, in_chans=1, input_size=32)
-    out = tmp_path_factory.mktemp("teacher")
-    fit(model, data, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess, augment="flip", kind="teacher")
-    return out / "best.pt"
+def teacher_path(teacher_32px):
+    return teacher_32px
 
 
 # ----------------------------------------------------------------------------- KD maths

@@ -12,11 +12,10 @@ import torch.nn.functional as F
 
 from cli_helpers import assert_one_line_error, json_out, run_inprocess
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
-from edgekd.data import FASHION_MNIST_DEFAULT, load_dataset
+from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.distill import MutualLoss, run_distill_mode
 from edgekd.manifest import sha256_file
-from edgekd.models import create_model, load_checkpoint
-from edgekd.train import cross_entropy_loss, fit
+from edgekd.models import load_checkpoint
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
 ONE_EPOCH = TrainConfig(epochs=1, batch_size=32, lr=5e-3, warmup_epochs=0.0)
@@ -58,18 +57,8 @@ def test_mutual_needs_two_peers():
 
 # ----------------------------------------------------------------------------- tiny runs of each mode
 @pytest.fixture(scope="module")
-def data():
-    return load_dataset("fashion-mnist", train_subset=600, test_subset=200, seed=0)
-
-
-@pytest.fixture(scope="module")
-def teacher_32px(tmp_path_factory, data):
-    """pico_cnn at 32 px, a few epochs: a teacher whose input (and feature maps) are larger than a 28-px student's."""
-    torch.manual_seed(0)
-    model = create_model("pico_cnn", data.num_classes, in_chans=1, input_size=32)
-    out = tmp_path_factory.mktemp("teacher32")
-    fit(model, data, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess, augment="flip", kind="teacher")
-    return out / "best.pt"
+def data(fmnist_600):
+    return fmnist_600
 
 
 @needs_fmnist
@@ -123,3 +112,28 @@ def test_cli_mutual_needs_no_teacher_and_assistant_needs_an_assistant(tmp_path, 
     assert_one_line_error(run_inprocess("distill", "--teacher", teacher_32px, "--mode", "assistant", "--train-subset", "300", "--out", tmp_path / "a"),
                           "distill.mode=assistant needs distill.assistant")
     assert_one_line_error(run_inprocess("distill", "--student", "pico_cnn", "--out", tmp_path / "n"), "no teacher given")
+
+
+# ----------------------------------------------------------------------------- in `edgekd build`
+@needs_fmnist
+@pytest.mark.parametrize("mode", ["assistant", "mutual"])
+def test_build_runs_each_mode_and_records_it(mode, tmp_path):
+    from edgekd.manifest import Manifest
+
+    sets = ["teacher.model=pico_cnn", "teacher.pretrained=none", "teacher.input_size=32", "teacher.train.epochs=1", "student.model=pico_cnn",
+            "student.train.epochs=1", "data.train_subset=400", "data.test_subset=100", f"distill.mode={mode}", "distill.assistant=pico_cnn"]
+    json_out(run_inprocess("build", "--target", "x86-cpu", *[x for s in sets for x in ("--set", s)], "--until", "distill", "--out", tmp_path / "run", "--json"))
+    m = Manifest(tmp_path / "run").stage("distill")["metrics"]
+    assert m["mode"] == mode and m["test_top1"] is not None
+    assert (m["assistant"] or {}).get("trained_here") if mode == "assistant" else len(m["peers"]) == 2
+
+
+def test_the_report_names_how_the_student_was_distilled():
+    from edgekd.report import accuracy_rows
+
+    stages = {"control": {"test_top1": 0.90}, "distill": {"test_top1": 0.91, "mode": "assistant",
+                                                          "assistant": {"model": "small_cnn", "test_top1": 0.92, "train_seconds": 10}}}
+    steps = [r["step"] for r in accuracy_rows(stages, 1000)]
+    assert steps == ["assistant small_cnn", "student alone (control)", "distilled via assistant small_cnn"]
+    mutual = accuracy_rows({"control": {"test_top1": 0.9}, "distill": {"test_top1": 0.91, "mode": "mutual", "peers": [{}, {}]}}, 1000)
+    assert mutual[-1]["step"] == "mutual learning, 2 peers" and abs(mutual[-1]["change"] - 0.01) < 1e-9

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli
+from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli, run_inprocess
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.models import create_model, load_checkpoint
 
@@ -27,7 +27,7 @@ def test_finetune_quick_writes_checkpoint_and_metrics_and_resumes(tmp_path):
     ck = load_checkpoint(out / "best.pt")  # weights_only load of a self-describing checkpoint
     assert ck["kind"] == "teacher" and ck["model"]["name"] == "efficientnet_lite0" and ck["preprocess"]["input_size"] == 48
     # a second epoch resumes from last.pt instead of starting over... but the settings changed:
-    assert_one_line_error(run_cli("finetune", "--epochs", "2", *TINY, "--out", out), "other training settings")
+    assert_one_line_error(run_inprocess("finetune", "--epochs", "2", *TINY, "--out", out), "other training settings")
     # same settings: resume finds the run finished and does no further epoch
     again = json_out(run_cli("finetune", "--epochs", "1", *TINY, "--out", out, "--json"))
     assert json.loads((out / "metrics.json").read_text())["history"] == metrics["history"]
@@ -48,12 +48,12 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 
 @needs_fmnist
 def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
-    """Kill a 6-epoch run (SIGKILL, nothing to clean up) once its first epoch is saved, then run
+    """Kill a 4-epoch run (SIGKILL, nothing to clean up) once its first epoch is saved, then run
     the same command again: it resumes from last.pt instead of starting over, keeps the killed
-    run's finished epochs, and ends with all six and no temporary files."""
+    run's finished epochs, and ends with all four and no temporary files."""
     out = tmp_path / "r"
-    args = [EDGEKD, "finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "4096",
-            "--test-subset", "256", "--batch-size", "32", "--epochs", "6", "--out", str(out), "--json"]
+    args = [EDGEKD, "finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "2048",
+            "--test-subset", "256", "--batch-size", "32", "--epochs", "4", "--out", str(out), "--json"]
     env = {**os.environ, "EDGEKD_QUIET": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 300
@@ -62,12 +62,12 @@ def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
     proc.kill()
     proc.wait()
     killed = torch.load(out / "last.pt", weights_only=True)["train_state"]
-    assert killed["epoch"] < 5, "the run finished before it could be interrupted: make it longer"
+    assert killed["epoch"] < 3, "the run finished before it could be interrupted: make it longer"
     resumed = subprocess.run(args, capture_output=True, text=True, env={**env, "EDGEKD_QUIET": "0"}, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resuming fine-tune pico_cnn after epoch {killed['epoch'] + 1}/6" in resumed.stderr.replace("\n", " ")
+    assert f"resuming fine-tune pico_cnn after epoch {killed['epoch'] + 1}/4" in resumed.stderr.replace("\n", " ")
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["resumed_from_epoch"] == killed["epoch"] + 1 and len(metrics["history"]) == 6
+    assert metrics["resumed_from_epoch"] == killed["epoch"] + 1 and len(metrics["history"]) == 4
     assert metrics["history"][: killed["epoch"] + 1] == killed["history"]  # the killed run's epochs, kept as they were
     assert not [p.name for p in out.iterdir() if p.suffix == ".tmp"]  # no half-written file left by the kill
 
@@ -94,7 +94,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     ]
     for extra, needle in cases:
         args = ["finetune", *extra] if "--out" in extra else ["finetune", *extra, "--out", str(tmp_path / "o")]
-        assert_one_line_error(run_cli(*args), needle)
+        assert_one_line_error(run_inprocess(*args), needle)
 
 
 @pytest.mark.parametrize("command, shown", [

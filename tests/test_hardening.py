@@ -405,6 +405,7 @@ def _interrupt_points(out: Path) -> list[tuple[str, str, int, int]]:
             ("bundle", f"{out}/bundle", 1, 2)]
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path):
     """For each stage of ``edgekd build`` in turn: SIGINT (Ctrl-C) in it, then SIGKILL in it, each just

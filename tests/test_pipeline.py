@@ -110,6 +110,7 @@ def test_jetson_target_leaves_a_tensorrt_ready_bundle(tmp_path):
     assert res["latency"]["on_target_runtime"] is False  # no GPU here: timed on onnxruntime CPU, and says so
 
 
+@pytest.mark.slow
 def test_killed_build_resumes_to_a_valid_manifest(tmp_path):
     out = tmp_path / "k"
     cmd = [EDGEKD, "build", "--target", "x86-cpu", *TINY, "--set", "student.train.epochs=6", "--out", str(out), "--json"]

@@ -13,7 +13,7 @@ from cli_helpers import json_out, run_cli
 from edgekd.data import FASHION_MNIST_DEFAULT
 from rgb_folder import make_rgb_folder
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST (the photos the folder is made from)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST (the photos the folder is made from)")]
 
 
 def test_default_build_on_a_small_rgb_folder(tmp_path):
