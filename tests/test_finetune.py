@@ -20,7 +20,7 @@ TINY = ["--train-subset", "512", "--test-subset", "256", "--input-size", "48", "
 def test_finetune_quick_writes_checkpoint_and_metrics_and_resumes(tmp_path):
     out = tmp_path / "teacher"
     res = json_out(run_cli("finetune", "--epochs", "1", *TINY, "--out", out, "--json"))
-    assert res["test_top1"] is not None and 0.0 <= res["test_top1"] <= 1.0
+    assert res["test_top1"] > 0.25  # 8 steps of full fine-tuning at 48 px: 0.40 measured on these 256 images; chance is 0.1
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"top1", "loss", "per_class", "confusion"}
     assert len(metrics["test"]["confusion"]) == 10 and sum(map(sum, metrics["test"]["confusion"])) == 256
