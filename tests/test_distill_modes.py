@@ -109,6 +109,9 @@ def test_cli_mutual_needs_no_teacher_and_assistant_needs_an_assistant(tmp_path, 
     res = json_out(run_inprocess("distill", "--mode", "mutual", "--peers", "2", "--student", "pico_cnn", "--epochs", "1", "--train-subset", "300",
                                  "--test-subset", "100", "--out", tmp_path / "m", "--json"))
     assert res["mode"] == "mutual" and len(res["peers"]) == 2
+    with_teacher = run_inprocess("distill", "--mode", "mutual", "--teacher", teacher_32px, "--student", "pico_cnn", "--epochs", "1",
+                                 "--train-subset", "300", "--test-subset", "100", "--out", tmp_path / "m2", "--json")
+    assert with_teacher.returncode == 0 and "--teacher is not used" in with_teacher.stderr.replace("\n", " ")
     assert_one_line_error(run_inprocess("distill", "--teacher", teacher_32px, "--mode", "assistant", "--train-subset", "300", "--out", tmp_path / "a"),
                           "distill.mode=assistant needs distill.assistant")
     assert_one_line_error(run_inprocess("distill", "--student", "pico_cnn", "--out", tmp_path / "n"), "no teacher given")

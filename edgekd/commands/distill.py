@@ -85,6 +85,8 @@ def distill(
         "distill.teacher_weights": _floats(teacher_weights, "--teacher-weights"), "distill.cache_teacher": cache,
     }, QUICK)
     data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
+    if teacher and recipe.distill.mode == "mutual":
+        ui.warn("--mode mutual trains its peers without a teacher: --teacher is not used")
     if not teacher and recipe.distill.mode != "mutual":
         raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers, or use --mode mutual")
     with output_folder(run.out):
