@@ -21,14 +21,12 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 
 
-def _split_limit(student_cfg: StudentConfig, share: float, started: float) -> StudentConfig:
-    """The student config with ``share`` of what is left of the stage's time limit (the two links
-    share the stage's budget instead of taking it twice)."""
-    limit = student_cfg.train.time_limit_s
-    if not limit:
-        return student_cfg
-    left = max(10.0, (limit - (time.time() - started)) * share)
-    return student_cfg.model_copy(update={"train": student_cfg.train.model_copy(update={"time_limit_s": round(left, 1)})})
+def _limited(student_cfg: StudentConfig, share: float, started: float) -> StudentConfig:
+    """The student config with ``share`` of what is left of the stage's time limit: the two links
+    share the stage's budget instead of taking it twice."""
+    from edgekd.distill.stage import within_stage_limit
+
+    return student_cfg.model_copy(update={"train": within_stage_limit(student_cfg.train, started, share)})
 
 
 def run_assistant_chain(teachers: list[str | Path], student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg: DataConfig,
@@ -46,12 +44,12 @@ def run_assistant_chain(teachers: list[str | Path], student_cfg: StudentConfig, 
         ui.log(f"teacher assistant: {given} (given)")
     else:
         ui.log(f"teacher assistant: distilling {distill_cfg.assistant} from the teacher first, then the student from it")
-        a_cfg = _split_limit(student_cfg, 0.5, started).model_copy(update={"model": distill_cfg.assistant})
+        a_cfg = _limited(student_cfg, 0.5, started).model_copy(update={"model": distill_cfg.assistant})
         r = run_distill(teachers, a_cfg, link, data_cfg, Path(out_dir) / "assistant", **options)
         assistant_ckpt = r["checkpoint"]
         assistant_metrics = {"checkpoint": assistant_ckpt, "trained_here": True, "model": distill_cfg.assistant, "params": r["metrics"]["params"],
                              "val_top1": r["metrics"]["val"]["top1"], "test_top1": r["metrics"]["test"]["top1"], "train_seconds": r["metrics"]["train_seconds"]}
-    result = run_distill([assistant_ckpt], _split_limit(student_cfg, 1.0, started), link, data_cfg, out_dir, **options)
+    result = run_distill([assistant_ckpt], _limited(student_cfg, 1.0, started), link, data_cfg, out_dir, **options)
     result["metrics"].update({"mode": "assistant", "assistant": assistant_metrics})
     write_json_atomic(result["metrics_file"], result["metrics"])
     return result

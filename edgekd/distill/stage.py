@@ -96,12 +96,13 @@ def _check_teachers(teachers: list[str | Path], student_cfg: StudentConfig, opts
         check_student_name(student_cfg.model)
 
 
-def _within_stage_limit(train_cfg: TrainConfig, started: float) -> TrainConfig:
-    """The training time limit less what the stage already spent (teacher-output cache, teacher
-    measurements): a build's time share covers the whole stage, not only its epochs."""
+def within_stage_limit(train_cfg: TrainConfig, started: float, share: float = 1.0) -> TrainConfig:
+    """``share`` of the training time limit less what the stage already spent since ``started``
+    (teacher-output cache, teacher measurements, an assistant link): a build's time share covers
+    the whole stage, not only its epochs."""
     if not train_cfg.time_limit_s:
         return train_cfg
-    left = max(10.0, train_cfg.time_limit_s - (time.time() - started))
+    left = max(10.0, (train_cfg.time_limit_s - (time.time() - started)) * share)
     return train_cfg.model_copy(update={"time_limit_s": round(left, 1)})
 
 
@@ -136,7 +137,7 @@ def run_distill(teachers: list[str | Path], student_cfg: StudentConfig, distill_
     extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": opts.seed,
                         "self_distill": opts.self_distill},
              "teachers": [t.describe() for t in loaded]}
-    train_cfg = _within_stage_limit(student_cfg.train, started)
+    train_cfg = within_stage_limit(student_cfg.train, started)
     result = _train_student(student, adapters, loss_fn, train_cfg, data, out_dir, extra, opts)
     return _finish(result, loss_fn, loaded, teacher_records, distill_cfg, data, opts.self_distill)
 
