@@ -16,6 +16,11 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Overri
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
 AllowNotReadyOpt = Annotated[bool, typer.Option("--allow-not-ready", help="Ship an INT8 graph even when the target runtime's readiness check fails "
                                               "(e.g. an unquantized residual Add on TensorRT); recorded in the manifest and bundle.")]
+MaxDropOpt = Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget: top-1 points INT8 may lose against the FP32 student on "
+                                                   "validation. Over it, the most sensitive layers stay in higher precision (FP16 on TensorRT, float on "
+                                                   "onnxruntime CPU), fewest first, until it fits; then QAD again. \\[default: none, every layer INT8]")]
+ExcludeOpt = Annotated[Optional[str], typer.Option("--exclude", help="Layers kept in higher precision by hand: module paths, comma-separated "
+                                                   "(e.g. conv_stem,classifier).")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (progress goes to stderr).")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, init, augmentation). \\[default: 0]")]
 DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. \\[default: fashion-mnist]")]
@@ -66,6 +71,11 @@ def overrides(pairs: dict[str, Any]) -> list[str]:
             continue
         out.append(f"{key}={json.dumps(value) if not isinstance(value, str) else value}")
     return out
+
+
+def layer_list(text: str | None) -> list[str] | None:
+    """``--exclude a,b`` -> ["a", "b"] (None: not given)."""
+    return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
 
 
 def emit(result: dict, as_json: bool) -> None:

@@ -127,6 +127,11 @@ class QuantizeConfig(Strict):
     calib_images: int = Field(512, ge=16)
     fold_bn: bool = True
     layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
+    max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="accuracy budget in top-1 points vs the FP32 student (validation): "
+                                                                           "if INT8 loses more after QAD, the most sensitive layers stay in "
+                                                                           "higher precision (FP16 on TensorRT, float on onnxruntime) until it fits")
+    exclude: list[str] = Field(default_factory=list, description="layers (module paths) pinned to higher precision by hand")
+    sensitivity_images: int = Field(500, ge=50, description="validation images the per-layer sensitivity is measured on")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-4, batch_size=128, weight_decay=0.0, warmup_epochs=0.0, min_steps=200))
 
 

@@ -60,12 +60,19 @@ def distilled_label(d: dict) -> str:
     return "distilled student" + (" (from the control)" if d.get("distilled_from") == "control" else "")
 
 
+def _budget_note(budget: dict | None) -> str:
+    if not budget:
+        return ""
+    return f"budget {budget['budget_points']:g} pts {'met' if budget['met'] else 'NOT met'} (val)"
+
+
 def accuracy_rows(stages: dict[str, dict], n: int) -> list[dict[str, Any]]:
     """The accuracy ladder from the stages' metrics (a stage that did not run has no row)."""
     t, c, d, q, e = (stages.get(k) or {} for k in ("teacher", "control", "distill", "qad", "evaluate"))
     shipped = d.get("shipped_student", "distilled")
     fp32 = c.get("test_top1") if shipped == "control" else d.get("test_top1")
     ptq, qad = q.get("ptq_test_top1"), q.get("test_top1")
+    floats, full = q.get("float_layers") or [], q.get("full_int8_test_top1")  # full: QAD of every layer, when the budget made a mixed model
     rows = [
         _row(f"teacher {t.get('model') or ''}".strip(), t.get("test_top1"), n, None, t.get("train_seconds")),
         _row(f"assistant {(d.get('assistant') or {}).get('model')}", (d.get("assistant") or {}).get("test_top1"), n, None,
@@ -74,7 +81,9 @@ def accuracy_rows(stages: dict[str, dict], n: int) -> list[dict[str, Any]]:
         _row(distilled_label(d), d.get("test_top1"), n,
              c.get("test_top1"), d.get("train_seconds"), "shipped the control instead" if shipped == "control" else ""),
         _row("INT8 calibrated (PTQ)", ptq, n, fp32),
-        _row("INT8 after QAD", qad, n, ptq, q.get("train_seconds"), "kept PTQ: QAD did not beat it" if str(q.get("result", "")).startswith("calibrated") else ""),
+        _row("INT8 after QAD", full if full is not None else qad, n, ptq, q.get("train_seconds"),
+             "kept PTQ: QAD did not beat it" if str(q.get("result", "")).startswith("calibrated") and full is None else ""),
+        _row(f"INT8, {len(floats)} layer(s) kept float", qad if floats else None, n, full if full is not None else ptq, None, _budget_note(q.get("accuracy_budget"))),
         _row(f"exported {e.get('precision') or 'INT8'} file", e.get("test_top1"), n, qad if qad is not None else fp32),
     ]
     return [r for r in rows if r is not None]

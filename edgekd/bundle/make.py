@@ -19,7 +19,7 @@ from edgekd import runtime as rt
 from edgekd.errors import EdgekdError
 from edgekd.manifest import out_of_space, versions
 from edgekd.bundle.archive import EXECUTABLE, tar_bundle
-from edgekd.bundle.scripts import RUN_SH, build_engine_script, onnx_input, readme_text, trtexec_commands
+from edgekd.bundle.scripts import RUN_SH, build_engine_script, float_layers_in, onnx_input, readme_text, trtexec_commands
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # edgekd/
@@ -144,7 +144,8 @@ def _fill(root: Path, name: str, model: BundleModel, tgt: dict, metrics: dict, e
     }
     if tgt.get("runtime") == "tensorrt":
         meta["trtexec"] = trtexec_commands(tgt, models[primary], input_name, dims, primary)
-        _write_text(root / "engine" / "build_engine.sh", build_engine_script(meta["trtexec"], tgt))
+        floats = float_layers_in(root / models[primary])
+        _write_text(root / "engine" / "build_engine.sh", build_engine_script(meta["trtexec"], tgt, floats))
     _write_text(root / "run.sh", RUN_SH)
     _write_text(root / "README.md", readme_text(meta))
     meta["files"] = {str(p.relative_to(root).as_posix()): {"sha256": rt.sha256_file(p), "bytes": p.stat().st_size} for p in sorted(root.rglob("*")) if p.is_file()}

@@ -32,6 +32,14 @@ def onnx_input(onnx_path: str | os.PathLike) -> tuple[str, list[int | None]]:
     return inp.name, dims
 
 
+def float_layers_in(onnx_path: str | os.PathLike) -> list[str]:
+    """The layers edgekd's export stamped as kept in higher precision (metadata ``float_layers``)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    return list(json.loads(props.get("float_layers") or "[]"))
+
+
 # ----------------------------------------------------------------------------- trtexec
 def _shape(name: str, dims: list[int]) -> str:
     return f"{name}:" + "x".join(str(d) for d in dims)
@@ -65,12 +73,14 @@ def trtexec_commands(target: Mapping[str, Any], onnx_rel: str, input_name: str, 
     return cmds
 
 
-def build_engine_script(cmds: Mapping[str, list[str]], target: Mapping[str, Any]) -> str:
+def build_engine_script(cmds: Mapping[str, list[str]], target: Mapping[str, Any], float_layers: list[str] | tuple[str, ...] = ()) -> str:
     """A POSIX sh script that runs the trtexec commands on the device and keeps every log."""
     power = target.get("power") or {}
     lines = [
         "#!/bin/sh",
         "# Build and time the TensorRT engine on this device (written by edgekd; run from the bundle folder).",
+        *([f"# {len(float_layers)} layer(s) have no Q/DQ and run in FP16 (--fp16): INT8 cost too much accuracy there "
+           "(edgekd's accuracy budget, see report/sensitivity.json):", *(f"#   {name}" for name in float_layers)] if float_layers else []),
         "set -eu",
         'cd "$(dirname "$0")/.."',
         "TRTEXEC=$(command -v trtexec || true)",

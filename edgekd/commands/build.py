@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, JsonOpt, SeedOpt, SetOpt, emit, overrides
+from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, ExcludeOpt, JsonOpt, MaxDropOpt, SeedOpt, SetOpt, emit, layer_list, overrides
 
 
 def build(
@@ -31,6 +31,8 @@ def build(
                                           "distillation bought against it, and ship the better one.")] = True,
     targets_dir: Annotated[Optional[Path], typer.Option(help="Extra folder of target .toml files (also $EDGEKD_TARGETS_DIR).")] = None,
     allow_not_ready: AllowNotReadyOpt = False,
+    max_accuracy_drop: MaxDropOpt = None,
+    exclude: ExcludeOpt = None,
     print_config: Annotated[bool, typer.Option("--print-config", help="Print the full recipe (every default, after overrides) as YAML and exit.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -54,7 +56,8 @@ def build(
 
     opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "seed": seed, "target": target,
                       "export.allow_not_ready": True if allow_not_ready else None, "student.control": None if control else False,
-                      "time_budget_s": parse_duration(time_budget) if time_budget else None})
+                      "time_budget_s": parse_duration(time_budget) if time_budget else None,
+                      "quantize.max_accuracy_drop": max_accuracy_drop, "quantize.exclude": layer_list(exclude)})
     recipe = load_recipe(config, (QUICK_OVERRIDES if quick else []) + (set_ or []) + opts)
     if print_config:
         typer.echo(recipe_to_yaml(recipe), nl=False)

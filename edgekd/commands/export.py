@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, SetOpt, emit, output_folder
+from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, ExcludeOpt, MaxDropOpt, SetOpt, emit, layer_list, output_folder
 from edgekd.commands import CalibImagesOpt, CalibratorOpt, CheckpointArg, RunOptions, run_options
 from edgekd.errors import EdgekdError
 
@@ -30,6 +30,8 @@ def export(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (>= 17). \\[default: 17]")] = None,
     check_batch: Annotated[Optional[int], typer.Option(help="Held test images for the ORT-vs-PyTorch agreement check. \\[default: 256]")] = None,
     allow_not_ready: AllowNotReadyOpt = False,
+    max_accuracy_drop: MaxDropOpt = None,
+    exclude: ExcludeOpt = None,
     *,
     run: RunOptions,
 ) -> None:
@@ -37,6 +39,7 @@ def export(
 
     Examples: edgekd export runs/quantized/best.pt --target x86-cpu --out runs/export
               edgekd export runs/quantized/best.pt --layout tensorrt --out runs/export-trt
+              edgekd export runs/student/best.pt --target x86-cpu --max-accuracy-drop 1.0   (calibrate, keep the sensitive layers in float)
     """
     from edgekd.export import resolve_layout, run_export
     from edgekd.finetune import load_data
@@ -46,7 +49,8 @@ def export(
     layout, precision = resolve_layout(target, layout, precision)
     recipe = run.recipe(config, set_, {"target": target, "export.precision": precision, "export.layout": layout if layout != "none" else None,
                                        "export.opset": opset, "export.check_batch": check_batch, "quantize.calibrator": calibrator,
-                                       "quantize.calib_images": calib_images, "export.allow_not_ready": True if allow_not_ready else None})
+                                       "quantize.calib_images": calib_images, "export.allow_not_ready": True if allow_not_ready else None,
+                                       "quantize.max_accuracy_drop": max_accuracy_drop, "quantize.exclude": layer_list(exclude)})
     with output_folder(run.out):
         data = load_data(recipe.data, recipe.seed)
         record = run_export(checkpoint, run.out, data, recipe.export, recipe.quantize, target, recipe.seed)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import ConfigOpt, SetOpt, emit, output_folder
+from edgekd.cli_options import ConfigOpt, ExcludeOpt, MaxDropOpt, SetOpt, emit, layer_list, output_folder
 from edgekd.commands import TRAINING_OPTIONS, CalibImagesOpt, CalibratorOpt, CheckpointArg, RunOptions, TrainOptions, run_options, train_options
 
 QUICK = ["data.train_subset=2000", "data.test_subset=1000", "quantize.train.epochs=1"]
@@ -29,6 +29,8 @@ def quantize(
     calib_images: CalibImagesOpt = None,
     fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. \\[default: fold]")] = None,
     layout: Annotated[Optional[str], typer.Option(help="Place quantizers for this runtime's Q/DQ layout: tensorrt or ort-cpu. \\[default: the recipe target's]")] = None,
+    max_accuracy_drop: MaxDropOpt = None,
+    exclude: ExcludeOpt = None,
     *,
     train: TrainOptions,
     run: RunOptions,
@@ -36,12 +38,17 @@ def quantize(
     """Quantization-aware distillation: INT8 fake-quant in the student, FP32 teacher, fine-tune.
 
     Example: edgekd quantize runs/student/best.pt --teacher runs/teacher/best.pt --out runs/quantized
+
+    Accuracy-aware: --max-accuracy-drop 0.5 measures each layer's INT8 sensitivity when full INT8
+    loses more than 0.5 points, keeps the most sensitive ones in higher precision until it fits,
+    and writes sensitivity.json / sensitivity.png beside the checkpoint.
     """
     from edgekd.finetune import load_data
     from edgekd.quantize import run_qad
 
     recipe = run.recipe(config, set_, {"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
-                                       "quantize.layout": layout, **train.overrides()}, QUICK)
+                                       "quantize.layout": layout, "quantize.max_accuracy_drop": max_accuracy_drop,
+                                       "quantize.exclude": layer_list(exclude), **train.overrides()}, QUICK)
     if recipe.quantize.layout == "auto":
         from edgekd.targets import get_target
 
@@ -51,10 +58,23 @@ def quantize(
     with output_folder(run.out):
         result = run_qad(checkpoint, recipe.quantize, data, run.out, _loss_factory(teacher, recipe, data, augment), recipe.seed, augment, run.resume)
     m = result["metrics"]
-    ui.show(ui.table("quantization-aware distillation", ["FP32 val", "PTQ val", "QAD val", "QAD test", "quantizers", "checkpoint"],
-                     [[m["fp32_val_top1"], m["ptq_val_top1"], m["val"]["top1"], m["test"]["top1"], m["quantizers"], result["checkpoint"]]]))
+    ui.show(ui.table("quantization-aware distillation", ["FP32 val", "PTQ val", "QAD val", "QAD test", "float layers", "checkpoint"],
+                     [[m["fp32_val_top1"], m["ptq_val_top1"], m["val"]["top1"], m["test"]["top1"], len(m["float_layers"]), result["checkpoint"]]]))
+    if m.get("accuracy_budget"):
+        show_budget(m["accuracy_budget"])
     emit({"checkpoint": result["checkpoint"], "metrics_file": result["metrics_file"], "fp32_val_top1": m["fp32_val_top1"], "ptq_val_top1": m["ptq_val_top1"],
-          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"]}, run.as_json)
+          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "float_layers": m["float_layers"], "accuracy_budget": m.get("accuracy_budget")}, run.as_json)
+
+
+def show_budget(budget: dict) -> None:
+    """The sensitivity ranking (top 10) and what the accuracy budget kept in higher precision."""
+    rows = [[r["layer"], r["float_gain"], r["alone_drop"], r["exported_gain"], "yes" if r["layer"] in budget["float_layers"] else ""]
+            for r in budget.get("sensitivity", [])[:10]]
+    if rows:
+        ui.show(ui.table("per-layer INT8 sensitivity (top-1 points on validation)", ["layer", "float alone +", "INT8 alone -", "exported +", "kept"], rows))
+    verdict = "met" if budget["met"] else "NOT met"
+    ui.log(f"accuracy budget {budget['budget_points']:g} points {verdict}: INT8 {budget['val_drop_points']:.2f} points below FP32 on validation, "
+           f"{len(budget['float_layers'])} layer(s) in higher precision")
 
 
 def _loss_factory(teacher: Path | None, recipe, data, augment: str):

@@ -25,6 +25,8 @@ from edgekd.export.graph import QdqReport, show_report
 from edgekd.export.onnx import INPUT_NAME, has_fake_quant, without_quantizers
 from edgekd.export.ort_layout import check_ort_cpu_fusion
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness
+from edgekd.quantize.sensitivity import float_layers_of
+from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
 
 FIXES = {"tensorrt": "quantize the model for this target (edgekd quantize --layout tensorrt, or build --target with a TensorRT target)",
          "ort-cpu": "quantize the model for this target (edgekd quantize --layout ort-cpu)"}
@@ -45,7 +47,7 @@ def ort_session(path: str | Path, threads: int | None = None, exact_qdq: bool = 
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises many exception types
         raise EdgekdError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0][:200]}", "the ONNX file is corrupt or uses unsupported ops") from exc
 
@@ -121,8 +123,9 @@ def run_checks(model: nn.Module, path: Path, x: torch.Tensor, labels: np.ndarray
                 f"(max |diff| {checks['agreement']['max_abs_diff']:.3g}): the shipped artifact drifts from what was trained")
     if precision == "int8":
         proto = onnx.load(str(path))
-        trt = check_tensorrt_readiness(proto)
-        ortc = check_ort_cpu_fusion(path)
+        floats = float_layers_of(model)
+        trt = check_tensorrt_readiness(proto, floats)
+        ortc = check_ort_cpu_fusion(path, floats)
         checks["tensorrt_readiness"] = trt.to_dict()
         checks["ort_cpu_fusion"] = ortc.to_dict()
         mine = trt if layout == "tensorrt" else ortc

@@ -27,6 +27,7 @@ class QdqReport:
     runtime: str
     quantized_ops: list[dict[str, Any]] = field(default_factory=list)
     float_ops: list[str] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)  # layers the accuracy budget (or --exclude) keeps in higher precision
     residual_adds: list[dict[str, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -73,6 +74,18 @@ class Graph:
             return self.const(node.input[0])
         return None
 
+    def layer_name(self, node) -> str | None:
+        """The module path of a Conv/Gemm's weight (``blocks.5.0.conv_pw`` for
+        ``blocks.5.0.conv_pw.weight``), looking through its weight Q/DQ: how edgekd names layers."""
+        if len(node.input) < 2:
+            return None
+        tensor = node.input[1]
+        producer = self.skip_casts(tensor)
+        while producer is not None and producer.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            tensor = producer.input[0]
+            producer = self.skip_casts(tensor)
+        return tensor[: -len(".weight")] if tensor.endswith(".weight") else None
+
     def attr(self, node, name: str, default: Any = None) -> Any:
         from onnx import helper
 
@@ -86,6 +99,8 @@ def show_report(rep: QdqReport, title: str) -> None:
     """Print what the check found: counts, then each error/warning, as one rich table."""
     rows = [["counts", ", ".join(f"{k} {v}" for k, v in rep.counts.items())],
             ["quantized ops", str(len(rep.quantized_ops))], ["float compute ops", str(len(rep.float_ops))]]
+    if rep.kept_float:
+        rows.append(["kept in higher precision", ", ".join(rep.kept_float[:8]) + (" ..." if len(rep.kept_float) > 8 else "")])
     if rep.residual_adds:
         rows.append(["residual adds", ", ".join(f"{a['node']}:{sum(a['inputs_quantized'])}/2 quantized" for a in rep.residual_adds)])
     rows += [["ERROR", e] for e in rep.errors[:20]] + [["warning", w] for w in rep.warnings]

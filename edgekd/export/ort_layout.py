@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -37,6 +37,8 @@ from edgekd.export.graph import Graph, QdqReport
 from edgekd.export.onnx import INPUT_NAME, has_fake_quant, torch_to_onnx
 from edgekd.export.strip import strip_qdq
 from edgekd.manifest import atomic_path
+from edgekd.quantize.sensitivity import float_layers_of
+from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
 
 INTEGER_OPS = {"QLinearConv", "QLinearMatMul", "QGemm", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
                "QLinearAdd", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearMul", "QLinearSigmoid", "QLinearLeakyRelu"}
@@ -193,7 +195,36 @@ def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options=extra, nodes_to_exclude=exclude or [])
+        if exclude:
+            _float_inputs(tmp, set(exclude))
     return Path(path)
+
+
+def _float_inputs(path: Path, layers: set[str]) -> None:
+    """Feed each excluded node the float tensor its input Q/DQ pair was made from, as the fake-quant
+    model does (:func:`edgekd.quantize.sensitivity.set_float_layers`). Needed because onnxruntime
+    (>= 1.20, ``WeightBiasQuantization``) quantizes the float weights of a Conv/Gemm that sits
+    between a DQ and a Q at session start: the layer kept in float would silently run in INT8."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    g = Graph(proto)
+    for node in proto.graph.node:
+        if node.name not in layers:
+            continue
+        dq = g.skip_casts(node.input[0])
+        q = g.producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear":
+            node.input[0] = q.input[0]
+    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    while True:  # drop the Q/DQ (and Casts) nothing reads any more
+        dead = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast") and not any(o in used for o in n.output)]
+        if not dead:
+            break
+        for n in dead:
+            proto.graph.node.remove(n)
+        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
+    onnx.save(proto, str(path))
 
 
 def untrained_tensors(path: str | Path, overrides: dict[str, Any]) -> list[str]:
@@ -214,6 +245,7 @@ class OrtSource:
     stripped: Any
     act_amax: dict[str, float]
     weight_scale: dict[str, np.ndarray]
+    float_layers: list[str]  # compute nodes left in float (named after their layer by strip_qdq)
 
 
 def ort_source(qmodel: nn.Module, workdir: Path, preprocess: Preprocess, opset: int = 17) -> OrtSource:
@@ -225,14 +257,18 @@ def ort_source(qmodel: nn.Module, workdir: Path, preprocess: Preprocess, opset: 
     qdq = torch_to_onnx(qmodel, workdir / "qdq.onnx", preprocess, opset)
     stripped, act_amax, weight_scale = strip_qdq(qdq)
     onnx.save(stripped, str(workdir / "float.onnx"))
-    return OrtSource(workdir / "float.onnx", stripped, act_amax, weight_scale)
+    float_layers = float_layers_of(qmodel)
+    missing = sorted(set(float_layers) - {n.name for n in stripped.graph.node})
+    if missing:
+        raise EdgekdError(f"layer '{missing[0]}' is to stay in float but has no node of that name in the exported graph", "report this as an edgekd bug")
+    return OrtSource(workdir / "float.onnx", stripped, act_amax, weight_scale, float_layers)
 
 
 def quantize_for_ort(src: OrtSource, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, relu_codes: int = 127,
                      u8_weights: str = "image") -> list[str]:
     """One ort-cpu file from ``src``; returns the activations calibrated here rather than trained."""
     overrides = trained_overrides(src.stripped, src.act_amax, src.weight_scale, relu_codes, u8_weights)
-    ort_quantize_static(src.float_path, path, calib_u8, preprocess, overrides)
+    ort_quantize_static(src.float_path, path, calib_u8, preprocess, overrides, exclude=src.float_layers)
     return untrained_tensors(path, overrides)
 
 
@@ -295,11 +331,12 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
             "relu_codes_tried": {k: v for k, v in tried.items() if "-" not in k}, "variants_tried": tried}
 
 
-def check_ort_cpu_fusion(path: str | Path) -> QdqReport:
+def check_ort_cpu_fusion(path: str | Path, float_layers: Iterable[str] = ()) -> QdqReport:
     """Ask onnxruntime itself: optimize the graph for the CPU provider and count integer vs float compute ops.
 
     onnxruntime fuses only DQ -> op -> Q groups into QLinear* kernels; a TensorRT-style graph
     (Q/DQ on inputs only) keeps float Conv/Gemm and runs in float (plus the Q/DQ overhead).
+    Compute ops of ``float_layers`` (kept in float on purpose) are listed in ``kept_float``.
     """
     import onnx
     import onnxruntime as ort
@@ -311,11 +348,13 @@ def check_ort_cpu_fusion(path: str | Path) -> QdqReport:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         so.optimized_model_filepath = str(opt)
         so.log_severity_level = 3
-        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"], disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
         optimized = onnx.load(str(opt))
     ops = [n.op_type for n in optimized.graph.node]
     integer = [o for o in ops if o in INTEGER_OPS]
-    float_compute = [n.name or n.op_type for n in optimized.graph.node if n.op_type in FLOAT_COMPUTE_OPS]
+    kept = set(float_layers)
+    float_compute = [n.name or n.op_type for n in optimized.graph.node if n.op_type in FLOAT_COMPUTE_OPS and _layer_of_fused(n.name) not in kept]
+    rep.kept_float = [n.name for n in optimized.graph.node if n.op_type in FLOAT_COMPUTE_OPS and _layer_of_fused(n.name) in kept]
     rep.counts = {"integer_ops": len(integer), "float_compute_ops": len(float_compute),
                   "QuantizeLinear": ops.count("QuantizeLinear"), "DequantizeLinear": ops.count("DequantizeLinear")}
     rep.quantized_ops = [{"op": o} for o in integer]
@@ -331,3 +370,10 @@ def check_ort_cpu_fusion(path: str | Path) -> QdqReport:
     if s8_acts:
         rep.warnings.append(f"{len(s8_acts)} activations are int8: onnxruntime's fast x86 kernels want uint8 activations")
     return rep
+
+
+def _layer_of_fused(name: str) -> str:
+    """onnxruntime names a fused node after the node it started from plus a suffix (``conv1_fused``...)."""
+    for suffix in ("_fused", "_nchwc", "_token"):
+        name = name.split(suffix)[0]
+    return name

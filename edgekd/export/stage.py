@@ -24,10 +24,12 @@ from edgekd.data import DataSet, Preprocess, calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.export.checks import ort_latency_ms, ort_logits, run_checks
 from edgekd.export.onnx import export_fp16, export_fp32, stamp_metadata
+from edgekd.export.mixed import float_layer_costs
 from edgekd.export.ort_layout import export_int8_ort_closest
 from edgekd.export.tensorrt_layout import export_int8_tensorrt
 from edgekd.manifest import versions, write_json_atomic
 from edgekd.quantize.placement import LAYOUTS
+from edgekd.quantize.sensitivity import float_layers_of
 
 PRECISIONS = ("int8", "fp16", "fp32")
 
@@ -114,11 +116,14 @@ def export_model(model: nn.Module, out_dir: str | Path, req: ExportRequest) -> d
                   **_write_onnx(model, req, stage_dir, x)}
         meta = {"edgekd_version": versions().get("edgekd", "unknown"), "classes": list(req.classes), "preprocessing": pre.to_dict(),
                 "target": req.target or "", "layout": record["layout"], "precision": req.precision, "model": getattr(model, "edgekd_spec", {}),
-                "quantize": getattr(model, "edgekd_quant", {}), "untrained_tensors": record.get("untrained_tensors", [])}
+                "quantize": getattr(model, "edgekd_quant", {}), "untrained_tensors": record.get("untrained_tensors", []),
+                "float_layers": float_layers_of(model)}
         stamp_metadata(stage_dir / "model.onnx", meta)
         record["checks"] = run_checks(model, stage_dir / "model.onnx", x, labels, req.precision, req.layout, req.allow_not_ready)
         if req.precision == "int8":
             record["comparison"] = compare_with_fp32(stage_dir / "model.onnx", stage_dir / "model.fp32.onnx", x.numpy(), labels, req, pre)
+            if float_layers_of(model):
+                record["mixed_precision"] = float_layer_costs(model, req, stage_dir)
         for name in ("model.fp32.onnx", "model.onnx"):  # model.onnx last: its presence means the export finished
             if (stage_dir / name).is_file():
                 os.replace(stage_dir / name, out / name)
@@ -157,6 +162,32 @@ def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.nda
     return out
 
 
+def choose_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, layout: str, out_dir: Path) -> dict[str, Any] | None:
+    """``--exclude`` adds layers to those the checkpoint already keeps in float; ``--max-accuracy-drop``
+    searches for the fewest that fit the budget on validation (no retraining here: `edgekd quantize`
+    with the same option trains QAD again with them excluded)."""
+    from edgekd.quantize import search_float_layers, set_float_layers
+    from edgekd.quantize.sensitivity import score_without_quantizers
+    from edgekd.quantize.stage import top1_on
+
+    if cfg.exclude:
+        set_float_layers(model, dict.fromkeys([*float_layers_of(model), *cfg.exclude]))
+    if cfg.max_accuracy_drop is None:
+        return None
+    def top1(m: nn.Module) -> float:
+        return top1_on(m, data.val, data.classes)
+
+    fp32, int8 = score_without_quantizers(model, top1), top1(model)
+    if 100 * (fp32 - int8) <= cfg.max_accuracy_drop:
+        return {"budget_points": cfg.max_accuracy_drop, "met": True, "val_drop_points": round(100 * (fp32 - int8), 3), "float_layers": float_layers_of(model)}
+    cfg = cfg.model_copy(update={"exclude": float_layers_of(model)})
+    budget = search_float_layers(model, cfg, data, layout, out_dir, fp32)
+    if not budget["met"]:
+        ui.warn(f"accuracy budget not met: the best found loses {budget['val_drop_points']:.2f} points (budget {cfg.max_accuracy_drop:g}) on validation "
+                f"with {len(budget['float_layers'])} layer(s) in float; `edgekd quantize --max-accuracy-drop` also retrains them")
+    return budget
+
+
 def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, export_cfg: ExportConfig, quantize_cfg: QuantizeConfig,
                target: str | None = None, seed: int = 0) -> dict[str, Any]:
     """Stage entry: load a checkpoint, quantize it by calibration if INT8 is asked of an FP32 one, export, check.
@@ -172,9 +203,13 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, expor
         ui.warn(f"{checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {len(calib)} images (post-training quantization, no QAD); "
                 "run `edgekd quantize` first for quantization-aware distillation")
         model = quantize_model(model, quantize_cfg, calib, model.preprocess, layout)
+    if precision == "int8":
+        record_budget = choose_float_layers(model, quantize_cfg, data, layout, Path(out_dir))
     check = data.test.subset(export_cfg.check_batch)
     req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, target, export_cfg.opset, export_cfg.allow_not_ready)
     record = export_model(model, out_dir, req)
     record["checkpoint"] = str(checkpoint)
+    if precision == "int8":
+        record["accuracy_budget"] = record_budget
     write_json_atomic(Path(out_dir) / "export.json", record)
     return record

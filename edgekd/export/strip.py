@@ -64,7 +64,19 @@ def strip_qdq(proto) -> tuple[Any, dict[str, float], dict[str, np.ndarray]]:
             ident.op_type, ident.name = "Identity", f"{o.name}_identity"
             ident.input.append(rename[o.name])  # noqa
             ident.output.append(o.name)
+    _name_compute_nodes(out)
     return _drop_unused(out), act_amax, weight_scale
+
+
+def _name_compute_nodes(proto) -> None:
+    """Name each Conv/Gemm after its layer's module path (``blocks.5.0.conv_pw``): the TorchScript
+    exporter repeats names such as ``/conv_pw/Conv``, and onnxruntime excludes nodes by name."""
+    taken: set[str] = set()
+    for n in proto.graph.node:
+        weight = n.input[1] if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and len(n.input) > 1 else ""
+        if weight.endswith(".weight") and weight[: -len(".weight")] not in taken:
+            n.name = weight[: -len(".weight")]
+            taken.add(n.name)
 
 
 def _drop_identity_nodes(proto) -> None:

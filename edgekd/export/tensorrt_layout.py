@@ -9,6 +9,7 @@ model, whose quantizers :mod:`edgekd.quantize.placement` put exactly there, is e
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch.nn as nn
@@ -46,7 +47,7 @@ def _weight_out_axis(g: Graph, node) -> int:
     return 1
 
 
-def check_tensorrt_readiness(proto) -> QdqReport:
+def check_tensorrt_readiness(proto, float_layers: Iterable[str] = ()) -> QdqReport:
     """Static check of a Q/DQ graph against TensorRT's explicit-quantization rules (no GPU needed).
 
     Errors: no Q/DQ at all; a zero point that is not int8 0 (TensorRT is symmetric-only);
@@ -55,6 +56,9 @@ def check_tensorrt_readiness(proto) -> QdqReport:
     for Conv) or a wrong axis; per-channel activation scales; a residual Add with no quantized
     input (TensorRT then cannot fuse it into the conv and runs it in float); a Q whose output
     feeds anything but DQ, or a Q -> DQ pair whose scales differ.
+
+    ``float_layers`` (module paths, e.g. from the accuracy budget) are meant to run in FP16: a
+    compute op of one of them with no Q/DQ at all is listed in ``kept_float``, not an error.
     """
     g = Graph(proto)
     rep = QdqReport(runtime="tensorrt")
@@ -86,8 +90,11 @@ def check_tensorrt_readiness(proto) -> QdqReport:
                 s1, s2 = g.const(q.input[1]), g.const(u.input[1])
                 if s1 is not None and s2 is not None and (s1.shape != s2.shape or not np.allclose(s1, s2)):
                     rep.errors.append(f"{q.name} -> {u.name}: Q and DQ scales differ (requantization TensorRT cannot fold)")
+    kept = set(float_layers)
     for node in g.nodes:
-        if node.op_type in COMPUTE_OPS:
+        if node.op_type in COMPUTE_OPS and kept and g.layer_name(node) in kept and _dq_of(g, node.input[0]) is None and _dq_of(g, node.input[1]) is None:
+            rep.kept_float.append(g.layer_name(node))
+        elif node.op_type in COMPUTE_OPS:
             _check_compute_op(g, node, rep)
         elif node.op_type == "Add":
             _check_residual_add(g, node, rep)

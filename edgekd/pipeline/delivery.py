@@ -133,6 +133,8 @@ def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
                "export_checks": ctx.manifest.stage("export")["metrics"].get("checks")}
     extra = {"recipe": ctx.recipe.model_dump(mode="json"), "stages": {k: v.get("config_hash") for k, v in ctx.manifest.data["stages"].items()}}
     report = {f"report/report.{k}": ctx.path("report", k) for k in ("md", "png", "json")}
+    qad = ctx.manifest.data["stages"].get("qad", {}).get("artifacts", {})
+    report.update({f"report/sensitivity.{k}": ctx.path("qad", f"sensitivity_{k}") for k in ("json", "png") if f"sensitivity_{k}" in qad})
     bundle_dir = make_bundle(ctx.out / "bundle", BundleModel(onnx_files, "model", ck["classes"], ck["preprocess"]), ctx.target.to_dict(), metrics, extra,
                              attachments=report)
     tar = Path(str(bundle_dir) + ".tar.gz")

@@ -105,6 +105,11 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
     cfg = cfg.model_copy(update={"train": ctx.limited(cfg.train)})
     r = run_qad(ctx.path("distill", "shipped_checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
     m = r["metrics"]
-    return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {**training_metrics(m), "fp32_val_top1": m.get("fp32_val_top1"),
-                                                                             "ptq_val_top1": m.get("ptq_val_top1"), "ptq_test_top1": m.get("ptq_test_top1"),
-                                                                             "result": m.get("result")}
+    artifacts = {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}
+    for name in ("sensitivity.json", "sensitivity.png"):
+        if (ctx.out / "qad" / name).is_file():
+            artifacts[name.replace(".", "_")] = ctx.out / "qad" / name
+    budget = {k: v for k, v in (m.get("accuracy_budget") or {}).items() if k not in ("search_steps",)} or None
+    return artifacts, {**training_metrics(m), "fp32_val_top1": m.get("fp32_val_top1"), "ptq_val_top1": m.get("ptq_val_top1"),
+                       "ptq_test_top1": m.get("ptq_test_top1"), "result": m.get("result"), "float_layers": m.get("float_layers", []),
+                       "full_int8_test_top1": m.get("full_int8_test_top1"), "accuracy_budget": budget}

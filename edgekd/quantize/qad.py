@@ -19,7 +19,6 @@ calibrating and loads the amax values, so it loads with ``torch.load(weights_onl
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -29,10 +28,11 @@ import torch.nn as nn
 
 from edgekd import ui
 from edgekd.config import QuantizeConfig
-from edgekd.data import DataSet, Preprocess, calibration_images
+from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
 from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, fold_batchnorm, insert_activation_quantizers, plain_linears, reparameterize, traced_for_placement
+from edgekd.quantize.sensitivity import set_float_layers
 
 QUANT_FORMAT = "edgekd-int8-fakequant-2"  # 2: activation quantizers placed on the traced graph, per layout
 QUANTIZED_KIND = "quantized-student"
@@ -117,10 +117,12 @@ def recalibrate_activations(model: nn.Module, loop: Callable[[nn.Module], None],
         q.disable_calib()
 
 
-def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess, layout: str = "tensorrt") -> nn.Module:
+def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess, layout: str = "tensorrt",
+                   float_layers: list[str] | None = None) -> nn.Module:
     """INT8 fake-quant for ``layout``'s runtime: fuse re-parameterizable branches, fold BN (if asked),
     place quantizers on the traced graph, calibrate activation ranges. Returns the quantized model
-    (a ``torch.fx.GraphModule`` that shares its weights with ``model``).
+    (a ``torch.fx.GraphModule`` that shares its weights with ``model``). ``float_layers`` (default
+    ``cfg.exclude``) stay in higher precision (:func:`edgekd.quantize.sensitivity.set_float_layers`).
 
     ``calib_u8=None`` inserts quantizers without calibrating (used when amax values are loaded
     from a checkpoint). Raises EdgekdError when nothing in the model can be quantized.
@@ -153,8 +155,9 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
         raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
     if loop is not None and cfg.calibrator in HISTOGRAM_METHODS:
         recalibrate_activations(qmodel, loop, cfg.calibrator, cfg.percentile)
+    kept = set_float_layers(qmodel, cfg.exclude if float_layers is None else float_layers)
     qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile,
-                           "layout": layout, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False))}
+                           "layout": layout, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False)), "float_layers": kept}
     return qmodel
 
 
@@ -197,7 +200,7 @@ def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
                          input_size=ckpt["preprocess"]["input_size"])
     model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
     cfg = QuantizeConfig(fold_bn=q["fold_bn"], calibrator=q["calibrator"], percentile=q.get("percentile", 99.99))
-    qmodel = quantize_model(model, cfg, None, model.preprocess, q["layout"])
+    qmodel = quantize_model(model, cfg, None, model.preprocess, q["layout"], q.get("float_layers", []))
     state = ckpt["state_dict"]
     TQ = _tensor_quantizer_cls()
     for name, module in qmodel.named_modules():
@@ -211,71 +214,3 @@ def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
                           "the checkpoint is from another architecture or was modified") from exc
     qmodel.eval()
     return qmodel
-
-
-# ----------------------------------------------------------------------------- stage
-def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
-                              extra: dict[str, Any]) -> bool:
-    """QAD must never hand back a worse model than the calibration it started from. When no epoch
-    beat the calibrated (PTQ) model on validation (too little data, a teacher weaker than the
-    student, a learning rate too high for the folded weights), best.pt becomes the calibrated model
-    and the user is told."""
-    qad_val = max((h["val_top1"] for h in result.history if h.get("val_top1") is not None), default=-1.0)
-    if qad_val >= ptq_val:
-        return False
-    model.load_state_dict(calibrated)
-    save_quantized(result.best_path, model, classes, {**extra, "metrics": {"val": {"top1": ptq_val}, "epoch": -1}})
-    ui.warn(f"quantization-aware distillation did not beat the calibrated INT8 model on validation ({qad_val:.4f} vs {ptq_val:.4f}); "
-            "keeping the calibrated one. More data or epochs, a lower quantize.train.lr, or a stronger teacher may help")
-    return True
-
-
-def run_qad(
-    student_ckpt: str | Path,
-    cfg: QuantizeConfig,
-    data: DataSet,
-    out_dir: str | Path,
-    make_loss: Callable[[nn.Module], tuple[Callable, nn.Module | None]],
-    seed: int = 0,
-    augment: str = "flip",
-    resume: bool = True,
-) -> dict[str, Any]:
-    """Quantize a distilled FP32 student, calibrate, fine-tune; writes best.pt/last.pt.
-
-    ``make_loss(quantized_student) -> (loss_fn, extra_trainable or None)`` is called after the
-    quantizers are in, so feature hooks attach to the quantized modules (e.g.
-    ``edgekd.distill.build_distill_loss`` with the FP32 teacher).
-
-    Returns the FP32 and fake-quant accuracies before and after fine-tuning, so the cost of
-    INT8 and what QAD recovered are both on record.
-    """
-    from edgekd.models import model_from_checkpoint
-    from edgekd.train import evaluate, final_metrics, fit, seed_everything
-
-    seed_everything(seed)
-    ckpt = load_checkpoint(student_ckpt)
-    if ckpt.get("quantize"):
-        raise EdgekdError(f"{student_ckpt} is already quantized", "pass the FP32 student from `edgekd distill`")
-    model = model_from_checkpoint(ckpt)
-    pre = model.preprocess
-    fp32_val = evaluate(model, data.val, pre, data.classes)["top1"]
-    calib = calibration_images(data.train, cfg.calib_images, seed)
-    model = quantize_model(model, cfg, calib, pre, cfg.layout if cfg.layout != "auto" else "tensorrt")
-    ptq_val = evaluate(model, data.val, pre, data.classes)["top1"]
-    ptq_test = evaluate(model, data.test, pre, data.classes)["top1"]  # for the build report's PTQ row (never used to choose)
-    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers, calibrator {cfg.calibrator} on {len(calib)} images; "
-           f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
-    extra = {"source_checkpoint": str(student_ckpt), "config": {"quantize": cfg.model_dump(), "seed": seed}}
-    calibrated = copy.deepcopy(model.state_dict())
-    loss_fn, extra_trainable = make_loss(model)
-    trainable = nn.ModuleDict({"student": model, "distill": extra_trainable}) if extra_trainable is not None and any(True for _ in extra_trainable.parameters()) else None
-    result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=augment, seed=seed, kind=QUANTIZED_KIND, resume=resume,
-                 save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, trainable=trainable,
-                 description="quantization-aware distillation")
-    if hasattr(loss_fn, "close"):
-        loss_fn.close()
-    kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
-    best = load_quantized(result.best_path)
-    metrics = final_metrics(best, data, pre, result, {"fp32_val_top1": fp32_val, "ptq_val_top1": ptq_val, "ptq_test_top1": ptq_test, "calibrator": cfg.calibrator,
-                                                      "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if kept else "QAD"})
-    return {"checkpoint": str(result.best_path), "last": str(result.last_path), "metrics_file": str(result.metrics_path), "metrics": metrics}

@@ -16,6 +16,12 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 
+# onnxruntime >= 1.20 quantizes, at session start, the float weights of a Conv/Gemm fed by a DQ
+# (per-tensor, ``WeightBiasQuantization``): a layer edgekd's accuracy budget keeps in float would
+# silently run in INT8 with coarser weights than the rest. Every edgekd session turns it off (a
+# name an older onnxruntime does not know is ignored); your own sessions should pass the same.
+ORT_DISABLED_OPTIMIZERS = ["WeightBiasQuantization"]
+
 
 class OrtModel:
     """An onnxruntime session; fixed-batch graphs are fed in chunks."""
@@ -34,7 +40,7 @@ class OrtModel:
         if cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
         try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers, disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
             raise EdgekdError(f"onnxruntime cannot load {onnx_path}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
                               "the file is truncated or not an ONNX model; copy the bundle again") from exc

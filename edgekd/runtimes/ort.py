@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgekd.errors import EdgekdError
+from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
 from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
 
 ORT_TYPES = {
@@ -67,7 +68,7 @@ def load_session(path: str | Path, providers: list[str], so: ort.SessionOptions)
     if not p.is_file():
         raise EdgekdError(f"ONNX model not found: {p}", "check the path, or run `edgekd export` first")
     try:
-        return ort.InferenceSession(str(p), sess_options=so, providers=providers)
+        return ort.InferenceSession(str(p), sess_options=so, providers=providers, disabled_optimizers=ORT_DISABLED_OPTIMIZERS)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EdgekdError(f"onnxruntime cannot load {p}: {first}", "check that the file is a complete ONNX model (re-export it)") from exc

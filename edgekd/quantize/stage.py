@@ -1,0 +1,214 @@
+"""Stage: quantize. INT8 fake-quant on the distilled FP32 student, calibration (PTQ), then
+quantization-aware distillation (QAD); with an accuracy budget, the most sensitive layers are kept
+in higher precision and QAD runs again with them excluded (:mod:`edgekd.quantize.sensitivity`).
+
+QAD never hands back a model worse than the calibration it started from, and the mixed-precision
+pass never one worse than full INT8: each choice is made on validation, and recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from edgekd import ui
+from edgekd.config import QuantizeConfig
+from edgekd.data import DataSet, Split, calibration_images
+from edgekd.errors import EdgekdError
+from edgekd.manifest import write_json_atomic
+from edgekd.models import load_checkpoint
+from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, load_quantized, quantize_model, save_quantized
+from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, measure_sensitivity, sensitivity_plot
+
+LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
+
+
+@dataclass
+class QadJob:
+    """One student's quantization: everything the passes share."""
+
+    student_ckpt: dict[str, Any]
+    source: str
+    cfg: QuantizeConfig
+    data: DataSet
+    make_loss: LossFactory
+    seed: int = 0
+    augment: str = "flip"
+    resume: bool = True
+
+    @property
+    def layout(self) -> str:
+        return self.cfg.layout if self.cfg.layout != "auto" else "tensorrt"
+
+
+@dataclass
+class QadPass:
+    """One calibrate-then-QAD run and its validation figures (top-1 in [0, 1])."""
+
+    result: Any  # edgekd.train.FitResult
+    model: nn.Module  # the best checkpoint, loaded
+    fp32_val: float
+    ptq_val: float
+    ptq_test: float
+    val: float
+    kept_calibrated: bool
+
+
+def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
+                              extra: dict[str, Any]) -> bool:
+    """QAD must never hand back a worse model than the calibration it started from. When no epoch
+    beat the calibrated (PTQ) model on validation (too little data, a teacher weaker than the
+    student, a learning rate too high for the folded weights), best.pt becomes the calibrated model
+    and the user is told."""
+    qad_val = max((h["val_top1"] for h in result.history if h.get("val_top1") is not None), default=-1.0)
+    if qad_val >= ptq_val:
+        return False
+    model.load_state_dict(calibrated)
+    save_quantized(result.best_path, model, classes, {**extra, "metrics": {"val": {"top1": ptq_val}, "epoch": -1}})
+    ui.warn(f"quantization-aware distillation did not beat the calibrated INT8 model on validation ({qad_val:.4f} vs {ptq_val:.4f}); "
+            "keeping the calibrated one. More data or epochs, a lower quantize.train.lr, or a stronger teacher may help")
+    return True
+
+
+def top1_on(model: nn.Module, split: Split, classes: list[str]) -> float:
+    from edgekd.train import evaluate
+
+    return evaluate(model, split, model.preprocess, classes)["top1"]
+
+
+def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
+    """Quantize the FP32 student (``float_layers`` kept in higher precision), calibrate, train."""
+    from edgekd.models import model_from_checkpoint
+    from edgekd.train import fit, seed_everything
+
+    seed_everything(job.seed)
+    data, cfg = job.data, job.cfg
+    model = model_from_checkpoint(job.student_ckpt)
+    pre = model.preprocess
+    fp32_val = top1_on(model, data.val, data.classes)
+    calib = calibration_images(data.train, cfg.calib_images, job.seed)
+    model = quantize_model(model, cfg, calib, pre, job.layout, float_layers)
+    ptq_val, ptq_test = top1_on(model, data.val, data.classes), top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
+    floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
+    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {cfg.calibrator} on {len(calib)} images; "
+           f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
+    extra = {"source_checkpoint": job.source, "config": {"quantize": cfg.model_dump(), "seed": job.seed}}
+    calibrated = copy.deepcopy(model.state_dict())
+    loss_fn, extra_trainable = job.make_loss(model)
+    trainable = nn.ModuleDict({"student": model, "distill": extra_trainable}) if extra_trainable is not None and any(True for _ in extra_trainable.parameters()) else None
+    result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=job.augment, seed=job.seed, kind=QUANTIZED_KIND, resume=job.resume,
+                 save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, trainable=trainable,
+                 description="quantization-aware distillation")
+    if hasattr(loss_fn, "close"):
+        loss_fn.close()
+    kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
+    best = load_quantized(result.best_path)
+    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept)
+
+
+def confirm_on_export(model: nn.Module, layers: list[str], split: Split, layout: str, workdir: Path) -> dict[str, float]:
+    """Top-1 points gained on the *exported* file (onnxruntime) when each of ``layers`` alone runs
+    in float: the fake-quant ranking checked against the runtime's own arithmetic."""
+    import tempfile
+
+    from edgekd.export import export_int8_ort, export_int8_tensorrt, ort_logits  # the check needs the exporter: a deliberate back-reference
+    from edgekd.quantize.sensitivity import set_float_layers
+
+    pre, labels, before = model.preprocess, split.labels.numpy(), float_layers_of(model)
+    x = pre(split.images).numpy()
+
+    def exported_top1(float_set: list[str]) -> float:
+        set_float_layers(model, float_set)
+        with tempfile.TemporaryDirectory(dir=workdir) as td:
+            path = Path(td) / "m.onnx"
+            if layout == "tensorrt":
+                export_int8_tensorrt(model, path, pre)
+            else:
+                export_int8_ort(model, path, pre, split.images[:256])
+            return float((ort_logits(path, x, exact_qdq=layout == "tensorrt").argmax(1) == labels).mean())
+
+    try:
+        base = exported_top1(before)
+        return {layer: round(100 * (exported_top1([*before, layer]) - base), 3) for layer in layers}
+    finally:
+        set_float_layers(model, before)
+
+
+def search_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, layout: str, out_dir: Path, fp32_val: float) -> dict[str, Any]:
+    """Per-layer sensitivity on ``cfg.sensitivity_images`` validation images (the top 3 confirmed
+    on the exported file), then the fewest layers in float that bring validation top-1 within
+    ``cfg.max_accuracy_drop`` points of ``fp32_val``. Leaves ``model`` with that set; writes
+    ``sensitivity.json`` and ``sensitivity.png`` into ``out_dir``; returns the record."""
+    probe = data.val.subset(cfg.sensitivity_images)
+    sens = measure_sensitivity(model, lambda m: top1_on(m, probe, data.classes), len(probe), cfg.exclude)
+    for layer, gain in confirm_on_export(model, sens.ranking()[:3], probe, layout, out_dir).items():
+        next(r for r in sens.layers if r.layer == layer).exported_gain = gain
+    search = fit_accuracy_budget(model, sens.ranking(), lambda m: top1_on(m, data.val, data.classes), fp32_val, cfg.max_accuracy_drop, cfg.exclude)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "sensitivity.json", {"sensitivity": sens.to_dict(), "search": search.to_dict()})
+    sensitivity_plot(sens, out_dir / "sensitivity.png")
+    last = search.steps[-1] if search.met else min(search.steps, key=lambda s: s["drop_points"])
+    return {"budget_points": cfg.max_accuracy_drop, "met": search.met, "val_drop_points": last["drop_points"], "float_layers": search.float_layers,
+            "sensitivity": [r.__dict__ for r in sens.layers[:20]], "search_steps": search.steps, "sensitivity_file": str(out_dir / "sensitivity.json")}
+
+
+def _meet_budget(job: QadJob, first: QadPass, out_dir: Path) -> tuple[QadPass, dict[str, Any]]:
+    """Keep the fewest, most sensitive layers in higher precision until INT8 is within the budget
+    of FP32 on validation, then QAD again with them excluded (into ``out_dir/mixed``)."""
+    budget, drop = job.cfg.max_accuracy_drop, 100 * (first.fp32_val - first.val)
+    record: dict[str, Any] = {"budget_points": budget, "full_int8_val_drop_points": round(drop, 3)}
+    if drop <= budget:
+        ui.log(f"INT8 is within the accuracy budget: {drop:.2f} <= {budget:g} points below FP32 on validation; no layer needs higher precision")
+        return first, {**record, "met": True, "val_drop_points": round(drop, 3), "float_layers": float_layers_of(first.model)}
+    ui.log(f"INT8 loses {drop:.2f} points on validation, over the budget of {budget:g}: measuring per-layer sensitivity")
+    record.update(search_float_layers(first.model, job.cfg, job.data, job.layout, out_dir, first.fp32_val))
+    floats = record["float_layers"]
+    ui.log(f"keeping {len(floats)} layer(s) in higher precision ({', '.join(floats[:5])}{' ...' if len(floats) > 5 else ''}); "
+           "quantization-aware distillation again with them excluded")
+    second = _qad_pass(job, out_dir / "mixed", floats)
+    chosen = second if second.val >= first.val else first
+    final_drop = 100 * (chosen.fp32_val - chosen.val)
+    met = final_drop <= budget
+    if not met:
+        ui.warn(f"accuracy budget not met: the best found loses {final_drop:.2f} points (budget {budget:g}) on validation with "
+                f"{len(float_layers_of(chosen.model))} layer(s) in higher precision; raise --max-accuracy-drop, train longer, or pin layers with --exclude")
+    return chosen, {**record, "met": met, "val_drop_points": round(final_drop, 3), "float_layers": float_layers_of(chosen.model),
+                    "mixed_val_top1": second.val, "full_int8_val_top1": first.val}
+
+
+def run_qad(student_ckpt: str | Path, cfg: QuantizeConfig, data: DataSet, out_dir: str | Path, make_loss: LossFactory, seed: int = 0,
+            augment: str = "flip", resume: bool = True) -> dict[str, Any]:
+    """Quantize a distilled FP32 student, calibrate, fine-tune; writes best.pt/last.pt (and with an
+    accuracy budget that full INT8 misses, ``mixed/best.pt`` and ``sensitivity.json/.png``).
+
+    ``make_loss(quantized_student) -> (loss_fn, extra_trainable or None)`` is called after the
+    quantizers are in, so feature hooks attach to the quantized modules (e.g.
+    ``edgekd.distill.build_distill_loss`` with the FP32 teacher).
+
+    Returns the FP32 and fake-quant accuracies before and after fine-tuning, so the cost of
+    INT8 and what QAD recovered are both on record.
+    """
+    from edgekd.train import final_metrics
+
+    ckpt = load_checkpoint(student_ckpt)
+    if ckpt.get("quantize"):
+        raise EdgekdError(f"{student_ckpt} is already quantized", "pass the FP32 student from `edgekd distill`")
+    out = Path(out_dir)
+    job = QadJob(ckpt, str(student_ckpt), cfg, data, make_loss, seed, augment, resume)
+    chosen = first = _qad_pass(job, out, list(cfg.exclude))
+    budget = None
+    if cfg.max_accuracy_drop is not None:
+        chosen, budget = _meet_budget(job, first, out)
+    best = chosen.model
+    extra = {"fp32_val_top1": first.fp32_val, "ptq_val_top1": first.ptq_val, "ptq_test_top1": first.ptq_test, "calibrator": cfg.calibrator,
+             "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if chosen.kept_calibrated else "QAD",
+             "float_layers": float_layers_of(best), "accuracy_budget": budget}
+    if chosen is not first:
+        extra["full_int8_test_top1"] = top1_on(first.model, data.test, data.classes)
+    metrics = final_metrics(best, data, best.preprocess, chosen.result, extra)
+    return {"checkpoint": str(chosen.result.best_path), "last": str(chosen.result.last_path), "metrics_file": str(chosen.result.metrics_path), "metrics": metrics}
