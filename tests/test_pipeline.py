@@ -102,12 +102,23 @@ def test_bundle_round_trip_predicts_like_the_pipeline(built, tmp_path):
 
 
 def test_jetson_target_leaves_a_tensorrt_ready_bundle(tmp_path):
-    res = json_out(run_cli("build", "--target", "jetson", *TINY, "--out", tmp_path / "j", "--json", env=ENV))
+    """Also with a layer pinned to FP16 by hand and an accuracy budget: the graph is still ready
+    (the pinned layer is listed as kept in FP16), and the bundle's engine script names it."""
+    res = json_out(run_cli("build", "--target", "jetson", *TINY, "--exclude", "features.2.0", "--max-accuracy-drop", "0",
+                           "--out", tmp_path / "j", "--json", env=ENV))
     assert res["target"] == "jetson-orin-nano" and res["layout"] == "tensorrt"
     assert res["checks"]["tensorrt_readiness"] is True
     assert "build_engine.sh" in res["device_build"]
-    assert (tmp_path / "j" / "bundle" / "engine" / "build_engine.sh").is_file()
+    script = (tmp_path / "j" / "bundle" / "engine" / "build_engine.sh").read_text()
+    assert "#   features.2.0" in script and "--fp16" in script
     assert res["latency"]["on_target_runtime"] is False  # no GPU here: timed on onnxruntime CPU, and says so
+    qad = json.loads((tmp_path / "j" / "manifest.json").read_text())["stages"]["qad"]["metrics"]
+    assert "features.2.0" in qad["float_layers"] and qad["accuracy_budget"]["budget_points"] == 0
+    export = json.loads((tmp_path / "j" / "export" / "export.json").read_text())
+    assert export["checks"]["tensorrt_readiness"]["kept_float"][0] == "features.2.0"
+    assert json.loads((tmp_path / "j" / "bundle" / "bundle.json").read_text())["float_layers"] == qad["float_layers"]
+    rows = [r["step"] for r in res["report"]["accuracy"]]
+    assert any("kept float" in step for step in rows), rows
 
 
 @pytest.mark.slow

@@ -142,10 +142,10 @@ def _fill(root: Path, name: str, model: BundleModel, tgt: dict, metrics: dict, e
         "target": tgt, "metrics": metrics, "extra": extra, "versions": versions(),
         "reference": {"inputs": rt.REFERENCE_INPUTS, "logits": np.round(logits.astype(np.float64), 6).tolist(), "computed_with": "onnxruntime CPU on the host"},
     }
+    meta["float_layers"] = float_layers_in(root / models[primary])
     if tgt.get("runtime") == "tensorrt":
         meta["trtexec"] = trtexec_commands(tgt, models[primary], input_name, dims, primary)
-        floats = float_layers_in(root / models[primary])
-        _write_text(root / "engine" / "build_engine.sh", build_engine_script(meta["trtexec"], tgt, floats))
+        _write_text(root / "engine" / "build_engine.sh", build_engine_script(meta["trtexec"], tgt, meta["float_layers"]))
     _write_text(root / "run.sh", RUN_SH)
     _write_text(root / "README.md", readme_text(meta))
     meta["files"] = {str(p.relative_to(root).as_posix()): {"sha256": rt.sha256_file(p), "bytes": p.stat().st_size} for p in sorted(root.rglob("*")) if p.is_file()}

@@ -143,4 +143,17 @@ which runs:
 {trt or '    (not a TensorRT target)'}
 
 Time in a fixed power mode: `sudo nvpmodel -m ID && sudo jetson_clocks`, and report trtexec's "GPU Compute Time" percentiles.
+{_float_layers_note(meta.get("float_layers") or [])}"""
+
+
+def _float_layers_note(layers: list[str]) -> str:
+    if not layers:
+        return ""
+    return f"""
+## Layers kept in higher precision
+
+{len(layers)} layer(s) have no Q/DQ and run in FP16 on TensorRT, in float on onnxruntime, because INT8 cost too much
+accuracy there (edgekd's accuracy budget; report/sensitivity.json ranks every layer): {', '.join(layers)}.
+onnxruntime >= 1.20 would quantize them per-tensor at session start; this bundle's runtime prevents that, and your own
+sessions should too: `ort.InferenceSession(path, disabled_optimizers=["WeightBiasQuantization"])`.
 """

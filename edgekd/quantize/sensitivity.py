@@ -85,9 +85,8 @@ def set_float_layers(gm: nn.Module, layers: Iterable[str]) -> list[str]:
     wanted = set(layers)
     unknown = sorted(wanted - set(names))
     if unknown:
-        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise EdgekdError(f"no quantized layer named '{unknown[0]}' in this model",
-                          f"layers are module paths ({shown}); `edgekd quantize --sensitivity` lists them all")
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all; sensitivity.json of a budgeted run ranks them all)" if len(names) > 12 else "")
+        raise EdgekdError(f"no quantized layer named '{unknown[0]}' in this model", f"layers are module paths: {shown}")
     modules = dict(gm.named_modules())
     by_name = {n.name: n for n in gm.graph.nodes}
     for node in list(gm.graph.nodes):

@@ -1,0 +1,196 @@
+"""Accuracy-aware INT8 (issue 14): FP32, full INT8 (PTQ, QAD) and the accuracy budget at 0.3 and 1.0 points, side by side.
+
+For each network that loses more than a point to INT8 calibration in the architecture benchmark
+(``architectures_results.md``: MobileNetV3-Large and EfficientNet-Lite0; hard-swish / ReLU6,
+depthwise convs and SE blocks), on the ``ort-cpu`` layout (the one this machine can time):
+
+- FP32: the FP32 export of the student the architecture benchmark trained (reused when present,
+  else trained here with the same budget);
+- INT8 PTQ: ``edgekd export --precision int8`` of the FP32 checkpoint (calibration only);
+- INT8 QAD: ``run_qad`` with every layer INT8 (the first pass of the budget run below);
+- accuracy-aware at 0.3 and 1.0: ``run_qad`` with ``max_accuracy_drop`` (per-layer sensitivity,
+  the fewest most-sensitive layers kept in float, QAD again), then the export stage.
+
+Every row is an exported file run by onnxruntime on the full 10,000-image test set; latency is
+onnxruntime CPU p50 at batch 1 and 64, 2 threads, all files timed interleaved round by round
+after all training (median of per-round medians).
+
+    .venv/bin/python benchmarks/mixed_precision.py            # ~40 min on 2 idle cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from _common import machine  # noqa: E402
+from architectures import WORK as ARCH_WORK, train_fp32  # noqa: E402
+from edgekd import ui  # noqa: E402
+from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
+from edgekd.export import ort_latency_ms, ort_logits, run_export  # noqa: E402
+from edgekd.finetune import load_data  # noqa: E402
+from edgekd.quantize import run_qad  # noqa: E402
+from edgekd.train import cross_entropy_loss  # noqa: E402
+
+STUDENTS = ["mobilenetv3_large_100", "efficientnet_lite0"]
+BUDGETS = (0.3, 1.0)
+WORK = ROOT / "benchmarks" / "_work" / "mixed_precision"
+
+
+def exported_top1(onnx_path: str, pre, data) -> float:
+    logits = ort_logits(onnx_path, pre(data.test.images).numpy())
+    return float((logits.argmax(1) == data.test.labels.numpy()).mean())
+
+
+def export_row(name: str, label: str, ckpt: Path, data, qcfg: QuantizeConfig, args, extra: dict) -> dict:
+    from edgekd.export import load_for_export
+
+    out = WORK / name / label.replace(" ", "_")
+    rec = run_export(ckpt, out, data, ExportConfig(precision="int8", layout="ort-cpu", check_batch=256), qcfg, seed=args.seed)
+    pre = load_for_export(ckpt)[0].preprocess
+    row = {"student": name, "row": label, "onnx": rec["path"], "fp32_onnx": rec["fp32_path"], "test_top1": exported_top1(rec["path"], pre, data),
+           "float_layers": len(rec.get("mixed_precision", {}).get("float_layers", [])), "shape": [pre.channels, pre.input_size, pre.input_size],
+           "agreement": rec["checks"]["agreement"]["top1_agreement"], **extra}
+    if rec.get("mixed_precision", {}).get("steps"):
+        row["cost_steps"] = rec["mixed_precision"]["steps"]
+    return row
+
+
+def budget_run(name: str, ckpt: Path, data, budget: float, args) -> tuple[dict, dict]:
+    """run_qad with the budget; returns (the budget's row, the full-INT8 QAD row from its first pass)."""
+    qcfg = QuantizeConfig(layout="ort-cpu", calib_images=512, max_accuracy_drop=budget, sensitivity_images=args.sensitivity_images,
+                          train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
+    t0 = time.time()
+    out = WORK / name / f"qad_budget_{budget:g}"
+    res = run_qad(ckpt, qcfg, data, out, lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
+    seconds = round(time.time() - t0, 1)
+    m = res["metrics"]
+    b = m["accuracy_budget"] or {}
+    plain = qcfg.model_copy(update={"max_accuracy_drop": None})
+    row = export_row(name, f"accuracy-aware {budget:g}", Path(res["checkpoint"]), data, plain, args,
+                     {"budget": budget, "met_on_val": b.get("met"), "val_drop_points": b.get("val_drop_points"), "kept": m["float_layers"],
+                      "sensitivity_top5": [(r["layer"], r["float_gain"], r["exported_gain"]) for r in b.get("sensitivity", [])[:5]],
+                      "qad_seconds": seconds, "fp32_val_top1": m["fp32_val_top1"], "val_top1": m["val"]["top1"]})
+    full = export_row(name, "INT8 QAD", out / "best.pt", data, plain, args, {"fp32_val_top1": m["fp32_val_top1"]})
+    return row, full
+
+
+def time_rows(rows: list[dict], args) -> None:
+    """p50 of every file of one student (FP32 once), interleaved round by round."""
+    for name in dict.fromkeys(r["student"] for r in rows):
+        mine = [r for r in rows if r["student"] == name]
+        files = {"FP32": mine[0]["fp32_onnx"], **{r["row"]: r["onnx"] for r in mine}}
+        shape = tuple(mine[0]["shape"])
+        for batch, runs in ((1, args.runs), (64, max(10, args.runs // 4))):
+            per = {k: [] for k in files}
+            for _ in range(args.rounds):
+                for key, path in files.items():
+                    per[key].append(ort_latency_ms(path, batch, shape, runs=runs, warmup=5, threads=2))
+            for r in mine:
+                r[f"b{batch}_ms"] = statistics.median(per[r["row"]])
+                r[f"fp32_b{batch}_ms"] = statistics.median(per["FP32"])
+
+
+def write_results(rows: list[dict], args, seconds: float) -> None:
+    lines = ["# Accuracy-aware INT8: keep the layers INT8 hurts in float, within an accuracy budget (issue 14)", "",
+             f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",
+             f"- Command: `.venv/bin/python benchmarks/mixed_precision.py {' '.join(sys.argv[1:])}` ({seconds / 60:.1f} min)",
+             f"- Data: Fashion-MNIST, {args.train_images} training images (10% held for validation), the full 10,000-image test set, 32 px, "
+             "grey repeated to 3 channels. FP32 students from the architecture benchmark (same data and budget: 2 epochs; EfficientNet-Lite0 "
+             "from ImageNet weights, MobileNetV3-Large from random init).",
+             f"- INT8: ort-cpu layout, calibration on 512 images (max), QAD {args.qad_epochs} epoch(s) (lr 1e-4, hard labels). Budget: top-1 points "
+             f"vs the FP32 student on validation; sensitivity on {args.sensitivity_images} validation images, the 3 most sensitive confirmed on the "
+             "exported file.",
+             "- Accuracy: the exported ONNX file, onnxruntime CPU, 10,000 test images (95% CI about +-0.9 points at 60-75%). Latency: onnxruntime "
+             f"CPU p50, 2 threads, {args.rounds} interleaved rounds.", "",
+             "| student | row | float layers | test top-1 % | vs FP32 (points) | val drop (points) | budget met on val | p50 b1 ms | p50 b64 ms | b1 vs FP32 | b64 vs FP32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(r["student"] for r in rows):
+        mine = [r for r in rows if r["student"] == name]
+        fp32 = mine[0].get("fp32_test_top1")
+        lines.append(f"| {name} | FP32 | all | {100 * fp32:.2f} | - | - | - | {mine[0].get('fp32_b1_ms', float('nan')):.3f} | "
+                     f"{mine[0].get('fp32_b64_ms', float('nan')):.2f} | 1.00x | 1.00x |")
+        for r in mine:
+            met = "-" if r.get("met_on_val") is None else ("yes" if r["met_on_val"] else "no")
+            drop = "-" if r.get("val_drop_points") is None else f"{r['val_drop_points']:.2f}"
+            ratio = lambda b: f"{r['fp32_b%d_ms' % b] / r['b%d_ms' % b]:.2f}x" if r.get(f"b{b}_ms") else "-"  # noqa: E731
+            lines.append(f"| {name} | {r['row']} | {r['float_layers']} | {100 * r['test_top1']:.2f} | {100 * (r['test_top1'] - fp32):+.2f} | {drop} | {met} | "
+                         f"{r.get('b1_ms', float('nan')):.3f} | {r.get('b64_ms', float('nan')):.2f} | {ratio(1)} | {ratio(64)} |")
+    lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32).", "", "## Layers kept in float, and the most sensitive", ""]
+    for r in rows:
+        if r.get("budget") is not None:
+            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'}; most sensitive (layer, top-1 points "
+                         f"gained in float on the fake-quant model, on the exported file): {r['sensitivity_top5']}")
+    lines += ["", "## Goals (issue 14)", ""] + goals(rows) + ["", "Raw rows: `mixed_precision_results.json` beside this file."]
+    out = Path(__file__).with_name("mixed_precision_results.md")
+    out.write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+
+def goals(rows: list[dict]) -> list[str]:
+    aware = [r for r in rows if r.get("budget") is not None]
+    out = []
+    for r in aware:
+        ptq = next(x for x in rows if x["student"] == r["student"] and x["row"] == "INT8 PTQ")
+        within_test = 100 * (r["fp32_test_top1"] - r["test_top1"]) <= r["budget"]
+        between = "b1_ms" in r and min(ptq["b1_ms"], r["fp32_b1_ms"]) * 0.95 <= r["b1_ms"] <= max(ptq["b1_ms"], r["fp32_b1_ms"]) * 1.05
+        out.append(f"- {r['student']} budget {r['budget']:g}: within budget on validation {'yes' if r.get('met_on_val') else 'no'}, on the test file "
+                   f"{'yes' if within_test else 'no'} ({100 * (r['fp32_test_top1'] - r['test_top1']):.2f} points); {r['float_layers']} float layer(s); "
+                   f"batch-1 latency between full INT8 and FP32 (5% slack): {'yes' if between else 'no'}.")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--students", nargs="+", default=STUDENTS)
+    ap.add_argument("--train-images", type=int, default=4000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--qad-epochs", type=int, default=1)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--sensitivity-images", type=int, default=400)
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--retrain", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    t0 = time.time()
+    data = load_data(DataConfig(train_subset=args.train_images), args.seed, store_size=32)
+    rows: list[dict] = []
+    for name in args.students:
+        ckpt = train_fp32(name, data, args) if not (ARCH_WORK / name / "fp32" / "best.pt").is_file() or args.retrain else ARCH_WORK / name / "fp32" / "best.pt"
+        ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, {})
+        from edgekd.export import load_for_export
+
+        fp32_top1 = exported_top1(ptq["fp32_onnx"], load_for_export(ckpt)[0].preprocess, data)
+        mine = [ptq]
+        for budget in BUDGETS:
+            row, full = budget_run(name, ckpt, data, budget, args)
+            if budget == BUDGETS[0]:
+                mine.append(full)
+            mine.append(row)
+        for r in mine:
+            r["fp32_test_top1"] = fp32_top1
+        rows += mine
+        ui.log(f"{name}: " + "; ".join(f"{r['row']} {100 * r['test_top1']:.2f}% ({r['float_layers']} float)" for r in mine))
+        write_results(rows, args, time.time() - t0)
+    time_rows(rows, args)
+    write_results(rows, args, time.time() - t0)
+    print(Path(__file__).with_name("mixed_precision_results.md").read_text())
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
