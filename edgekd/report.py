@@ -107,6 +107,7 @@ def build_report(stages: dict[str, dict], target: dict, summary: dict) -> dict[s
     bench = stages.get("bench") or {}
     report = {"accuracy": acc, "latency": lat, "runtime": bench.get("runtime"), "on_target_runtime": bench.get("on_target_runtime"),
               "test_images": n, "notes": notes(stages, n), "per_class": ev.get("per_class") or {}}
+    report["mixed_precision"] = (stages.get("export") or {}).get("mixed_precision")
     report["verdict"] = verdict(acc, lat, stages, target)
     report["next"] = next_command(target, summary)
     return report
@@ -203,10 +204,24 @@ def markdown(report: dict, title: str) -> str:
     lines += ["", f"Latency p50 on {report.get('runtime')} ({where}):", "", "| batch | FP32 ms | shipped ms | speed-up |", "|---|---|---|---|"]
     for r in report["latency"]:
         lines.append(f"| {r['batch']} | {_num(r['fp32_ms'], '.3f')} | {r['shipped_ms']:.3f} | {_num(r['speedup'], '.2f', 'x')} |")
+    lines += _mixed_precision_lines(report.get("mixed_precision"))
     if report["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     lines += ["", f"Next: `{report['next']}`", "", "![accuracy vs latency, per-class accuracy](report.png)", ""]
     return "\n".join(lines)
+
+
+def _mixed_precision_lines(mixed: dict | None) -> list[str]:
+    """What each layer kept in higher precision costs (the export measured it on onnxruntime CPU)."""
+    if not mixed or not mixed.get("float_layers"):
+        return []
+    lines = ["", f"Layers kept in higher precision: {', '.join(mixed['float_layers'])} (sensitivity.png ranks every layer)."]
+    if not mixed.get("steps"):
+        return lines + [mixed.get("latency", "")]
+    lines += ["", "| float layers | added | p50 batch 1 ms | p50 batch 64 ms |", "|---|---|---|---|"]
+    lines += [f"| {s['float_layers']} | {s['added'] or '(full INT8)'} | {s['batch1_ms']:.3f} | {s['batch64_ms']:.2f} |" for s in mixed["steps"]]
+    fp32 = mixed.get("fp32") or {}
+    return lines + [f"| FP32 | - | {_num(fp32.get('batch1_ms'), '.3f')} | {_num(fp32.get('batch64_ms'), '.2f')} |"]
 
 
 def plot(report: dict, path: Path) -> Path:

@@ -152,3 +152,28 @@ def teacher_32px(tmp_path_factory: pytest.TempPathFactory, fmnist_600) -> Path:
     fit(model, fmnist_600, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess,
         augment="flip", kind="teacher")
     return out / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def fmnist_2000():
+    """2,000 real Fashion-MNIST training images (val: 200) and 300 test images, shared by the quantization tests."""
+    from edgekd.config import DataConfig
+    from edgekd.finetune import load_data
+
+    return load_data(DataConfig(train_subset=2000, test_subset=300), 0)
+
+
+@pytest.fixture(scope="session")
+def pico_2000_ckpt(tmp_path_factory: pytest.TempPathFactory, fmnist_2000) -> Path:
+    """pico_cnn trained two epochs on ``fmnist_2000``: the FP32 student the quantization tests start from."""
+    import torch
+
+    from edgekd.config import TrainConfig
+    from edgekd.models import create_model
+    from edgekd.train import cross_entropy_loss, fit
+
+    torch.manual_seed(0)
+    m = create_model("pico_cnn", 10)
+    out = tmp_path_factory.mktemp("pico2000")
+    fit(m, fmnist_2000, TrainConfig(epochs=2, batch_size=64, lr=3e-3), out, cross_entropy_loss(), m.preprocess, augment="none", resume=False)
+    return out / "best.pt"

@@ -162,24 +162,24 @@ def test_untraceable_network_is_a_clear_error(data):
 def test_cli_export_gate_stops_a_network_tensorrt_cannot_run_in_int8(tmp_path):
     """timm's TF-padding convs (Conv2dSame) are not quantized by modelopt: the TensorRT export must
     stop with one line and leave no model.onnx, and --allow-not-ready ships it with a record."""
-    from cli_helpers import assert_one_line_error, json_out, run_cli
+    from cli_helpers import assert_one_line_error, json_out, run_inprocess
     from edgekd.models import save_checkpoint
 
     m = create_model("tf_mobilenetv3_small_minimal_100", 10, input_size=32)
     ckpt = save_checkpoint(tmp_path / "tf.pt", m, [str(i) for i in range(10)], "student")
     args = ["export", ckpt, "--target", "jetson-orin-nano", "--calib-images", "16", "--check-batch", "16", "--set", "data.train_subset=64",
             "--set", "data.test_subset=32"]
-    proc = run_cli(*args, "--out", tmp_path / "out")
+    proc = run_inprocess(*args, "--out", tmp_path / "out")
     assert_one_line_error(proc, "is not ready for tensorrt")
     assert "--allow-not-ready" in proc.stderr and not (tmp_path / "out" / "model.onnx").exists()
-    rec = json_out(run_cli(*args, "--allow-not-ready", "--out", tmp_path / "out2", "--json"))
+    rec = json_out(run_inprocess(*args, "--allow-not-ready", "--out", tmp_path / "out2", "--json"))
     assert rec["checks"]["gate"]["allowed_not_ready"] and (tmp_path / "out2" / "model.onnx").is_file()
 
 
 def test_models_lists_the_recommended_timm_students():
-    from cli_helpers import json_out, run_cli
+    from cli_helpers import json_out, run_inprocess
 
-    rows = {r["name"]: r for r in json_out(run_cli("models", "--input-size", "32", "--json"))["models"]}
+    rows = {r["name"]: r for r in json_out(run_inprocess("models", "--input-size", "32", "--json"))["models"]}
     for name in RECOMMENDED_TIMM:
         assert rows[name]["family"] == "timm" and rows[name]["params"] > 100_000 and rows[name]["macs"] > 0
     assert rows["nano_cnn"]["params"] < 100_000

@@ -24,7 +24,7 @@ from edgekd.bench import (BenchRequest, TimingPlan, check_regression, compare_sa
 from edgekd.errors import EdgekdError
 from edgekd.runtimes import TensorSpec, runtime_available
 from edgekd.runtimes.ort import layer_times_from_trace
-from cli_helpers import assert_one_line_error, json_out, run_cli
+from cli_helpers import assert_one_line_error, json_out, run_cli, run_inprocess
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -307,7 +307,7 @@ def test_cli_target_sets_runtime_batch_and_budget(models: dict[str, Path]) -> No
 def test_cli_target_absent_here_is_one_line_error(models: dict[str, Path]) -> None:
     if runtime_available("tensorrt")[0]:
         pytest.skip("this machine has TensorRT and a GPU")
-    assert_one_line_error(run_cli("bench", models["base"], "--target", "jetson-orin-nano", "--runs", "20"), "cannot run here")
+    assert_one_line_error(run_inprocess("bench", models["base"], "--target", "jetson-orin-nano", "--runs", "20"), "cannot run here")
 
 
 def test_cli_regression_exit_codes(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -325,14 +325,14 @@ def test_cli_regression_exit_codes(tmp_path: Path, models: dict[str, Path]) -> N
 
 
 def test_cli_baseline_errors_are_one_line(tmp_path: Path, models: dict[str, Path]) -> None:
-    assert_one_line_error(run_cli("bench", models["base"], "--baseline", tmp_path / "missing.json", "--runs", "10"), "latency baseline not found")
+    assert_one_line_error(run_inprocess("bench", models["base"], "--baseline", tmp_path / "missing.json", "--runs", "10"), "latency baseline not found")
     (tmp_path / "bad.json").write_text("[1, 2")
-    assert_one_line_error(run_cli("bench", models["base"], "--baseline", tmp_path / "bad.json", "--runs", "10"), "not valid JSON")
-    assert_one_line_error(run_cli("bench", models["base"], "--max-regression", "lots", "--runs", "10"), "percentage")
-    assert_one_line_error(run_cli("bench", tmp_path / "nope.onnx", "--runs", "10"), "model not found")
+    assert_one_line_error(run_inprocess("bench", models["base"], "--baseline", tmp_path / "bad.json", "--runs", "10"), "not valid JSON")
+    assert_one_line_error(run_inprocess("bench", models["base"], "--max-regression", "lots", "--runs", "10"), "percentage")
+    assert_one_line_error(run_inprocess("bench", tmp_path / "nope.onnx", "--runs", "10"), "model not found")
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
-    assert_one_line_error(run_cli("bench", tmp_path / "junk.onnx", "--runs", "10"), "cannot load")
-    assert_one_line_error(run_cli("bench", models["base"], "--runtime", "nnapi", "--runs", "10"), "unknown runtime")
+    assert_one_line_error(run_inprocess("bench", tmp_path / "junk.onnx", "--runs", "10"), "cannot load")
+    assert_one_line_error(run_inprocess("bench", models["base"], "--runtime", "nnapi", "--runs", "10"), "unknown runtime")
 
 
 # ------------------------------------------------------------------------------------------ pytest plugin, used as a user would

@@ -166,7 +166,7 @@ def test_bench_reports_percentiles_and_budget(bundle):
 def test_host_bench_verifies_the_bundle_before_timing_it(bundle, tmp_path):
     import shutil
 
-    from cli_helpers import assert_one_line_error, json_out, run_cli
+    from cli_helpers import assert_one_line_error, json_out, run_cli, run_inprocess
 
     res = json_out(run_cli("bench", bundle, "--runtime", "ort-cpu", "-b", "1", "--runs", "10", "--warmup", "1", "--json"))
     assert res["p50_ms"] > 0
@@ -174,7 +174,7 @@ def test_host_bench_verifies_the_bundle_before_timing_it(bundle, tmp_path):
     shutil.copytree(bundle, copy)
     onnx_file = next((copy / "model").glob("*.onnx"))
     onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
-    assert_one_line_error(run_cli("bench", copy, "--runtime", "ort-cpu", "-b", "1", "--runs", "10"), "was modified: sha256 does not match")
+    assert_one_line_error(run_inprocess("bench", copy, "--runtime", "ort-cpu", "-b", "1", "--runs", "10"), "was modified: sha256 does not match")
 
 
 def test_bundle_contents_and_manifest(bundle, pico_model):

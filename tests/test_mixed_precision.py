@@ -20,28 +20,24 @@ from edgekd.data import calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.export import check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_ort, export_int8_tensorrt, ort_logits
 from edgekd.finetune import load_data
-from edgekd.models import create_model, load_checkpoint, model_from_checkpoint, save_checkpoint
+from edgekd.models import load_checkpoint, model_from_checkpoint, save_checkpoint
 from edgekd.quantize import (fit_accuracy_budget, float_layers_of, load_quantized, measure_sensitivity, quantize_model, quantized_layers, run_qad,
                              save_quantized, set_float_layers)
 from edgekd.quantize.sensitivity import score_without_quantizers
 from edgekd.quantize.stage import top1_on
-from edgekd.train import cross_entropy_loss, fit
+from edgekd.train import cross_entropy_loss
 
 BROKEN = "features.2.0"  # pico_cnn's middle conv
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(DataConfig(train_subset=2000, test_subset=300), 0)
+def data(fmnist_2000):
+    return fmnist_2000
 
 
 @pytest.fixture(scope="module")
-def fp32_ckpt(data, tmp_path_factory):
-    torch.manual_seed(0)
-    m = create_model("pico_cnn", 10)
-    out = tmp_path_factory.mktemp("pico_mixed")
-    fit(m, data, TrainConfig(epochs=2, batch_size=64, lr=3e-3), out, cross_entropy_loss(), m.preprocess, augment="none", resume=False)
-    return out / "best.pt"
+def fp32_ckpt(pico_2000_ckpt):
+    return pico_2000_ckpt
 
 
 def _quantized(fp32_ckpt, data, layout="tensorrt"):

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli
+from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli, run_inprocess
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.manifest import Manifest
 
@@ -143,10 +143,10 @@ def test_killed_build_resumes_to_a_valid_manifest(tmp_path):
 
 
 def test_unknown_target_and_bad_recipe(tmp_path):
-    assert_one_line_error(run_cli("build", "--target", "jetson-nope", "--out", tmp_path / "x"), "unknown target 'jetson-nope'")
+    assert_one_line_error(run_inprocess("build", "--target", "jetson-nope", "--out", tmp_path / "x"), "unknown target 'jetson-nope'")
     bad = tmp_path / "r.yaml"
     bad.write_text("student:\n  modle: nano_cnn\n")
-    assert_one_line_error(run_cli("build", "-c", bad, "--out", tmp_path / "x"), "student.modle: unknown key")
+    assert_one_line_error(run_inprocess("build", "-c", bad, "--out", tmp_path / "x"), "student.modle: unknown key")
 
 
 def test_print_config_shows_every_default():

@@ -26,26 +26,22 @@ from edgekd.models import create_model
 from edgekd.data import calibration_images
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, quantize_model, run_qad, save_quantized)
 from edgekd.quantize.placement import ACT_PREFIX, input_quantizer_of
-from edgekd.train import cross_entropy_loss, fit
+from edgekd.train import cross_entropy_loss
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(DataConfig(train_subset=2000, test_subset=300), 0)
+def data(fmnist_2000):
+    return fmnist_2000
 
 
 @pytest.fixture(scope="module")
-def trained_pico(data, tmp_path_factory):
-    """pico_cnn trained one epoch on 2,000 real images (enough margin for agreement checks)."""
-    torch.manual_seed(0)
-    m = create_model("pico_cnn", 10)
-    out = tmp_path_factory.mktemp("pico")
-    fit(m, data, TrainConfig(epochs=2, batch_size=64, lr=3e-3), out, cross_entropy_loss(), m.preprocess, augment="none", resume=False)
+def trained_pico(pico_2000_ckpt):
+    """pico_cnn trained two epochs on 2,000 real images (enough margin for agreement checks)."""
     from edgekd.models import model_from_checkpoint
 
-    return model_from_checkpoint(out / "best.pt"), out / "best.pt"
+    return model_from_checkpoint(pico_2000_ckpt), pico_2000_ckpt
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import assert_one_line_error, json_out, run_cli
+from cli_helpers import assert_one_line_error, json_out, run_inprocess
 from edgekd.errors import EdgekdError
 from edgekd.targets import BUILTIN_TARGETS_DIR, TARGETS_ENV, accelerator_present, get_target, host_arch, is_jetson, load_target_file, load_targets, resolve
 
@@ -102,10 +102,10 @@ def test_accelerator_present_reflects_this_machine():
 
 
 def test_cli_targets_list_show_and_unknown(tmp_path):
-    data = json_out(run_cli("targets", "list", "--json"))
+    data = json_out(run_inprocess("targets", "list", "--json"))
     assert REQUIRED <= {t["name"] for t in data["targets"]}
-    shown = json_out(run_cli("targets", "show", "jetson", "--json"))
+    shown = json_out(run_inprocess("targets", "show", "jetson", "--json"))
     assert shown["target"]["name"] == "jetson-orin-nano" and shown["target"]["power"]["name"] == "15W"
-    assert_one_line_error(run_cli("targets", "show", "nope"), "unknown target 'nope'")
+    assert_one_line_error(run_inprocess("targets", "show", "nope"), "unknown target 'nope'")
     d = _copy_target(tmp_path, "mine", lambda t: t + "\nfoo = 1\n")
-    assert_one_line_error(run_cli("targets", "list", "--targets-dir", str(d)), "foo: unknown key")
+    assert_one_line_error(run_inprocess("targets", "list", "--targets-dir", str(d)), "foo: unknown key")

@@ -22,13 +22,16 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
     source = "qad" if precision == "int8" and rc.quantize.enabled else "distill"
     layout = rc.export.layout if rc.export.layout != "auto" else t.layout
     export_cfg = rc.export.model_copy(update={"precision": precision, "layout": layout})
-    r = run_export(ctx.path("qad", "checkpoint") if source == "qad" else ctx.path("distill", "shipped_checkpoint"), ctx.out / "export", ctx.data, export_cfg, rc.quantize, t.name, rc.seed)
+    # after QAD the checkpoint carries its float layers (the budget was met by training): export must not search again
+    quantize_cfg = rc.quantize.model_copy(update={"max_accuracy_drop": None, "exclude": []}) if source == "qad" else rc.quantize
+    r = run_export(ctx.path("qad", "checkpoint") if source == "qad" else ctx.path("distill", "shipped_checkpoint"), ctx.out / "export", ctx.data,
+                   export_cfg, quantize_cfg, t.name, rc.seed)
     artifacts = {"onnx": r["path"], "record": str(ctx.out / "export" / "export.json")}
     if r.get("fp32_path"):
         artifacts["fp32_onnx"] = r["fp32_path"]
     checks = r.get("checks", {})
     return artifacts, {"precision": precision, "layout": r.get("layout"), "source": source, "checks": checks, "comparison": r.get("comparison"),
-                       "relu_codes": r.get("relu_codes")}
+                       "relu_codes": r.get("relu_codes"), "mixed_precision": r.get("mixed_precision"), "accuracy_budget": r.get("accuracy_budget")}
 
 
 def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False) -> dict:

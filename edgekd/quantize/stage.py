@@ -23,7 +23,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import load_checkpoint
 from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, load_quantized, quantize_model, save_quantized
-from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, measure_sensitivity, sensitivity_plot
+from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, measure_sensitivity, sensitivity_plot, set_float_layers
 
 LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
 
@@ -117,7 +117,6 @@ def confirm_on_export(model: nn.Module, layers: list[str], split: Split, layout:
     import tempfile
 
     from edgekd.export import export_int8_ort, export_int8_tensorrt, ort_logits  # the check needs the exporter: a deliberate back-reference
-    from edgekd.quantize.sensitivity import set_float_layers
 
     pre, labels, before = model.preprocess, split.labels.numpy(), float_layers_of(model)
     x = pre(split.images).numpy()
@@ -166,7 +165,9 @@ def _meet_budget(job: QadJob, first: QadPass, out_dir: Path) -> tuple[QadPass, d
         ui.log(f"INT8 is within the accuracy budget: {drop:.2f} <= {budget:g} points below FP32 on validation; no layer needs higher precision")
         return first, {**record, "met": True, "val_drop_points": round(drop, 3), "float_layers": float_layers_of(first.model)}
     ui.log(f"INT8 loses {drop:.2f} points on validation, over the budget of {budget:g}: measuring per-layer sensitivity")
+    pinned = float_layers_of(first.model)
     record.update(search_float_layers(first.model, job.cfg, job.data, job.layout, out_dir, first.fp32_val))
+    set_float_layers(first.model, pinned)  # first.model stays what its checkpoint holds
     floats = record["float_layers"]
     ui.log(f"keeping {len(floats)} layer(s) in higher precision ({', '.join(floats[:5])}{' ...' if len(floats) > 5 else ''}); "
            "quantization-aware distillation again with them excluded")
