@@ -4,8 +4,8 @@ For each network that loses more than a point to INT8 calibration in the archite
 (``architectures_results.md``: MobileNetV3-Large and EfficientNet-Lite0; hard-swish / ReLU6,
 depthwise convs and SE blocks), on the ``ort-cpu`` layout (the one this machine can time):
 
-- FP32: the FP32 export of the student the architecture benchmark trained (reused when present,
-  else trained here with the same budget);
+- FP32: the FP32 export of the student, trained here with the architecture benchmark's recipe
+  (a third of the training images held out: the budget is decided on validation);
 - INT8 PTQ: ``edgekd export --precision int8`` of the FP32 checkpoint (calibration only);
 - INT8 QAD: ``run_qad`` with every layer INT8 (the first pass of the budget run below);
 - accuracy-aware at 0.3 and 1.0: ``run_qad`` with ``max_accuracy_drop`` (per-layer sensitivity,
@@ -15,7 +15,7 @@ Every row is an exported file run by onnxruntime on the full 10,000-image test s
 onnxruntime CPU p50 at batch 1 and 64, 2 threads, all files timed interleaved round by round
 after all training (median of per-round medians).
 
-    .venv/bin/python benchmarks/mixed_precision.py            # ~40 min on 2 idle cores
+    .venv/bin/python benchmarks/mixed_precision.py            # ~60 min on 2 idle cores
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from _common import machine  # noqa: E402
-from architectures import WORK as ARCH_WORK, train_fp32  # noqa: E402
+import architectures  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from edgekd.export import ort_latency_ms, ort_logits, run_export  # noqa: E402
@@ -80,7 +80,7 @@ def budget_run(name: str, ckpt: Path, data, budget: float, args) -> tuple[dict, 
     b = m["accuracy_budget"] or {}
     plain = qcfg.model_copy(update={"max_accuracy_drop": None})
     row = export_row(name, f"accuracy-aware {budget:g}", Path(res["checkpoint"]), data, plain, args,
-                     {"budget": budget, "met_on_val": b.get("met"), "val_drop_points": b.get("val_drop_points"), "kept": m["float_layers"],
+                     {"budget": budget, "met_on_val": b.get("met"), "val_drop_points": b.get("val_drop_points"), "kept": m["float_layers"], "tried": max(0, len(b.get("search_steps") or []) - 1),
                       "sensitivity_top5": [(r["layer"], r["float_gain"], r["exported_gain"]) for r in b.get("sensitivity", [])[:5]],
                       "qad_seconds": seconds, "fp32_val_top1": m["fp32_val_top1"], "val_top1": m["val"]["top1"]})
     full = export_row(name, "INT8 QAD", out / "best.pt", data, plain, args, {"fp32_val_top1": m["fp32_val_top1"]})
@@ -107,9 +107,10 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
     lines = ["# Accuracy-aware INT8: keep the layers INT8 hurts in float, within an accuracy budget (issue 14)", "",
              f"- Date: {datetime.date.today().isoformat()}; machine: {machine()}",
              f"- Command: `.venv/bin/python benchmarks/mixed_precision.py {' '.join(sys.argv[1:])}` ({seconds / 60:.1f} min)",
-             f"- Data: Fashion-MNIST, {args.train_images} training images (10% held for validation), the full 10,000-image test set, 32 px, "
-             "grey repeated to 3 channels. FP32 students from the architecture benchmark (same data and budget: 2 epochs; EfficientNet-Lite0 "
-             "from ImageNet weights, MobileNetV3-Large from random init).",
+             f"- Data: Fashion-MNIST, {args.train_images} training images ({100 * args.val_fraction:.0f}% held for validation: a budget of 0.3 "
+             "points is 6 images of 2,000), the full 10,000-image test set, 32 px, grey repeated to 3 channels. FP32 students trained here "
+             f"with the architecture benchmark's recipe ({args.epochs} epochs, AdamW lr {args.lr}; EfficientNet-Lite0 from ImageNet weights, "
+             "MobileNetV3-Large from random init).",
              f"- INT8: ort-cpu layout, calibration on 512 images (max), QAD {args.qad_epochs} epoch(s) (lr 1e-4, hard labels). Budget: top-1 points "
              f"vs the FP32 student on validation; sensitivity on {args.sensitivity_images} validation images, the 3 most sensitive confirmed on the "
              "exported file.",
@@ -131,7 +132,7 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
     lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32).", "", "## Layers kept in float, and the most sensitive", ""]
     for r in rows:
         if r.get("budget") is not None:
-            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'}; most sensitive (layer, top-1 points "
+            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'} ({r['tried']} tried); most sensitive (layer, top-1 points "
                          f"gained in float on the fake-quant model, on the exported file): {r['sensitivity_top5']}")
     lines += ["", "## Goals (issue 14)", ""] + goals(rows) + ["", "Raw rows: `mixed_precision_results.json` beside this file."]
     out = Path(__file__).with_name("mixed_precision_results.md")
@@ -155,11 +156,12 @@ def goals(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", nargs="+", default=STUDENTS)
-    ap.add_argument("--train-images", type=int, default=4000)
+    ap.add_argument("--train-images", type=int, default=6000)
+    ap.add_argument("--val-fraction", type=float, default=1 / 3, help="a budget of 0.3 points needs a validation set of thousands of images")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--qad-epochs", type=int, default=1)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--sensitivity-images", type=int, default=400)
+    ap.add_argument("--sensitivity-images", type=int, default=500)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
@@ -167,10 +169,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
-    data = load_data(DataConfig(train_subset=args.train_images), args.seed, store_size=32)
+    architectures.WORK = WORK
+    data = load_data(DataConfig(train_subset=args.train_images, val_fraction=args.val_fraction), args.seed, store_size=32)
     rows: list[dict] = []
     for name in args.students:
-        ckpt = train_fp32(name, data, args) if not (ARCH_WORK / name / "fp32" / "best.pt").is_file() or args.retrain else ARCH_WORK / name / "fp32" / "best.pt"
+        ckpt = architectures.train_fp32(name, data, args)  # the architecture benchmark's recipe, into this benchmark's folder
         ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, {})
         from edgekd.export import load_for_export
 

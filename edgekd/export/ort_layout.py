@@ -195,36 +195,7 @@ def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax,
                         extra_options=extra, nodes_to_exclude=exclude or [])
-        if exclude:
-            _float_inputs(tmp, set(exclude))
     return Path(path)
-
-
-def _float_inputs(path: Path, layers: set[str]) -> None:
-    """Feed each excluded node the float tensor its input Q/DQ pair was made from, as the fake-quant
-    model does (:func:`edgekd.quantize.sensitivity.set_float_layers`). Needed because onnxruntime
-    (>= 1.20, ``WeightBiasQuantization``) quantizes the float weights of a Conv/Gemm that sits
-    between a DQ and a Q at session start: the layer kept in float would silently run in INT8."""
-    import onnx
-
-    proto = onnx.load(str(path))
-    g = Graph(proto)
-    for node in proto.graph.node:
-        if node.name not in layers:
-            continue
-        dq = g.skip_casts(node.input[0])
-        q = g.producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is not None and q.op_type == "QuantizeLinear":
-            node.input[0] = q.input[0]
-    used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
-    while True:  # drop the Q/DQ (and Casts) nothing reads any more
-        dead = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear", "Cast") and not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            proto.graph.node.remove(n)
-        used = {i for n in proto.graph.node for i in n.input} | {o.name for o in proto.graph.output}
-    onnx.save(proto, str(path))
 
 
 def untrained_tensors(path: str | Path, overrides: dict[str, Any]) -> list[str]:

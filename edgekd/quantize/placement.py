@@ -261,6 +261,8 @@ def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_qua
         gm.add_submodule(path, make_quantizer())
         with gm.graph.inserting_after(src):
             q = gm.graph.call_module(path, (src,))
+        if "tensor_meta" in src.meta:  # same shape out as in: op_kind still sees the ops after it as tensor ops
+            q.meta["tensor_meta"] = src.meta["tensor_meta"]
         src.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
         names.append(src.name)
         if layout == "ort-cpu" and src in nonneg:

@@ -147,12 +147,13 @@ def search_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, la
     sens = measure_sensitivity(model, lambda m: top1_on(m, probe, data.classes), len(probe), cfg.exclude)
     for layer, gain in confirm_on_export(model, sens.ranking()[:3], probe, layout, out_dir).items():
         next(r for r in sens.layers if r.layer == layer).exported_gain = gain
-    search = fit_accuracy_budget(model, sens.ranking(), lambda m: top1_on(m, data.val, data.classes), fp32_val, cfg.max_accuracy_drop, cfg.exclude)
+    helpful = [r.layer for r in sens.layers if r.float_gain > 0]  # layers whose float copy lost nothing alone are not worth a try
+    search = fit_accuracy_budget(model, helpful, lambda m: top1_on(m, data.val, data.classes), fp32_val, cfg.max_accuracy_drop, cfg.exclude)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "sensitivity.json", {"sensitivity": sens.to_dict(), "search": search.to_dict()})
     sensitivity_plot(sens, out_dir / "sensitivity.png")
-    last = search.steps[-1] if search.met else min(search.steps, key=lambda s: s["drop_points"])
-    return {"budget_points": cfg.max_accuracy_drop, "met": search.met, "val_drop_points": last["drop_points"], "float_layers": search.float_layers,
+    drop = round(100 * (fp32_val - max(s["top1"] for s in search.steps if s["kept"])), 3)
+    return {"budget_points": cfg.max_accuracy_drop, "met": search.met, "val_drop_points": drop, "float_layers": search.float_layers,
             "sensitivity": [r.__dict__ for r in sens.layers[:20]], "search_steps": search.steps, "sensitivity_file": str(out_dir / "sensitivity.json")}
 
 
