@@ -23,8 +23,11 @@ from edgekd.models import RECOMMENDED_TIMM, create_model
 from edgekd.quantize import enabled_quantizers, quantize_model
 from edgekd.quantize.placement import ACT_PREFIX
 
-ARCHS = ["resnet18", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_lite0", "regnetx_002", "repvgg_a0", "mobileone_s0",
-         "mobilenetv4_conv_small", "nano_cnn", "small_cnn"]
+# One network per family users bring: residual (resnet18), grouped convs (regnetx), inverted residuals with
+# ReLU6 (efficientnet_lite0, the same blocks as mobilenetv2_100), squeeze-excite + hard-swish (mobilenetv3),
+# re-parameterizable branches (mobileone_s0; repvgg_a0 fuses the same way), universal inverted bottlenecks
+# (mobilenetv4), edgekd's own. mobilenetv2_100 and repvgg_a0 run in benchmarks/architectures.py.
+ARCHS = ["resnet18", "mobilenetv3_large_100", "efficientnet_lite0", "regnetx_002", "mobileone_s0", "mobilenetv4_conv_small", "nano_cnn", "small_cnn"]
 STRICT = {"resnet18", "nano_cnn", "small_cnn"}
 
 

@@ -35,13 +35,9 @@ def data(fmnist_2000):
     return fmnist_2000
 
 
-@pytest.fixture(scope="module")
-def fp32_ckpt(pico_2000_ckpt):
-    return pico_2000_ckpt
 
-
-def _quantized(fp32_ckpt, data, layout="tensorrt"):
-    model = model_from_checkpoint(fp32_ckpt)
+def _quantized(pico_2000_ckpt, data, layout="tensorrt"):
+    model = model_from_checkpoint(pico_2000_ckpt)
     return quantize_model(model, QuantizeConfig(), calibration_images(data.train, 256, 0), model.preprocess, layout)
 
 
@@ -55,13 +51,13 @@ def _score(data):
     return lambda m: top1_on(m, data.val, data.classes)
 
 
-def test_pico_layers_are_named_by_module_path(fp32_ckpt, data):
-    q = _quantized(fp32_ckpt, data)
+def test_pico_layers_are_named_by_module_path(pico_2000_ckpt, data):
+    q = _quantized(pico_2000_ckpt, data)
     assert BROKEN in quantized_layers(q) and quantized_layers(q)[-1] == "head"
 
 
-def test_float_layers_are_reversible_and_unknown_names_refused(fp32_ckpt, data):
-    q = _quantized(fp32_ckpt, data)
+def test_float_layers_are_reversible_and_unknown_names_refused(pico_2000_ckpt, data):
+    q = _quantized(pico_2000_ckpt, data)
     x = q.preprocess(data.test.images[:64])
     with torch.no_grad():
         full = q(x)
@@ -75,8 +71,8 @@ def test_float_layers_are_reversible_and_unknown_names_refused(fp32_ckpt, data):
         set_float_layers(q, ["nope"])
 
 
-def test_sensitivity_ranks_the_broken_layer_first(fp32_ckpt, data):
-    q = _quantized(fp32_ckpt, data)
+def test_sensitivity_ranks_the_broken_layer_first(pico_2000_ckpt, data):
+    q = _quantized(pico_2000_ckpt, data)
     _break(q)
     sens = measure_sensitivity(q, _score(data), len(data.val))
     assert sens.ranking()[0] == BROKEN, [(r.layer, r.float_gain) for r in sens.layers]
@@ -86,8 +82,8 @@ def test_sensitivity_ranks_the_broken_layer_first(fp32_ckpt, data):
     assert float_layers_of(q) == []  # measuring leaves the model as it was
 
 
-def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(fp32_ckpt, data):
-    q = _quantized(fp32_ckpt, data)
+def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(pico_2000_ckpt, data):
+    q = _quantized(pico_2000_ckpt, data)
     _break(q)
     score = _score(data)
     fp32 = score_without_quantizers(q, score)
@@ -105,8 +101,8 @@ def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(fp32_ckpt, data
     assert score(q) == pytest.approx(best)  # the model is left with the best set found
 
 
-def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(fp32_ckpt, data, tmp_path):
-    q = _quantized(fp32_ckpt, data, "tensorrt")
+def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(pico_2000_ckpt, data, tmp_path):
+    q = _quantized(pico_2000_ckpt, data, "tensorrt")
     set_float_layers(q, [BROKEN])
     path = export_int8_tensorrt(q, tmp_path / "m.onnx", q.preprocess)
     proto = onnx.load(str(path))
@@ -122,8 +118,8 @@ def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(fp32_ckpt, data, t
     assert np.abs(got - ref).max() < 0.05 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.99  # a rounding tie may move one code
 
 
-def test_mixed_ort_cpu_file_runs_the_float_layer_in_float(fp32_ckpt, data, tmp_path):
-    q = _quantized(fp32_ckpt, data, "ort-cpu")
+def test_mixed_ort_cpu_file_runs_the_float_layer_in_float(pico_2000_ckpt, data, tmp_path):
+    q = _quantized(pico_2000_ckpt, data, "ort-cpu")
     set_float_layers(q, [BROKEN])
     path, _ = export_int8_ort(q, tmp_path / "m.onnx", q.preprocess, data.train.images[:256])
     rep = check_ort_cpu_fusion(path, [BROKEN])
@@ -133,8 +129,8 @@ def test_mixed_ort_cpu_file_runs_the_float_layer_in_float(fp32_ckpt, data, tmp_p
     assert not check_ort_cpu_fusion(path).ok  # the same file, not told: one compute op stays float
 
 
-def test_float_layers_survive_the_checkpoint(fp32_ckpt, data, tmp_path):
-    q = _quantized(fp32_ckpt, data)
+def test_float_layers_survive_the_checkpoint(pico_2000_ckpt, data, tmp_path):
+    q = _quantized(pico_2000_ckpt, data)
     set_float_layers(q, [BROKEN, "head"])
     save_quantized(tmp_path / "q.pt", q, data.classes)
     back = load_quantized(tmp_path / "q.pt")
@@ -145,19 +141,19 @@ def test_float_layers_survive_the_checkpoint(fp32_ckpt, data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def outlier_ckpt(fp32_ckpt, tmp_path_factory):
+def outlier_ckpt(pico_2000_ckpt, tmp_path_factory):
     """The trained pico with an activation outlier at BROKEN's input: channel 0 of the first block
     becomes a constant 500 (BatchNorm shift) that BROKEN ignores (its weights there are zeroed).
     FP32 barely changes; the per-tensor INT8 range of BROKEN's input grows ~100x, so every other
     channel loses precision there, and only running BROKEN in float removes that."""
-    model = model_from_checkpoint(fp32_ckpt)
+    model = model_from_checkpoint(pico_2000_ckpt)
     modules = dict(model.named_modules())
     with torch.no_grad():
         modules["features.0.1"].weight[0] = 0.0
         modules["features.0.1"].bias[0] = 500.0
         modules[BROKEN].weight[:, 0] = 0.0
     path = tmp_path_factory.mktemp("outlier") / "best.pt"
-    save_checkpoint(path, model, load_checkpoint(fp32_ckpt)["classes"], "student")
+    save_checkpoint(path, model, load_checkpoint(pico_2000_ckpt)["classes"], "student")
     return path
 
 
@@ -182,14 +178,14 @@ def test_run_qad_with_a_budget_keeps_sensitive_layers_and_trains_again(outlier_c
     assert m["val"]["top1"] > budget["full_int8_val_top1"]
 
 
-def test_cli_exclude_names_an_unknown_layer_in_one_line(fp32_ckpt, tmp_path):
-    proc = run_inprocess("export", str(fp32_ckpt), "--layout", "tensorrt", "--exclude", "conv_that_is_not_there", "--set", "data.train_subset=300",
+def test_cli_exclude_names_an_unknown_layer_in_one_line(pico_2000_ckpt, tmp_path):
+    proc = run_inprocess("export", str(pico_2000_ckpt), "--layout", "tensorrt", "--exclude", "conv_that_is_not_there", "--set", "data.train_subset=300",
                          "--set", "data.test_subset=64", "--out", str(tmp_path / "x"))
     assert_one_line_error(proc, "no quantized layer named 'conv_that_is_not_there'")
 
 
-def test_cli_export_with_exclude_records_the_float_layer_and_its_cost(fp32_ckpt, tmp_path):
-    proc = run_inprocess("export", str(fp32_ckpt), "--layout", "ort-cpu", "--exclude", f"{BROKEN},head", "--set", "data.train_subset=300",
+def test_cli_export_with_exclude_records_the_float_layer_and_its_cost(pico_2000_ckpt, tmp_path):
+    proc = run_inprocess("export", str(pico_2000_ckpt), "--layout", "ort-cpu", "--exclude", f"{BROKEN},head", "--set", "data.train_subset=300",
                          "--set", "data.test_subset=64", "--out", str(tmp_path / "x"), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((tmp_path / "x" / "export.json").read_text())
