@@ -9,7 +9,9 @@ depthwise convs and SE blocks), on the ``ort-cpu`` layout (the one this machine 
 - INT8 PTQ: ``edgekd export --precision int8`` of the FP32 checkpoint (calibration only);
 - INT8 QAD: ``run_qad`` with every layer INT8 (the first pass of the budget run below);
 - accuracy-aware at 0.3 and 1.0: ``run_qad`` with ``max_accuracy_drop`` (per-layer sensitivity,
-  the fewest most-sensitive layers kept in float, QAD again), then the export stage.
+  the fewest most-sensitive layers kept in float, QAD again), then the export stage. The 1.0 run
+  ranks layers with the 0.3 run's ``sensitivity.json`` (``quantize.sensitivity_file``): the same
+  seed and data give the same first QAD pass, so measuring again would repeat the same numbers.
 
 Every row is an exported file run by onnxruntime on the full 10,000-image test set; latency is
 onnxruntime CPU p50 at batch 1 and 64, 2 threads, all files timed interleaved round by round
@@ -68,13 +70,25 @@ def export_row(name: str, label: str, ckpt: Path, data, qcfg: QuantizeConfig, ar
     return row
 
 
-def budget_run(name: str, ckpt: Path, data, budget: float, args) -> tuple[dict, dict]:
-    """run_qad with the budget; returns (the budget's row, the full-INT8 QAD row from its first pass)."""
+def finished_run(out: Path) -> dict | None:
+    """A budget run this script already finished (its final metrics record the budget), to reuse."""
+    for folder in (out / "mixed", out):
+        path = folder / "metrics.json"
+        if path.is_file() and "accuracy_budget" in (metrics := json.loads(path.read_text())):
+            return {"checkpoint": str(folder / "best.pt"), "metrics": metrics}
+    return None
+
+
+def budget_run(name: str, ckpt: Path, data, budget: float, args, sensitivity_file: Path | None = None) -> tuple[dict, dict]:
+    """run_qad with the budget; returns (the budget's row, the full-INT8 QAD row from its first pass).
+    ``sensitivity_file``: the ranking an earlier budget measured on the same first pass (same seed
+    and data, so run_qad would measure the same again)."""
     qcfg = QuantizeConfig(layout="ort-cpu", calib_images=512, max_accuracy_drop=budget, sensitivity_images=args.sensitivity_images,
+                          sensitivity_file=str(sensitivity_file) if sensitivity_file else None,
                           train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     t0 = time.time()
     out = WORK / name / f"qad_budget_{budget:g}"
-    res = run_qad(ckpt, qcfg, data, out, lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
+    res = finished_run(out) or run_qad(ckpt, qcfg, data, out, lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
     seconds = round(time.time() - t0, 1)
     m = res["metrics"]
     b = m["accuracy_budget"] or {}
@@ -166,9 +180,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--time-only", action="store_true", help="only time the rows already in the results JSON (a run stopped before timing)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.time()
+    if args.time_only:
+        rows = json.loads(Path(__file__).with_name("mixed_precision_results.json").read_text())
+        time_rows(rows, args)
+        write_results(rows, args, time.time() - t0)
+        return
     architectures.WORK = WORK
     data = load_data(DataConfig(train_subset=args.train_images, val_fraction=args.val_fraction), args.seed, store_size=32)
     rows: list[dict] = []
@@ -180,7 +200,8 @@ def main() -> None:
         fp32_top1 = exported_top1(ptq["fp32_onnx"], load_for_export(ckpt)[0].preprocess, data)
         mine = [ptq]
         for budget in BUDGETS:
-            row, full = budget_run(name, ckpt, data, budget, args)
+            ranked = WORK / name / f"qad_budget_{BUDGETS[0]:g}" / "sensitivity.json"
+            row, full = budget_run(name, ckpt, data, budget, args, ranked if budget != BUDGETS[0] and ranked.is_file() else None)
             if budget == BUDGETS[0]:
                 mine.append(full)
             mine.append(row)

@@ -132,6 +132,8 @@ class QuantizeConfig(Strict):
                                                                            "higher precision (FP16 on TensorRT, float on onnxruntime) until it fits")
     exclude: list[str] = Field(default_factory=list, description="layers (module paths) pinned to higher precision by hand")
     sensitivity_images: int = Field(500, ge=50, description="validation images the per-layer sensitivity is measured on")
+    sensitivity_file: str | None = Field(None, description="rank layers by this sensitivity.json (an earlier budgeted run on the same student) "
+                                                           "instead of measuring again: another budget costs only the search and QAD")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-4, batch_size=128, weight_decay=0.0, warmup_epochs=0.0, min_steps=200))
 
 

@@ -196,3 +196,22 @@ def test_cli_export_with_exclude_records_the_float_layer_and_its_cost(pico_2000_
     from edgekd.export import read_metadata
 
     assert read_metadata(tmp_path / "x" / "model.onnx")["float_layers"] == [BROKEN, "head"]
+
+
+def test_another_budget_reuses_the_sensitivity_file_and_bad_files_are_refused(pico_2000_ckpt, data, tmp_path):
+    from edgekd.quantize.sensitivity import load_sensitivity
+
+    q = _quantized(pico_2000_ckpt, data)
+    _break(q)
+    sens = measure_sensitivity(q, _score(data), len(data.val), alone=False)
+    path = tmp_path / "sensitivity.json"
+    path.write_text(json.dumps({"sensitivity": sens.to_dict()}))
+    assert load_sensitivity(path, q).ranking() == sens.ranking()
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(EdgekdError, match="cannot read the sensitivity file"):
+        load_sensitivity(tmp_path / "bad.json", q)
+    other = json.loads(path.read_text())
+    other["sensitivity"]["layers"][0]["layer"] = "blocks.9.conv"
+    path.write_text(json.dumps(other))
+    with pytest.raises(EdgekdError, match="names layer 'blocks.9.conv'"):
+        load_sensitivity(path, q)

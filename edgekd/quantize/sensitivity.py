@@ -219,6 +219,22 @@ def measure_sensitivity(gm: nn.Module, score: Score, images: int, pinned: Iterab
     return Sensitivity(images, full, everything_float, pinned, rows)
 
 
+def load_sensitivity(path: str | Path, model: nn.Module) -> Sensitivity:
+    """A ``sensitivity.json`` from an earlier run, checked against ``model``'s layers: trying another
+    budget on the same student needs the ranking, not another hour of measuring."""
+    import json
+
+    try:
+        raw = json.loads(Path(path).read_text())["sensitivity"]
+        sens = Sensitivity(raw["images"], raw["int8_top1"], raw["float_top1"], raw["pinned"], [LayerSensitivity(**r) for r in raw["layers"]])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EdgekdError(f"cannot read the sensitivity file {path}: {exc}", "pass the sensitivity.json an accuracy-budgeted run wrote") from exc
+    unknown = sorted({r.layer for r in sens.layers} - set(quantized_layers(model)))
+    if unknown:
+        raise EdgekdError(f"the sensitivity file {path} names layer '{unknown[0]}', which this model does not have", "it was measured on another network")
+    return sens
+
+
 @dataclass
 class BudgetSearch:
     budget_points: float

@@ -23,7 +23,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import load_checkpoint
 from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, load_quantized, quantize_model, save_quantized
-from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, measure_sensitivity, sensitivity_plot, set_float_layers
+from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, sensitivity_plot, set_float_layers
 
 LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
 
@@ -143,10 +143,14 @@ def search_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, la
     on the exported file), then the fewest layers in float that bring validation top-1 within
     ``cfg.max_accuracy_drop`` points of ``fp32_val``. Leaves ``model`` with that set; writes
     ``sensitivity.json`` and ``sensitivity.png`` into ``out_dir``; returns the record."""
-    probe = data.val.subset(cfg.sensitivity_images)
-    sens = measure_sensitivity(model, lambda m: top1_on(m, probe, data.classes), len(probe), cfg.exclude)
-    for layer, gain in confirm_on_export(model, sens.ranking()[:3], probe, layout, out_dir).items():
-        next(r for r in sens.layers if r.layer == layer).exported_gain = gain
+    if cfg.sensitivity_file:
+        sens = load_sensitivity(cfg.sensitivity_file, model)
+        ui.log(f"per-layer sensitivity from {cfg.sensitivity_file} ({len(sens.layers)} layers, not measured again)")
+    else:
+        probe = data.val.subset(cfg.sensitivity_images)
+        sens = measure_sensitivity(model, lambda m: top1_on(m, probe, data.classes), len(probe), cfg.exclude)
+        for layer, gain in confirm_on_export(model, sens.ranking()[:3], probe, layout, out_dir).items():
+            next(r for r in sens.layers if r.layer == layer).exported_gain = gain
     helpful = [r.layer for r in sens.layers if r.float_gain > 0]  # layers whose float copy lost nothing alone are not worth a try
     search = fit_accuracy_budget(model, helpful, lambda m: top1_on(m, data.val, data.classes), fp32_val, cfg.max_accuracy_drop, cfg.exclude)
     out_dir.mkdir(parents=True, exist_ok=True)
