@@ -36,11 +36,12 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
 def run_inprocess(*args: str) -> subprocess.CompletedProcess:
     """``edgekd ARGS`` through the real entry point (edgekd.cli.main), in this process: the same
     error handling as the console script without paying Python + torch start-up for every case."""
-    from edgekd import cli
+    from edgekd import cli, ui
 
     out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
+    argv, quiet_env, quiet = sys.argv, os.environ.get("EDGEKD_QUIET"), ui.is_quiet()
     sys.argv = ["edgekd", *map(str, args)]
+    os.environ["EDGEKD_QUIET"] = "1"  # as run_cli: no tables or progress, only what the command prints itself
     code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -49,4 +50,9 @@ def run_inprocess(*args: str) -> subprocess.CompletedProcess:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         sys.argv = argv
+        if quiet_env is None:
+            os.environ.pop("EDGEKD_QUIET", None)
+        else:
+            os.environ["EDGEKD_QUIET"] = quiet_env
+        ui.set_quiet(quiet)
     return subprocess.CompletedProcess(["edgekd", *args], code, out.getvalue(), err.getvalue())
