@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, ExcludeOpt, MaxDropOpt, SetOpt, emit, layer_list, output_folder
+from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, ExcludeOpt, SetOpt, emit, layer_list, output_folder
 from edgekd.commands import CalibImagesOpt, CalibratorOpt, CheckpointArg, RunOptions, run_options
 from edgekd.errors import EdgekdError
 
@@ -30,7 +30,9 @@ def export(
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (>= 17). \\[default: 17]")] = None,
     check_batch: Annotated[Optional[int], typer.Option(help="Held test images for the ORT-vs-PyTorch agreement check. \\[default: 256]")] = None,
     allow_not_ready: AllowNotReadyOpt = False,
-    max_accuracy_drop: MaxDropOpt = None,
+    max_accuracy_drop: Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Accuracy budget in top-1 points vs FP32 on validation: keep "
+                                                               "the most sensitive layers in float until it fits (no retraining here; `edgekd quantize` with "
+                                                               "the same option trains QAD again).")] = None,
     exclude: ExcludeOpt = None,
     *,
     run: RunOptions,
