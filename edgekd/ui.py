@@ -47,13 +47,14 @@ HEARTBEAT_S = float(os.environ.get("EDGEKD_HEARTBEAT_S", "25"))  # a non-interac
 
 def log(msg: str) -> None:
     if not is_quiet():
-        console.print(msg)
+        console.print(msg, soft_wrap=True)
         _ACTIVITY["printed"] = time.time()
 
 
 def warn(msg: str) -> None:
-    """Warnings are shown even when quiet: a slower or less accurate INT8 model must be loud."""
-    console.print(f"[bold yellow]WARNING[/]: {msg}")
+    """Warnings are shown even when quiet: a slower or less accurate INT8 model must be loud. One
+    line, never wrapped by us: a path cut in two cannot be found with grep or copied from a CI log."""
+    console.print(f"[bold yellow]WARNING[/]: {msg}", soft_wrap=True)
     _ACTIVITY["printed"] = time.time()
 
 

@@ -204,6 +204,22 @@ def test_dataset_folders_that_cannot_train(tmp_path):
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*.pt"))
 
 
+def test_a_warning_with_a_long_path_stays_on_one_line(monkeypatch, tmp_path):
+    """A CI log is 80 columns wide and no terminal: a path cut in two cannot be found with grep."""
+    from rich.console import Console
+
+    from edgekd import ui
+    log = Console(file=open(tmp_path / "log.txt", "w"), width=80, force_terminal=False)
+    monkeypatch.setattr(ui, "console", log)
+    long_path = "/tmp/" + "deep/" * 30 + "broken.png"
+    ui.warn(f"skipped 1 unreadable image(s), e.g. {long_path}")
+    monkeypatch.setitem(ui._QUIET, "on", False)
+    ui.log(f"data from {long_path}")
+    log.file.close()
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert len(lines) == 2 and lines[0].endswith(long_path) and lines[1].endswith(long_path)
+
+
 def test_folder_with_mixed_sizes_modes_and_a_truncated_image_trains(tmp_path):
     """Mixed sizes and modes are decoded to one size; the truncated file is skipped, not fatal."""
     root = _image_folder(tmp_path / "mixed", n=6, bad={"a/broken.png": b"\x89PNG\r\n\x1a\n\x00\x00truncated"})
