@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import statistics
 import sys
@@ -102,10 +103,13 @@ def budget_run(name: str, ckpt: Path, data, budget: float, args, sensitivity_fil
 
 
 def time_rows(rows: list[dict], args) -> None:
-    """p50 of every file of one student (FP32 once), interleaved round by round."""
+    """p50 of every distinct file of one student (FP32 once), interleaved round by round. Rows
+    whose files are byte-identical (a budget that kept no layer in float ships the QAD model) share
+    one measurement: timing the same file twice would only show the machine's noise as a difference."""
     for name in dict.fromkeys(r["student"] for r in rows):
         mine = [r for r in rows if r["student"] == name]
-        files = {"FP32": mine[0]["fp32_onnx"], **{r["row"]: r["onnx"] for r in mine}}
+        digest = {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in [mine[0]["fp32_onnx"]] + [r["onnx"] for r in mine]}
+        files = {digest[mine[0]["fp32_onnx"]]: mine[0]["fp32_onnx"], **{digest[r["onnx"]]: r["onnx"] for r in mine}}
         shape = tuple(mine[0]["shape"])
         for batch, runs in ((1, args.runs), (64, max(10, args.runs // 4))):
             per = {k: [] for k in files}
@@ -113,8 +117,9 @@ def time_rows(rows: list[dict], args) -> None:
                 for key, path in files.items():
                     per[key].append(ort_latency_ms(path, batch, shape, runs=runs, warmup=5, threads=2))
             for r in mine:
-                r[f"b{batch}_ms"] = statistics.median(per[r["row"]])
-                r[f"fp32_b{batch}_ms"] = statistics.median(per["FP32"])
+                r[f"b{batch}_ms"] = statistics.median(per[digest[r["onnx"]]])
+                r[f"fp32_b{batch}_ms"] = statistics.median(per[digest[mine[0]["fp32_onnx"]]])
+                r[f"b{batch}_rounds_ms"] = per[digest[r["onnx"]]]
 
 
 def write_results(rows: list[dict], args, seconds: float) -> None:
@@ -143,7 +148,7 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
             ratio = lambda b: f"{r['fp32_b%d_ms' % b] / r['b%d_ms' % b]:.2f}x" if r.get(f"b{b}_ms") else "-"  # noqa: E731
             lines.append(f"| {name} | {r['row']} | {r['float_layers']} | {100 * r['test_top1']:.2f} | {100 * (r['test_top1'] - fp32):+.2f} | {drop} | {met} | "
                          f"{r.get('b1_ms', float('nan')):.3f} | {r.get('b64_ms', float('nan')):.2f} | {ratio(1)} | {ratio(64)} |")
-    lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32).", "", "## Layers kept in float, and the most sensitive", ""]
+    lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32). " + spread_note(rows), "", "## Layers kept in float, and the most sensitive", ""]
     for r in rows:
         if r.get("budget") is not None:
             lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'} ({r['tried']} tried); most sensitive (layer, top-1 points "
@@ -152,6 +157,15 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
     out = Path(__file__).with_name("mixed_precision_results.md")
     out.write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+
+def spread_note(rows: list[dict]) -> str:
+    """How far one file's per-round p50s lie apart: a latency difference smaller than this is noise."""
+    spread = {b: max((max(r[f"b{b}_rounds_ms"]) / min(r[f"b{b}_rounds_ms"]) for r in rows if r.get(f"b{b}_rounds_ms")), default=None) for b in (1, 64)}
+    if spread[1] is None:
+        return ""
+    return (f"Largest round-to-round spread of one file's p50 (slowest / fastest round): {spread[1]:.2f}x at batch 1, {spread[64]:.2f}x at batch 64; "
+            "latency differences smaller than that are within this machine's noise.")
 
 
 def goals(rows: list[dict]) -> list[str]:
@@ -180,6 +194,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--fresh", action="store_true", help="drop the rows of students not run now (by default they stay in the results)")
     ap.add_argument("--time-only", action="store_true", help="only time the rows already in the results JSON (a run stopped before timing)")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -190,8 +205,10 @@ def main() -> None:
         write_results(rows, args, time.time() - t0)
         return
     architectures.WORK = WORK
+    results = Path(__file__).with_name("mixed_precision_results.json")
+    others = [r for r in json.loads(results.read_text()) if r["student"] not in args.students] if results.is_file() and not args.fresh else []
     data = load_data(DataConfig(train_subset=args.train_images, val_fraction=args.val_fraction), args.seed, store_size=32)
-    rows: list[dict] = []
+    rows: list[dict] = others  # the other students' rows stay; time_rows times them again with these
     for name in args.students:
         ckpt = architectures.train_fp32(name, data, args)  # the architecture benchmark's recipe, into this benchmark's folder
         ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, {})
