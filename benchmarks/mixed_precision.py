@@ -26,6 +26,7 @@ import argparse
 import datetime
 import hashlib
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -95,7 +96,8 @@ def budget_run(name: str, ckpt: Path, data, budget: float, args, sensitivity_fil
     b = m["accuracy_budget"] or {}
     plain = qcfg.model_copy(update={"max_accuracy_drop": None})
     row = export_row(name, f"accuracy-aware {budget:g}", Path(res["checkpoint"]), data, plain, args,
-                     {"budget": budget, "met_on_val": b.get("met"), "val_drop_points": b.get("val_drop_points"), "kept": m["float_layers"], "tried": max(0, len(b.get("search_steps") or []) - 1),
+                     {"budget": budget, "met_on_val": b.get("met"), "val_drop_points": b.get("val_drop_points"), "kept": m["float_layers"], "tried": sum(1 for s in b.get("search_steps") or [] if s.get("tried")),
+                      "taken_out": [s["removed"] for s in b.get("search_steps") or [] if s.get("removed") and s["kept"]],
                       "sensitivity_top5": [(r["layer"], r["float_gain"], r["exported_gain"]) for r in b.get("sensitivity", [])[:5]],
                       "qad_seconds": seconds, "fp32_val_top1": m["fp32_val_top1"], "val_top1": m["val"]["top1"]})
     full = export_row(name, "INT8 QAD", out / "best.pt", data, plain, args, {"fp32_val_top1": m["fp32_val_top1"]})
@@ -151,7 +153,7 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
     lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32). " + spread_note(rows), "", "## Layers kept in float, and the most sensitive", ""]
     for r in rows:
         if r.get("budget") is not None:
-            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'} ({r['tried']} tried); most sensitive (layer, top-1 points "
+            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'} ({r['tried']} tried; taken out again once later layers were float: {', '.join(r.get('taken_out') or []) or 'none'}); most sensitive (layer, top-1 points "
                          f"gained in float on the fake-quant model, on the exported file): {r['sensitivity_top5']}")
     lines += ["", "## Goals (issue 14)", ""] + goals(rows) + ["", "Raw rows: `mixed_precision_results.json` beside this file."]
     out = Path(__file__).with_name("mixed_precision_results.md")
@@ -216,9 +218,12 @@ def main() -> None:
 
         fp32_top1 = exported_top1(ptq["fp32_onnx"], load_for_export(ckpt)[0].preprocess, data)
         mine = [ptq]
+        kept_ranking = WORK / name / "sensitivity_first_pass.json"  # survives deleting a budget's folder to run it again
         for budget in BUDGETS:
             ranked = WORK / name / f"qad_budget_{BUDGETS[0]:g}" / "sensitivity.json"
-            row, full = budget_run(name, ckpt, data, budget, args, ranked if budget != BUDGETS[0] and ranked.is_file() else None)
+            if ranked.is_file() and not kept_ranking.is_file():
+                shutil.copyfile(ranked, kept_ranking)
+            row, full = budget_run(name, ckpt, data, budget, args, kept_ranking if kept_ranking.is_file() else None)
             if budget == BUDGETS[0]:
                 mine.append(full)
             mine.append(row)

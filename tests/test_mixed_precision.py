@@ -35,7 +35,6 @@ def data(fmnist_2000):
     return fmnist_2000
 
 
-
 def _quantized(pico_2000_ckpt, data, layout="tensorrt"):
     model = model_from_checkpoint(pico_2000_ckpt)
     return quantize_model(model, QuantizeConfig(), calibration_images(data.train, 256, 0), model.preprocess, layout)
@@ -99,6 +98,21 @@ def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(pico_2000_ckpt,
     assert len(impossible.float_layers) <= len(quantized_layers(q)) // 2
     best = max(impossible.steps, key=lambda s: s["top1"])["top1"]
     assert score(q) == pytest.approx(best)  # the model is left with the best set found
+
+
+def test_budget_search_takes_out_a_layer_that_later_ones_made_unneeded(pico_2000_ckpt, data):
+    """Forward search keeps A (it helped) then B (it fitted); B alone fits too, so A goes back to INT8.
+    The score is a table over float sets: what is under test is the search, not a network."""
+    q = _quantized(pico_2000_ckpt, data)
+    a, b = quantized_layers(q)[:2]
+    table = {(): 0.50, (a,): 0.60, (a, b): 0.90, (b,): 0.85}
+    score = lambda m: table[tuple(sorted(float_layers_of(m), key=[a, b].index))]  # noqa: E731
+    search = fit_accuracy_budget(q, [a, b], score, 0.90, 10.0)
+    assert search.met and search.float_layers == [b] and float_layers_of(q) == [b] and search.top1 == 0.85
+    assert [(s.get("tried"), s.get("removed"), s["kept"]) for s in search.steps] == [(None, None, True), (a, None, True), (b, None, True),
+                                                                                      (None, b, False), (None, a, True)]
+    pinned = fit_accuracy_budget(q, [a, b], score, 0.90, 10.0, pinned=[a])  # a layer pinned by hand is never taken out
+    assert pinned.float_layers == [a, b]
 
 
 def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(pico_2000_ckpt, data, tmp_path):

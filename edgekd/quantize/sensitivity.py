@@ -239,9 +239,10 @@ def load_sensitivity(path: str | Path, model: nn.Module) -> Sensitivity:
 class BudgetSearch:
     budget_points: float
     fp32_top1: float
-    steps: list[dict[str, Any]]  # one per layer tried: kept or not, the float set after it, top-1 with it, drop in points
+    steps: list[dict[str, Any]]  # one per layer tried ("tried") or taken out ("removed"): adopted or not, the float set after it, top-1, drop
     float_layers: list[str]
     met: bool
+    top1: float  # with ``float_layers``
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -253,12 +254,13 @@ def fit_accuracy_budget(gm: nn.Module, ranking: list[str], score: Score, fp32_to
     stops at the first set that fits. A layer stays float only if it raised top-1 (measured here,
     with the layers kept so far): single-layer gains do not add up, and on a validation set of a
     few hundred images a layer that does not help is noise, not a reason to give up INT8 speed.
+    Then :func:`_drop_unneeded` takes out the layers the fitting set does not need.
     If nothing fits before :data:`MAX_FLOAT_FRACTION` of the layers are float or the ranking runs
     out, the most accurate set found is kept and ``met`` is False. Leaves ``gm`` with the set."""
     kept = set_float_layers(gm, pinned)
     limit = max(1, int(MAX_FLOAT_FRACTION * len(quantized_layers(gm))))
     best = score(gm)
-    steps = [{"tried": None, "kept": True, "float_layers": list(kept), "top1": best, "drop_points": round(100 * (fp32_top1 - best), 3)}]
+    steps = [_step("tried", None, True, kept, best, fp32_top1)]
     for layer in (r for r in ranking if r not in kept):
         if 100 * (fp32_top1 - best) <= budget_points or len(kept) >= limit:
             break
@@ -267,9 +269,37 @@ def fit_accuracy_budget(gm: nn.Module, ranking: list[str], score: Score, fp32_to
         helped = top1 > best
         if helped:
             kept, best = float_layers_of(gm), top1
-        steps.append({"tried": layer, "kept": helped, "float_layers": list(kept), "top1": top1, "drop_points": round(100 * (fp32_top1 - top1), 3)})
+        steps.append(_step("tried", layer, helped, kept, top1, fp32_top1))
+    met = 100 * (fp32_top1 - best) <= budget_points
+    if met:
+        kept, best = _drop_unneeded(gm, kept, best, set(pinned), score, fp32_top1, budget_points, steps)
     set_float_layers(gm, kept)
-    return BudgetSearch(budget_points, fp32_top1, steps, list(kept), 100 * (fp32_top1 - best) <= budget_points)
+    return BudgetSearch(budget_points, fp32_top1, steps, list(kept), met, best)
+
+
+def _drop_unneeded(gm: nn.Module, kept: list[str], best: float, pinned: set[str], score: Score, fp32_top1: float, budget_points: float,
+                   steps: list[dict[str, Any]]) -> tuple[list[str], float]:
+    """The forward search adds layers one at a time, so a layer taken early can be unneeded once
+    later ones run in float. Take each out, the last added first, and leave it out if the rest
+    still fits: every float layer costs latency, so the set shipped is one where none can go."""
+    chosen = [k for k in kept if k not in pinned]
+    if len(chosen) < 2:  # the pinned set alone did not fit, so a single chosen layer is needed
+        return kept, best
+    for layer in reversed(chosen):
+        trial = [k for k in kept if k != layer]
+        set_float_layers(gm, trial)
+        top1 = score(gm)
+        fits = 100 * (fp32_top1 - top1) <= budget_points
+        if fits:
+            kept, best = trial, top1
+        steps.append(_step("removed", layer, fits, kept, top1, fp32_top1))
+    return kept, best
+
+
+def _step(kind: str, layer: str | None, adopted: bool, float_layers: Iterable[str], top1: float, fp32_top1: float) -> dict[str, Any]:
+    """One line of the search's record: the layer tried in float (or taken out), whether the set
+    with it was adopted, the float set after the step, and top-1 with the step's set."""
+    return {kind: layer, "kept": adopted, "float_layers": list(float_layers), "top1": top1, "drop_points": round(100 * (fp32_top1 - top1), 3)}
 
 
 def sensitivity_plot(sens: Sensitivity, path: str | Path, top: int = 20) -> Path | None:

@@ -156,7 +156,7 @@ def search_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, la
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "sensitivity.json", {"sensitivity": sens.to_dict(), "search": search.to_dict()})
     sensitivity_plot(sens, out_dir / "sensitivity.png")
-    drop = round(100 * (fp32_val - max(s["top1"] for s in search.steps if s["kept"])), 3)
+    drop = round(100 * (fp32_val - search.top1), 3)
     return {"budget_points": cfg.max_accuracy_drop, "met": search.met, "val_drop_points": drop, "float_layers": search.float_layers,
             "sensitivity": [r.__dict__ for r in sens.layers[:20]], "search_steps": search.steps, "sensitivity_file": str(out_dir / "sensitivity.json")}
 
