@@ -9,6 +9,7 @@ kept layers in FP16 on the device; this machine has no TensorRT, so that cost is
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from edgekd.export.ort_layout import ort_quantize_static, ort_source, trained_ov
 from edgekd.quantize.sensitivity import float_layers_of
 
 MAX_PREFIXES = 6  # timing every prefix of a long list buys little: the first few, then the full set
+ROUNDS = 5
 
 
 def _prefix_sizes(n: int) -> list[int]:
@@ -36,15 +38,25 @@ def float_layer_costs(model: nn.Module, req: Any, stage_dir: Path) -> dict[str, 
         return record
     pre = model.preprocess
     shape = (pre.channels, pre.input_size, pre.input_size)
-    rows = []
     with tempfile.TemporaryDirectory(dir=stage_dir) as td:
         src = ort_source(model, Path(td), pre, req.opset)
         overrides = trained_overrides(src.stripped, src.act_amax, src.weight_scale)
+        files: dict[Any, Path] = {"fp32": stage_dir / "model.fp32.onnx"}
         for k in _prefix_sizes(len(layers)):
-            path = Path(td) / f"float{k}.onnx"
-            ort_quantize_static(src.float_path, path, req.calib_u8, pre, overrides, exclude=layers[:k])
-            rows.append({"float_layers": k, "added": layers[k - 1] if k else None,
-                         **{f"batch{b}_ms": ort_latency_ms(path, b, shape, req.time_runs) for b in (1, 64)}})
-    fp32 = {f"batch{b}_ms": ort_latency_ms(stage_dir / "model.fp32.onnx", b, shape, req.time_runs) for b in (1, 64)}
-    record.update(steps=rows, fp32=fp32)
+            files[k] = Path(td) / f"float{k}.onnx"
+            ort_quantize_static(src.float_path, files[k], req.calib_u8, pre, overrides, exclude=layers[:k])
+        p50 = {b: _interleaved_p50(files, b, shape, req.time_runs) for b in (1, 64)}
+    rows = [{"float_layers": k, "added": layers[k - 1] if k else None, **{f"batch{b}_ms": p50[b][k] for b in p50}} for k in files if k != "fp32"]
+    record.update(steps=rows, fp32={f"batch{b}_ms": p50[b]["fp32"] for b in p50}, timing=f"median of {ROUNDS} interleaved rounds")
     return record
+
+
+def _interleaved_p50(files: dict[Any, Path], batch: int, shape: tuple[int, int, int], runs: int) -> dict[Any, float]:
+    """Each file's p50, as the median over rounds that time every file in turn: on a shared or
+    throttling CPU the speed drifts by tens of percent within a minute, and files timed one after
+    the other would show that drift as the cost of a layer."""
+    per: dict[Any, list[float]] = {key: [] for key in files}
+    for _ in range(ROUNDS):
+        for key, path in files.items():
+            per[key].append(ort_latency_ms(path, batch, shape, max(10, runs // ROUNDS)))
+    return {key: statistics.median(times) for key, times in per.items()}
