@@ -31,6 +31,10 @@ def main() -> None:
         return real_replace(src, dst, *args, **kwargs)
 
     os.replace = replace
+    # Ctrl-C reaches a foreground process. A test run started in the background (nohup, `cmd &` in
+    # a script) starts its children with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt: give this process the handler a terminal user's `edgekd` would have.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = ["edgekd", *sys.argv[sep + 1:]]
     from edgekd.cli import main as edgekd_main
 
