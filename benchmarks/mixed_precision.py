@@ -64,12 +64,17 @@ def export_row(name: str, label: str, ckpt: Path, data, qcfg: QuantizeConfig, ar
     out = WORK / name / label.replace(" ", "_")
     rec = run_export(ckpt, out, data, ExportConfig(precision="int8", layout="ort-cpu", check_batch=256), qcfg, seed=args.seed)
     pre = load_for_export(ckpt)[0].preprocess
-    row = {"student": name, "row": label, "onnx": rec["path"], "fp32_onnx": rec["fp32_path"], "test_top1": exported_top1(rec["path"], pre, data),
+    row = {"student": name, "row": label, "onnx": _rel(rec["path"]), "fp32_onnx": _rel(rec["fp32_path"]), "test_top1": exported_top1(rec["path"], pre, data),
            "float_layers": len(rec.get("mixed_precision", {}).get("float_layers", [])), "shape": [pre.channels, pre.input_size, pre.input_size],
            "agreement": rec["checks"]["agreement"]["top1_agreement"], **extra}
     if rec.get("mixed_precision", {}).get("steps"):
         row["cost_steps"] = rec["mixed_precision"]["steps"]
     return row
+
+
+def _rel(path: str) -> str:
+    """Paths in the results JSON are relative to the repository, so --time-only works from any checkout."""
+    return str(Path(path).resolve().relative_to(ROOT.resolve())) if Path(path).resolve().is_relative_to(ROOT.resolve()) else str(path)
 
 
 def finished_run(out: Path) -> dict | None:
@@ -110,8 +115,8 @@ def time_rows(rows: list[dict], args) -> None:
     one measurement: timing the same file twice would only show the machine's noise as a difference."""
     for name in dict.fromkeys(r["student"] for r in rows):
         mine = [r for r in rows if r["student"] == name]
-        digest = {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in [mine[0]["fp32_onnx"]] + [r["onnx"] for r in mine]}
-        files = {digest[mine[0]["fp32_onnx"]]: mine[0]["fp32_onnx"], **{digest[r["onnx"]]: r["onnx"] for r in mine}}
+        digest = {path: hashlib.sha256((ROOT / path).read_bytes()).hexdigest() for path in [mine[0]["fp32_onnx"]] + [r["onnx"] for r in mine]}
+        files = {digest[mine[0]["fp32_onnx"]]: ROOT / mine[0]["fp32_onnx"], **{digest[r["onnx"]]: ROOT / r["onnx"] for r in mine}}
         shape = tuple(mine[0]["shape"])
         for batch, runs in ((1, args.runs), (64, max(10, args.runs // 4))):
             per = {k: [] for k in files}
@@ -216,7 +221,7 @@ def main() -> None:
         ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, {})
         from edgekd.export import load_for_export
 
-        fp32_top1 = exported_top1(ptq["fp32_onnx"], load_for_export(ckpt)[0].preprocess, data)
+        fp32_top1 = exported_top1(str(ROOT / ptq["fp32_onnx"]), load_for_export(ckpt)[0].preprocess, data)
         mine = [ptq]
         kept_ranking = WORK / name / "sensitivity_first_pass.json"  # survives deleting a budget's folder to run it again
         for budget in BUDGETS:
