@@ -40,7 +40,7 @@ from _common import machine  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from edgekd.data import calibration_images  # noqa: E402
-from edgekd.export import agreement, load_for_export, ort_latency_ms, ort_logits, ort_quantize_static, reference_logits, run_export  # noqa: E402
+from edgekd.export import agreement, interleaved_latency_ms, load_for_export, ort_logits, ort_quantize_static, reference_logits, run_export  # noqa: E402
 from edgekd.finetune import load_data  # noqa: E402
 from edgekd.models import count_params, create_model  # noqa: E402
 from edgekd.quantize import run_qad  # noqa: E402
@@ -134,10 +134,7 @@ def time_rows(rows: list[dict], args) -> None:
         if row.get("quantize_static_u8u8_onnx"):
             files["quantize_static_u8u8"] = row["quantize_static_u8u8_onnx"]
         for batch, runs in ((1, args.runs), (64, max(10, args.runs // 4))):
-            per = {k: [] for k in files}
-            for _ in range(args.rounds):
-                for key, path in files.items():
-                    per[key].append(ort_latency_ms(path, batch, tuple(row["shape"]), runs=runs, warmup=5, threads=2))
+            per = interleaved_latency_ms(files, batch, tuple(row["shape"]), runs, args.rounds)
             for key in files:
                 row[f"{key}_b{batch}_ms"] = statistics.median(per[key])
 

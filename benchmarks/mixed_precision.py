@@ -45,7 +45,7 @@ from _common import machine  # noqa: E402
 import architectures  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
-from edgekd.export import ort_latency_ms, ort_logits, run_export  # noqa: E402
+from edgekd.export import interleaved_latency_ms, ort_logits, run_export  # noqa: E402
 from edgekd.finetune import load_data  # noqa: E402
 from edgekd.quantize import run_qad  # noqa: E402
 from edgekd.train import cross_entropy_loss  # noqa: E402
@@ -121,10 +121,7 @@ def time_rows(rows: list[dict], args) -> None:
         files = {digest[mine[0]["fp32_onnx"]]: ROOT / mine[0]["fp32_onnx"], **{digest[r["onnx"]]: ROOT / r["onnx"] for r in mine}}
         shape = tuple(mine[0]["shape"])
         for batch, runs in ((1, args.runs), (64, max(10, args.runs // 4))):
-            per = {k: [] for k in files}
-            for _ in range(args.rounds):
-                for key, path in files.items():
-                    per[key].append(ort_latency_ms(path, batch, shape, runs=runs, warmup=5, threads=2))
+            per = interleaved_latency_ms(files, batch, shape, runs, args.rounds)
             for r in mine:
                 r[f"b{batch}_ms"] = statistics.median(per[digest[r["onnx"]]])
                 r[f"fp32_b{batch}_ms"] = statistics.median(per[digest[mine[0]["fp32_onnx"]]])

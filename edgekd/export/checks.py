@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, TypeVar
 
 import numpy as np
 import torch
@@ -23,6 +23,8 @@ from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import QdqReport, show_report
 from edgekd.export.onnx import INPUT_NAME, has_fake_quant, without_quantizers
+
+K = TypeVar("K")
 from edgekd.export.ort_layout import check_ort_cpu_fusion
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness
 from edgekd.quantize.sensitivity import float_layers_of
@@ -79,6 +81,17 @@ def ort_latency_ms(path: str | Path, batch: int, shape: tuple[int, int, int], ru
         sess.run(None, {INPUT_NAME: x})
         times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_latency_ms(files: Mapping[K, str | Path], batch: int, shape: tuple[int, int, int], runs: int, rounds: int) -> dict[K, list[float]]:
+    """Each file's :func:`ort_latency_ms` once per round, every file in turn each round: on a shared
+    or throttling CPU the speed drifts by tens of percent within a minute, and files timed one after
+    the other would show that drift as a difference between them. Take the median of each list."""
+    per: dict[K, list[float]] = {key: [] for key in files}
+    for _ in range(rounds):
+        for key, path in files.items():
+            per[key].append(ort_latency_ms(path, batch, shape, runs))
+    return per
 
 
 

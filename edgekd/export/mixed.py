@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from edgekd.export.checks import ort_latency_ms
+from edgekd.export.checks import interleaved_latency_ms
 from edgekd.export.ort_layout import ort_quantize_static, ort_source, trained_overrides
 from edgekd.quantize.sensitivity import float_layers_of
 
@@ -45,18 +45,9 @@ def float_layer_costs(model: nn.Module, req: Any, stage_dir: Path) -> dict[str, 
         for k in _prefix_sizes(len(layers)):
             files[k] = Path(td) / f"float{k}.onnx"
             ort_quantize_static(src.float_path, files[k], req.calib_u8, pre, overrides, exclude=layers[:k])
-        p50 = {b: _interleaved_p50(files, b, shape, req.time_runs) for b in (1, 64)}
+        p50 = {b: {key: statistics.median(times) for key, times in interleaved_latency_ms(files, b, shape, max(10, req.time_runs // ROUNDS), ROUNDS).items()}
+               for b in (1, 64)}
     rows = [{"float_layers": k, "added": layers[k - 1] if k else None, **{f"batch{b}_ms": p50[b][k] for b in p50}} for k in files if k != "fp32"]
     record.update(steps=rows, fp32={f"batch{b}_ms": p50[b]["fp32"] for b in p50}, timing=f"median of {ROUNDS} interleaved rounds")
     return record
 
-
-def _interleaved_p50(files: dict[Any, Path], batch: int, shape: tuple[int, int, int], runs: int) -> dict[Any, float]:
-    """Each file's p50, as the median over rounds that time every file in turn: on a shared or
-    throttling CPU the speed drifts by tens of percent within a minute, and files timed one after
-    the other would show that drift as the cost of a layer."""
-    per: dict[Any, list[float]] = {key: [] for key in files}
-    for _ in range(ROUNDS):
-        for key, path in files.items():
-            per[key].append(ort_latency_ms(path, batch, shape, max(10, runs // ROUNDS)))
-    return {key: statistics.median(times) for key, times in per.items()}
