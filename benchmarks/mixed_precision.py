@@ -105,6 +105,8 @@ def budget_run(name: str, ckpt: Path, data, budget: float, args, sensitivity_fil
     row = export_row(name, f"accuracy-aware {budget:g}", Path(res["checkpoint"]), data, plain, args,
                      {"budget": budget, "met_on_val": b.get("met"), "val_drop_points": b.get("val_drop_points"), "kept": m["float_layers"], "tried": sum(1 for s in b.get("search_steps") or [] if s.get("tried")),
                       "taken_out": [s["removed"] for s in b.get("search_steps") or [] if s.get("removed") and s["kept"]],
+                      "back_in_int8_after_retraining": [s["removed"] for s in b.get("after_retraining") or [] if s["kept"]],
+                      "float_before_retraining": b.get("float_layers_before_retraining"),
                       "sensitivity_top5": [(r["layer"], r["float_gain"], r["exported_gain"]) for r in b.get("sensitivity", [])[:5]],
                       "qad_seconds": seconds, "fp32_val_top1": m["fp32_val_top1"], "val_top1": m["val"]["top1"]})
     full = export_row(name, "INT8 QAD", out / "best.pt", data, plain, args, {"fp32_val_top1": m["fp32_val_top1"]})
@@ -157,7 +159,7 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
     lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32). " + spread_note(rows), "", "## Layers kept in float, and the most sensitive", ""]
     for r in rows:
         if r.get("budget") is not None:
-            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'} ({r['tried']} tried; taken out again once later layers were float: {', '.join(r.get('taken_out') or []) or 'none'}); most sensitive (layer, top-1 points "
+            lines.append(f"- {r['student']}, budget {r['budget']:g}: kept {', '.join(r['kept']) or 'none'} ({r['tried']} tried; taken out again once later layers were float: {', '.join(r.get('taken_out') or []) or 'none'}; back in INT8 after the second QAD: {', '.join(r.get('back_in_int8_after_retraining') or []) or 'none'}); most sensitive (layer, top-1 points "
                          f"gained in float on the fake-quant model, on the exported file): {r['sensitivity_top5']}")
     lines += ["", "## Goals (issue 14)", ""] + goals(rows) + ["", "Raw rows: `mixed_precision_results.json` beside this file."]
     out = Path(__file__).with_name("mixed_precision_results.md")

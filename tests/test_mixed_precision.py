@@ -115,6 +115,45 @@ def test_budget_search_takes_out_a_layer_that_later_ones_made_unneeded(pico_2000
     assert pinned.float_layers == [a, b]
 
 
+def test_a_layer_back_in_int8_gets_the_range_of_its_own_weights(pico_2000_ckpt, data):
+    from edgekd.quantize.sensitivity import refresh_weight_ranges
+
+    q = _quantized(pico_2000_ckpt, data)
+    quantizer = dict(q.named_modules())[BROKEN].weight_quantizer
+    calibrated = quantizer.amax.clone()
+    _break(q)
+    refresh_weight_ranges(q, [BROKEN])
+    assert torch.allclose(quantizer.amax, calibrated)  # max calibration's per-channel range, from the weights alone
+
+
+def test_after_retraining_unneeded_float_layers_go_back_to_int8(outlier_ckpt, tmp_path):
+    """The mixed model keeps BROKEN (activation outlier at its input) and the head in float; the head
+    is not needed for the budget, so it goes back to INT8 and the checkpoint says so; BROKEN stays."""
+    from types import SimpleNamespace
+
+    from edgekd.quantize.stage import QadJob, QadPass, _retry_in_int8
+
+    small = load_data(DataConfig(train_subset=800, test_subset=200), 0)
+    model = model_from_checkpoint(outlier_ckpt)
+    q = quantize_model(model, QuantizeConfig(), calibration_images(small.train, 256, 0), model.preprocess, "tensorrt", [BROKEN, "head"])
+    score = lambda m: top1_on(m, small.val, small.classes)  # noqa: E731
+    fp32, mixed_val = score_without_quantizers(q, score), score(q)
+    set_float_layers(q, [BROKEN])
+    broken_only = score(q)
+    set_float_layers(q, [])
+    full_int8 = score(q)
+    assert full_int8 < broken_only - 0.01, "the test needs BROKEN to matter"
+    set_float_layers(q, [BROKEN, "head"])
+    budget = 100 * (fp32 - broken_only) + 0.01
+    save_quantized(tmp_path / "best.pt", q, small.classes)
+    job = QadJob({}, str(outlier_ckpt), QuantizeConfig(max_accuracy_drop=budget), small, lambda m: (cross_entropy_loss(), None))
+    mixed = QadPass(SimpleNamespace(best_path=tmp_path / "best.pt"), q, fp32, 0.0, 0.0, mixed_val, False)
+    after, steps = _retry_in_int8(job, mixed)
+    assert [(s["removed"], s["kept"]) for s in steps] == [("head", True), (BROKEN, False)]
+    assert float_layers_of(after.model) == [BROKEN] and after.val == pytest.approx(broken_only, abs=0.006)  # head's range refreshed: one image may move
+    assert float_layers_of(load_quantized(tmp_path / "best.pt")) == [BROKEN]
+
+
 def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(pico_2000_ckpt, data, tmp_path):
     q = _quantized(pico_2000_ckpt, data, "tensorrt")
     set_float_layers(q, [BROKEN])
@@ -188,6 +227,7 @@ def test_run_qad_with_a_budget_keeps_sensitive_layers_and_trains_again(outlier_c
     assert len(record["sensitivity"]["layers"]) == len(quantized_layers(load_quantized(res["checkpoint"])))
     assert any(r["exported_gain"] is not None for r in record["sensitivity"]["layers"])
     assert BROKEN in m["float_layers"] and budget["met"]
+    assert BROKEN in budget["float_layers_before_retraining"] and all("removed" in s for s in budget["after_retraining"])
     assert "mixed" in res["checkpoint"] and float_layers_of(load_quantized(res["checkpoint"])) == m["float_layers"]
     assert m["val"]["top1"] > budget["full_int8_val_top1"]
 

@@ -254,7 +254,7 @@ def fit_accuracy_budget(gm: nn.Module, ranking: list[str], score: Score, fp32_to
     stops at the first set that fits. A layer stays float only if it raised top-1 (measured here,
     with the layers kept so far): single-layer gains do not add up, and on a validation set of a
     few hundred images a layer that does not help is noise, not a reason to give up INT8 speed.
-    Then :func:`_drop_unneeded` takes out the layers the fitting set does not need.
+    Then :func:`drop_unneeded` takes out the layers the fitting set does not need.
     If nothing fits before :data:`MAX_FLOAT_FRACTION` of the layers are float or the ranking runs
     out, the most accurate set found is kept and ``met`` is False. Leaves ``gm`` with the set."""
     kept = set_float_layers(gm, pinned)
@@ -271,21 +271,19 @@ def fit_accuracy_budget(gm: nn.Module, ranking: list[str], score: Score, fp32_to
             kept, best = float_layers_of(gm), top1
         steps.append(_step("tried", layer, helped, kept, top1, fp32_top1))
     met = 100 * (fp32_top1 - best) <= budget_points
-    if met:
-        kept, best = _drop_unneeded(gm, kept, best, set(pinned), score, fp32_top1, budget_points, steps)
+    if met and len(set(kept) - set(pinned)) >= 2:  # the pinned set alone did not fit, so a single chosen layer is needed
+        kept, best = drop_unneeded(gm, kept, best, set(pinned), score, fp32_top1, budget_points, steps)
     set_float_layers(gm, kept)
     return BudgetSearch(budget_points, fp32_top1, steps, list(kept), met, best)
 
 
-def _drop_unneeded(gm: nn.Module, kept: list[str], best: float, pinned: set[str], score: Score, fp32_top1: float, budget_points: float,
-                   steps: list[dict[str, Any]]) -> tuple[list[str], float]:
+def drop_unneeded(gm: nn.Module, kept: list[str], best: float, pinned: set[str], score: Score, fp32_top1: float, budget_points: float,
+                  steps: list[dict[str, Any]]) -> tuple[list[str], float]:
     """The forward search adds layers one at a time, so a layer taken early can be unneeded once
-    later ones run in float. Take each out, the last added first, and leave it out if the rest
-    still fits: every float layer costs latency, so the set shipped is one where none can go."""
-    chosen = [k for k in kept if k not in pinned]
-    if len(chosen) < 2:  # the pinned set alone did not fit, so a single chosen layer is needed
-        return kept, best
-    for layer in reversed(chosen):
+    later ones run in float (and QAD with the set in float retrains the rest around it). Take each
+    out, the last added first, and leave it out if the rest still fits: every float layer costs
+    latency, so the set shipped is one where none can go. Appends one "removed" step per try."""
+    for layer in reversed([k for k in kept if k not in pinned]):
         trial = [k for k in kept if k != layer]
         set_float_layers(gm, trial)
         top1 = score(gm)
@@ -294,6 +292,17 @@ def _drop_unneeded(gm: nn.Module, kept: list[str], best: float, pinned: set[str]
             kept, best = trial, top1
         steps.append(_step("removed", layer, fits, kept, top1, fp32_top1))
     return kept, best
+
+
+def refresh_weight_ranges(gm: nn.Module, layers: Iterable[str]) -> None:
+    """Set each layer's weight-quantizer range to its weights' per-channel max (what max calibration
+    computes): a layer trained in float has drifted from the range calibrated before, and goes
+    back to INT8 with its own."""
+    modules = dict(gm.named_modules())
+    for layer in layers:
+        weight, quantizer = modules[layer].weight.detach(), modules[layer].weight_quantizer
+        amax = weight.abs().amax(dim=tuple(range(1, weight.dim())))
+        quantizer.amax = amax.reshape(quantizer.amax.shape) if getattr(quantizer, "amax", None) is not None else amax
 
 
 def _step(kind: str, layer: str | None, adopted: bool, float_layers: Iterable[str], top1: float, fp32_top1: float) -> dict[str, Any]:

@@ -9,6 +9,7 @@ pass never one worse than full INT8: each choice is made on validation, and reco
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +24,8 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import load_checkpoint
 from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, load_quantized, quantize_model, save_quantized
-from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, sensitivity_plot, set_float_layers
+from edgekd.quantize.sensitivity import (drop_unneeded, fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, refresh_weight_ranges,
+                                         sensitivity_plot, set_float_layers)
 
 LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
 
@@ -81,6 +83,10 @@ def top1_on(model: nn.Module, split: Split, classes: list[str]) -> float:
     return evaluate(model, split, model.preprocess, classes)["top1"]
 
 
+def _checkpoint_extra(job: QadJob) -> dict[str, Any]:
+    return {"source_checkpoint": job.source, "config": {"quantize": job.cfg.model_dump(), "seed": job.seed}}
+
+
 def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     """Quantize the FP32 student (``float_layers`` kept in higher precision), calibrate, train."""
     from edgekd.models import model_from_checkpoint
@@ -97,7 +103,7 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
     ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {cfg.calibrator} on {len(calib)} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
-    extra = {"source_checkpoint": job.source, "config": {"quantize": cfg.model_dump(), "seed": job.seed}}
+    extra = _checkpoint_extra(job)
     calibrated = copy.deepcopy(model.state_dict())
     loss_fn, extra_trainable = job.make_loss(model)
     trainable = nn.ModuleDict({"student": model, "distill": extra_trainable}) if extra_trainable is not None and any(True for _ in extra_trainable.parameters()) else None
@@ -161,6 +167,30 @@ def search_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, la
             "sensitivity": [r.__dict__ for r in sens.layers[:20]], "search_steps": search.steps, "sensitivity_file": str(out_dir / "sensitivity.json")}
 
 
+def _retry_in_int8(job: QadJob, mixed: QadPass) -> tuple[QadPass, list[dict[str, Any]]]:
+    """QAD with the chosen layers in float retrains every other layer around them, so a layer the
+    first pass needed may not be needed any more. Each goes back to INT8 in turn (its weight range
+    from its retrained weights, its input's range from the calibration), the last added first, and
+    stays in INT8 when validation still fits the budget: each float layer left costs a DQ/Q round
+    trip, enough to make a mixed MobileNetV3 slower than FP32 (benchmarks/mixed_precision_results.md).
+    The checkpoint is rewritten when a layer went back; returns the pass and the steps tried."""
+    model, before, steps = mixed.model, float_layers_of(mixed.model), []
+    pinned = set(job.cfg.exclude)
+    if not set(before) - pinned:
+        return mixed, steps
+    refresh_weight_ranges(model, before)
+    data, fp32_top1 = job.data, mixed.fp32_val
+    kept, top1 = drop_unneeded(model, before, mixed.val, pinned, lambda m: top1_on(m, data.val, data.classes), fp32_top1,
+                               job.cfg.max_accuracy_drop, steps)
+    set_float_layers(model, kept)
+    if kept == before:
+        return mixed, steps
+    ui.log(f"after retraining, {len(before) - len(kept)} of the {len(before)} float layer(s) went back to INT8 within the budget "
+           f"(val top-1 {mixed.val:.4f} -> {top1:.4f}); {len(kept)} stay in higher precision")
+    save_quantized(mixed.result.best_path, model, data.classes, {**_checkpoint_extra(job), "metrics": {"val": {"top1": top1}, "epoch": -1}})
+    return dataclasses.replace(mixed, val=top1), steps
+
+
 def _meet_budget(job: QadJob, first: QadPass, out_dir: Path) -> tuple[QadPass, dict[str, Any]]:
     """Keep the fewest, most sensitive layers in higher precision until INT8 is within the budget
     of FP32 on validation, then QAD again with them excluded (into ``out_dir/mixed``)."""
@@ -173,10 +203,11 @@ def _meet_budget(job: QadJob, first: QadPass, out_dir: Path) -> tuple[QadPass, d
     pinned = float_layers_of(first.model)
     record.update(search_float_layers(first.model, job.cfg, job.data, job.layout, out_dir, first.fp32_val))
     set_float_layers(first.model, pinned)  # first.model stays what its checkpoint holds
-    floats = record["float_layers"]
+    floats = record["float_layers_before_retraining"] = record["float_layers"]
     ui.log(f"keeping {len(floats)} layer(s) in higher precision ({', '.join(floats[:5])}{' ...' if len(floats) > 5 else ''}); "
            "quantization-aware distillation again with them excluded")
     second = _qad_pass(job, out_dir / "mixed", floats)
+    second, record["after_retraining"] = _retry_in_int8(job, second)
     chosen = second if second.val >= first.val else first
     final_drop = 100 * (chosen.fp32_val - chosen.val)
     met = final_drop <= budget
