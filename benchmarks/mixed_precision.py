@@ -68,7 +68,7 @@ def export_row(name: str, label: str, ckpt: Path, data, qcfg: QuantizeConfig, ar
     pre = load_for_export(ckpt)[0].preprocess
     row = {"student": name, "row": label, "onnx": _rel(rec["path"]), "fp32_onnx": _rel(rec["fp32_path"]), "test_top1": exported_top1(rec["path"], pre, data),
            "float_layers": len(rec.get("mixed_precision", {}).get("float_layers", [])), "shape": [pre.channels, pre.input_size, pre.input_size],
-           "agreement": rec["checks"]["agreement"]["top1_agreement"], **extra}
+           "agreement": rec["checks"]["agreement"]["top1_agreement"], "u8_weights": rec.get("u8_weights"), **extra}
     if rec.get("mixed_precision", {}).get("steps"):
         row["cost_steps"] = rec["mixed_precision"]["steps"]
     return row
@@ -143,18 +143,21 @@ def write_results(rows: list[dict], args, seconds: float) -> None:
              "exported file.",
              "- Accuracy: the exported ONNX file, onnxruntime CPU, 10,000 test images (95% CI about +-0.9 points at 60-75%). Latency: onnxruntime "
              f"CPU p50, 2 threads, {args.rounds} interleaved rounds.", "",
-             "| student | row | float layers | test top-1 % | vs FP32 (points) | val drop (points) | budget met on val | p50 b1 ms | p50 b64 ms | b1 vs FP32 | b64 vs FP32 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "- `u8 weights`: the ops the export gave u8 weights to stop onnxruntime's AVX2 drift (`image`: the first conv only; `signed`: ops "
+             "with a signed input; `all`: every op, exact but slower without VNNI). The export picks it per file by agreement with the trained "
+             "model, so two files of one network can differ in it; it moves latency more than a float layer does.", "",
+             "| student | row | float layers | u8 weights | test top-1 % | vs FP32 (points) | val drop (points) | budget met on val | p50 b1 ms | p50 b64 ms | b1 vs FP32 | b64 vs FP32 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(r["student"] for r in rows):
         mine = [r for r in rows if r["student"] == name]
         fp32 = mine[0].get("fp32_test_top1")
-        lines.append(f"| {name} | FP32 | all | {100 * fp32:.2f} | - | - | - | {mine[0].get('fp32_b1_ms', float('nan')):.3f} | "
+        lines.append(f"| {name} | FP32 | all | - | {100 * fp32:.2f} | - | - | - | {mine[0].get('fp32_b1_ms', float('nan')):.3f} | "
                      f"{mine[0].get('fp32_b64_ms', float('nan')):.2f} | 1.00x | 1.00x |")
         for r in mine:
             met = "-" if r.get("met_on_val") is None else ("yes" if r["met_on_val"] else "no")
             drop = "-" if r.get("val_drop_points") is None else f"{r['val_drop_points']:.2f}"
             ratio = lambda b: f"{r['fp32_b%d_ms' % b] / r['b%d_ms' % b]:.2f}x" if r.get(f"b{b}_ms") else "-"  # noqa: E731
-            lines.append(f"| {name} | {r['row']} | {r['float_layers']} | {100 * r['test_top1']:.2f} | {100 * (r['test_top1'] - fp32):+.2f} | {drop} | {met} | "
+            lines.append(f"| {name} | {r['row']} | {r['float_layers']} | {r.get('u8_weights') or '-'} | {100 * r['test_top1']:.2f} | {100 * (r['test_top1'] - fp32):+.2f} | {drop} | {met} | "
                          f"{r.get('b1_ms', float('nan')):.3f} | {r.get('b64_ms', float('nan')):.2f} | {ratio(1)} | {ratio(64)} |")
     lines += ["", "Speed ratios are FP32 time / row time (above 1: faster than FP32). " + spread_note(rows), "", "## Layers kept in float, and the most sensitive", ""]
     for r in rows:
