@@ -104,6 +104,11 @@ class DistillConfig(Strict):
     weak_teacher: Literal["control", "keep"] = Field("control", description="in `build`, when the fine-tuned teacher validates below the "
                                                                         "control (student alone): 'control' distils from the control instead "
                                                                         "(born-again) and QAD learns from it too; 'keep' uses the teacher anyway")
+    born_again_init: Literal["teacher", "scratch"] = Field("teacher", description="a born-again student (self-distillation; in `build`, distilling "
+                                                                                  "from the control) starts from the teacher's weights ('teacher': "
+                                                                                  "more training for a student cut short by the time budget, +0.6 "
+                                                                                  "points on the default build) or a fresh init ('scratch', "
+                                                                                  "Furlanello et al.)")
 
     @field_validator("losses")
     @classmethod

@@ -23,6 +23,17 @@ import pytest
 SSHD = "/usr/sbin/sshd"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``, the default in pyproject.toml) each worker gets one thread, and
+    so do the edgekd processes it starts: two workers with two OpenMP threads each on two cores
+    spin against each other and are slower than one worker."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @dataclass
 class LoopbackSshd:
     host: str

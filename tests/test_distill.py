@@ -217,12 +217,25 @@ def test_two_teachers_are_averaged_with_their_weights(data, teacher_path, tmp_pa
 
 def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, tmp_path):
     cfg = StudentConfig(model="nano_cnn", train=TrainConfig(epochs=1, batch_size=64, lr=3e-3))
-    result = run_distill([teacher_path], cfg, DistillConfig(), DataConfig(augment="flip"), tmp_path / "run", data=data, self_distill=True, cache_dir=tmp_path / "cache")
+    result = run_distill([teacher_path], cfg, DistillConfig(born_again_init="scratch"), DataConfig(augment="flip"), tmp_path / "run", data=data, self_distill=True,
+                         cache_dir=tmp_path / "cache")
     ckpt = load_checkpoint(result["checkpoint"])
     teacher_ckpt = load_checkpoint(teacher_path)
     assert ckpt["kind"] == "student" and ckpt["model"] == teacher_ckpt["model"] and ckpt["preprocess"]["input_size"] == 32
     assert not torch.equal(ckpt["state_dict"]["head.weight"], teacher_ckpt["state_dict"]["head.weight"])
     assert ckpt["config"]["self_distill"] is True and ckpt["teachers"][0]["sha256"] == sha256_file(teacher_path)
+
+
+def test_born_again_from_the_teachers_weights_starts_as_the_teacher(data, teacher_path):
+    from edgekd.distill.stage import make_student
+
+    teacher = load_teacher(teacher_path)
+    x = teacher.preprocess(data.test.images[:16])
+    cfg = StudentConfig(model="nano_cnn")
+    continued, fresh = make_student(cfg, data, [teacher], True, "teacher"), make_student(cfg, data, [teacher], True, "scratch")
+    with torch.no_grad():
+        assert torch.equal(continued.eval()(x), teacher.model(x)) and not torch.allclose(fresh.eval()(x), teacher.model(x))
+    assert all(p.requires_grad for p in continued.parameters())  # the teacher is frozen, its copy trains
 
 
 # ----------------------------------------------------------------------------- CLI

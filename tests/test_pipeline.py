@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -79,6 +80,17 @@ def test_changing_a_late_setting_reruns_only_later_stages(built, tmp_path):
     status = {k: v["status"] for k, v in res["stages"].items()}
     assert status["teacher"] == status["distill"] == status["qad"] == status["export"] == "skipped"
     assert status["bench"] == "done"
+
+
+def test_a_changed_distill_setting_retrains_the_student_from_scratch(built, tmp_path):
+    """The copy's student/last.pt was written with other distillation settings: the stage starts
+    over instead of refusing to resume it (or continuing it)."""
+    out = tmp_path / "copy"
+    shutil.copytree(built[0], out)
+    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--set", "distill.temperature=2", "--out", out, "--json", "--until", "distill", env=ENV))
+    status = {k: v["status"] for k, v in res["stages"].items()}
+    assert status["teacher"] == status["control"] == "skipped" and status["distill"] == "done"
+    assert json.loads((out / "student" / "metrics.json").read_text())["resumed_from_epoch"] is None and Manifest(out).verify() == []
 
 
 def test_bundle_round_trip_predicts_like_the_pipeline(built, tmp_path):

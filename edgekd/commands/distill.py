@@ -60,7 +60,7 @@ def distill(
                                                       "\\[default: teacher]")] = None,
     assistant: Annotated[Optional[str], typer.Option(help="--mode assistant: the intermediate network (a name, distilled from the teacher first) or its checkpoint .pt.")] = None,
     peers: Annotated[Optional[str], typer.Option(help="--mode mutual: how many copies of the student (e.g. 2), or the peers' names (e.g. nano_cnn,small_cnn). \\[default: 2]")] = None,
-    self_distill: Annotated[bool, typer.Option("--self-distill", help="Born-again: the single --teacher is a trained student; train a fresh copy of it.")] = False,
+    self_distill: Annotated[bool, typer.Option("--self-distill", help="Born-again: the single --teacher is a trained student; train a copy of it that starts from its weights (--set distill.born_again_init=scratch: a fresh init).")] = False,
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Cache teacher outputs when augmentation allows it ('none', 'flip'). \\[default: cache]")] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Teacher-output cache folder. \\[default: $EDGEKD_CACHE_DIR or ~/.cache/edgekd/teacher-logits]")] = None,
     input_size: Annotated[Optional[int], typer.Option(help="Student input side in pixels. \\[default: 28]")] = None,

@@ -53,14 +53,23 @@ def check_student_name(name: str) -> None:
     raise EdgekdError(f"unknown student '{name}'", f"pick one of {', '.join(s.name for s in list_students())} (see `edgekd models`) or a timm model name")
 
 
-def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teacher], self_distill: bool) -> nn.Module:
-    """A fresh student: the configured one at the dataset's channels, or (born-again) a copy of the teacher's architecture."""
+def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teacher], self_distill: bool, init: str = "scratch") -> nn.Module:
+    """A fresh student: the configured one at the dataset's channels, or (born-again) a copy of the
+    teacher's architecture, freshly initialised or (``init="teacher"``) starting from its weights."""
     if self_distill:
         t = teachers[0]
         model = create_model(t.spec["name"], data.num_classes, "none", in_chans=t.spec["in_chans"], width=t.spec.get("width", 1.0), input_size=t.preprocess.input_size)
         model.preprocess = t.preprocess
+        if init == "teacher":
+            model.load_state_dict(t.model.state_dict())
         return model
     return create_model(student_cfg.model, data.num_classes, "none", in_chans=data.channels, width=student_cfg.width, input_size=student_cfg.input_size)
+
+
+def born_again_note(self_distill: bool, init: str) -> str:
+    if not self_distill:
+        return ""
+    return " (born-again copy of the teacher, from its weights)" if init == "teacher" else " (born-again copy of the teacher, fresh init)"
 
 
 def check_resume_matches(last: Path, extra: dict) -> None:
@@ -83,7 +92,7 @@ class DistillOptions:
     deterministic: bool = False
     resume: bool = True  # continue from ``last.pt`` in the output folder
     data: DataSet | None = None  # already loaded (a build shares one copy); default: load ``data_cfg``
-    self_distill: bool = False  # born-again: a fresh copy of the one teacher's architecture
+    self_distill: bool = False  # born-again: a copy of the one teacher's architecture (see DistillConfig.born_again_init)
     cache_dir: str | Path | None = None  # where teacher outputs are cached (default: beside the output)
 
 
@@ -112,7 +121,7 @@ def run_distill(teachers: list[str | Path], student_cfg: StudentConfig, distill_
 
     ``options`` are :class:`DistillOptions` fields. With ``self_distill`` (born-again networks,
     Furlanello et al. 2018) the single teacher must be a trained student and the new student is a
-    freshly initialised copy of its architecture.
+    copy of its architecture, starting from its weights or fresh (``distill_cfg.born_again_init``).
     """
     from edgekd.finetune import load_data
     from edgekd.train import device as train_device, seed_everything
@@ -125,13 +134,13 @@ def run_distill(teachers: list[str | Path], student_cfg: StudentConfig, distill_
     data = opts.data or load_data(data_cfg, opts.seed)
     if opts.self_distill and student_cfg.model != loaded[0].spec["name"]:
         ui.log(f"self-distillation: the student is a fresh {loaded[0].spec['name']} like the teacher (student.model={student_cfg.model} is ignored)")
-    student = make_student(student_cfg, data, loaded, opts.self_distill)
+    student = make_student(student_cfg, data, loaded, opts.self_distill, distill_cfg.born_again_init)
     dev = train_device()
     student.to(dev)
     loss_fn, adapters = build_distill_loss(student, loaded, distill_cfg, data, opts.cache_dir, data_cfg.augment, dev)  # validates, then caches
     teacher_records = measure_teachers(loaded, data, distill_cfg.temperature)
     warn_flat_soft_targets(loaded, teacher_records, distill_cfg)
-    ui.log(f"student {student.edgekd_spec['name']}{' (born-again copy of the teacher)' if opts.self_distill else ''}: {count_params(student):,} params at "
+    ui.log(f"student {student.edgekd_spec['name']}{born_again_note(opts.self_distill, distill_cfg.born_again_init)}: {count_params(student):,} params at "
            f"{student.preprocess.input_size} px; teachers {', '.join(t.name for t in loaded)}; losses {'+'.join(distill_cfg.losses)}; "
            f"data {data.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test")
     extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": opts.seed,

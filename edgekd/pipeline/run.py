@@ -3,6 +3,7 @@ that runs them."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -87,12 +88,26 @@ def stage_hash(ctx: BuildContext, stage: str) -> str:
     return sha256_json({"stage": stage, "config": stage_config(ctx.recipe, ctx.target, stage), "inputs": inputs, **extra})
 
 
+TRAINING_FOLDERS = {"teacher": "teacher", "control": "control", "distill": "student", "qad": "qad"}  # where each training stage resumes from
+
+
+def drop_stale_training(ctx: BuildContext, stage: str, config_hash: str) -> None:
+    """A training stage resumes from its folder's ``last.pt`` only when that run had this stage's
+    settings and inputs (an interrupted build). After a recipe edit or a new upstream model the
+    stage starts over: resuming would continue, or refuse, another run's training."""
+    entry, folder = ctx.manifest.stage(stage), TRAINING_FOLDERS.get(stage)
+    if folder and entry and entry.get("config_hash") != config_hash and (ctx.out / folder).exists():
+        shutil.rmtree(ctx.out / folder)
+        ui.log(f"[dim]{stage}: its settings or inputs changed since the last run; training starts over[/]")
+
+
 def run_stage(ctx: BuildContext, stage: str) -> dict:
     h = stage_hash(ctx, stage)
     if ctx.manifest.is_done(stage, h):
         entry = ctx.manifest.stage(stage)
         ui.log(f"[dim]{stage}: up to date, skipped[/]")
         return {"status": "skipped", "seconds": 0.0, "metrics": entry.get("metrics", {})}
+    drop_stale_training(ctx, stage, h)
     limit = ctx.stage_limit = ctx.time_limit(stage)
     ui.log(f"[bold]{stage}[/] ..." + (f" (time budget share: {limit:.0f} s)" if limit else ""))
     ctx.manifest.start(stage, h)
