@@ -23,15 +23,6 @@ import pytest
 SSHD = "/usr/sbin/sshd"
 
 
-LONGEST_MODULES = ("test_small_folder.py", "test_hardening.py")  # about 3 min each on two busy cores
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    """The longest modules first: xdist hands out whole files in collection order, and a 3-minute
-    test that starts last leaves the other worker idle at the end of the run."""
-    items.sort(key=lambda item: item.path.name not in LONGEST_MODULES)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2``, the default in pyproject.toml) each worker gets one thread, and
     so do the edgekd processes it starts: two workers with two OpenMP threads each on two cores
