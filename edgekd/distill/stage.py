@@ -53,7 +53,7 @@ def check_student_name(name: str) -> None:
     raise EdgekdError(f"unknown student '{name}'", f"pick one of {', '.join(s.name for s in list_students())} (see `edgekd models`) or a timm model name")
 
 
-def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teacher], self_distill: bool, init: str = "scratch") -> nn.Module:
+def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teacher], self_distill: bool, init: str) -> nn.Module:
     """A fresh student: the configured one at the dataset's channels, or (born-again) a copy of the
     teacher's architecture, freshly initialised or (``init="teacher"``) starting from its weights."""
     if self_distill:

@@ -23,12 +23,12 @@ from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import QdqReport, show_report
 from edgekd.export.onnx import INPUT_NAME, has_fake_quant, without_quantizers
-
-K = TypeVar("K")
 from edgekd.export.ort_layout import check_ort_cpu_fusion
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness
 from edgekd.quantize.sensitivity import float_layers_of
 from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
+
+K = TypeVar("K")
 
 FIXES = {"tensorrt": "quantize the model for this target (edgekd quantize --layout tensorrt, or build --target with a TensorRT target)",
          "ort-cpu": "quantize the model for this target (edgekd quantize --layout ort-cpu)"}

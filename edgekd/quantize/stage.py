@@ -172,7 +172,7 @@ def _retry_in_int8(job: QadJob, mixed: QadPass) -> tuple[QadPass, list[dict[str,
     first pass needed may not be needed any more. Each goes back to INT8 in turn (its weight range
     from its retrained weights, its input's range from the calibration), the last added first, and
     stays in INT8 when validation still fits the budget: each float layer left costs a DQ/Q round
-    trip, enough to make a mixed MobileNetV3 slower than FP32 (benchmarks/mixed_precision_results.md).
+    trip (MobileNetV3-Large at budget 0.3: 6 float layers before, 2 after; benchmarks/mixed_precision_results.md).
     The checkpoint is rewritten when a layer went back; returns the pass and the steps tried."""
     model, before, steps = mixed.model, float_layers_of(mixed.model), []
     pinned = set(job.cfg.exclude)
