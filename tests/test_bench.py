@@ -359,11 +359,12 @@ def test_pytest_plugin_from_a_users_test_file(tmp_path: Path, models: dict[str, 
         def test_on_jetson():
             assert_latency(MODEL, target="jetson-orin-nano")
 
+        # one thread, as the CI worker that runs this owns one core; batch 8 so a call is not all jitter
         def test_baseline_then_compare():
-            assert_latency(MODEL, baseline=BASE, reference=REF, runs=600)
+            assert_latency(MODEL, baseline=BASE, reference=REF, runs=600, threads=1, batch=8)
 
         def test_planted_slowdown():
-            assert_latency(SLOW, baseline=BASE, reference=REF, runs=600, max_regression="10%")
+            assert_latency(SLOW, baseline=BASE, reference=REF, runs=600, threads=1, batch=8, max_regression="10%")
         """))
     env = {**os.environ, "PYTHONPATH": ""}
     cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(test_file)]
