@@ -132,6 +132,9 @@ class QuantizeConfig(Strict):
     calib_images: int = Field(512, ge=16)
     fold_bn: bool = True
     layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
+    weight_bits: int | None = Field(None, ge=7, le=8, description="weight grid QAD trains and the file ships: 7 cannot saturate onnxruntime's "
+                                                                 "u8 x s8 kernels on x86 CPUs without VNNI (its reduce_range); unset: 7 for the "
+                                                                 "ort-cpu layout on an x86-64 target, else 8")
     max_accuracy_drop: float | None = Field(None, ge=0, le=100, description="accuracy budget in top-1 points vs the FP32 student (validation): "
                                                                            "if INT8 loses more after QAD, the most sensitive layers stay in "
                                                                            "higher precision (FP16 on TensorRT, float on onnxruntime) until it fits")

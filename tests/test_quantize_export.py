@@ -197,6 +197,43 @@ def test_ort_layout_runs_in_integer_kernels_and_keeps_trained_scales(quant_pico,
     assert any(abs(s - amax / rec["relu_codes"]) < 1e-6 * max(1.0, amax) for s in scales)  # the trained grid (ReLU output: codes 0..127 or 0..255)
 
 
+def _weight_codes(path: Path) -> list[np.ndarray]:
+    """The integer weights of an onnxruntime QDQ file (the int8/uint8 initializers its DequantizeLinear nodes read), centred on their zero point."""
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    codes = []
+    for n in g.node:
+        w = inits.get(n.input[0]) if n.op_type == "DequantizeLinear" else None
+        if w is not None and w.ndim >= 2 and w.dtype in (np.int8, np.uint8):
+            zp = inits[n.input[2]].astype(np.int32).reshape(-1, *[1] * (w.ndim - 1)) if len(n.input) > 2 else 0
+            codes.append(w.astype(np.int32) - zp)
+    return codes
+
+
+def test_x86_ort_layout_trains_and_ships_7_bit_weights(trained_pico, data, tmp_path):
+    """onnxruntime's AVX2 u8 x s8 kernel cannot saturate on 7-bit weights: QAD trains that grid, the file ships it, exactly."""
+    from edgekd.quantize import default_weight_bits, for_target
+
+    assert default_weight_bits("ort-cpu", "x86_64") == 7 and default_weight_bits("ort-cpu", "aarch64") == 8 and default_weight_bits("tensorrt", "x86_64") == 8
+    assert for_target(QuantizeConfig(), "ort-cpu", "x86_64").weight_bits == 7
+    assert for_target(QuantizeConfig(weight_bits=8), "ort-cpu", "x86_64").weight_bits == 8  # an explicit setting wins
+    files = {}
+    for bits in (7, 8):
+        q = copy.deepcopy(trained_pico[0])
+        q.edgekd_spec, q.preprocess = trained_pico[0].edgekd_spec, trained_pico[0].preprocess
+        qm = quantize_model(q, QuantizeConfig(weight_bits=bits), data.train.images[:256], q.preprocess, layout="ort-cpu")
+        rec = export_model(qm, tmp_path / str(bits), ExportRequest("int8", "ort-cpu", data.classes, data.test.images[:256], None, data.train.images[:256], time_runs=3))
+        assert rec["weight_bits"] == bits and rec["checks"]["agreement"]["top1_agreement"] >= 0.99, rec["checks"]["agreement"]
+        files[bits] = (rec, _weight_codes(Path(rec["path"])), qm)
+    rec7, codes7, qm7 = files[7]
+    assert codes7 and rec7["u8_weights"] == "none" and set(rec7["variants_tried"]) == {"127", "255"}
+    assert max(int(np.abs(c).max()) for c in codes7) == 63  # every layer on the 7-bit grid, its largest weight at code 63
+    assert max(int(np.abs(c).max()) for c in files[8][1]) == 127
+    back = load_quantized(save_quantized(tmp_path / "q7.pt", qm7, data.classes))  # the checkpoint carries its grid
+    x = qm7.preprocess(data.test.images[:64])
+    assert back.edgekd_quant["weight_bits"] == 7 and torch.equal(back(x), qm7(x))
+
+
 # ----------------------------------------------------------------------------- TensorRT readiness
 @pytest.fixture(scope="module")
 def trt_resnet_proto(data, tmp_path_factory):

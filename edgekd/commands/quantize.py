@@ -44,15 +44,14 @@ def quantize(
     and writes sensitivity.json / sensitivity.png beside the checkpoint.
     """
     from edgekd.finetune import load_data
-    from edgekd.quantize import run_qad
+    from edgekd.quantize import for_target, run_qad
+    from edgekd.targets import get_target
 
     recipe = run.recipe(config, set_, {"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
                                        "quantize.layout": layout, "quantize.max_accuracy_drop": max_accuracy_drop,
                                        "quantize.exclude": layer_list(exclude), **train.overrides()}, QUICK)
-    if recipe.quantize.layout == "auto":
-        from edgekd.targets import get_target
-
-        recipe.quantize.layout = get_target(recipe.target).layout
+    target = get_target(recipe.target)
+    recipe.quantize = for_target(recipe.quantize, target.layout, target.arch)
     data = load_data(recipe.data, recipe.seed)
     augment = "flip" if recipe.data.augment != "none" else "none"
     with output_folder(run.out):

@@ -28,6 +28,28 @@ def has_fake_quant(model: nn.Module) -> bool:
     return bool(enabled_quantizers(model))
 
 
+def on_int8_grid(model: nn.Module) -> nn.Module:
+    """``model`` with every narrower weight quantizer written as an INT8 one (a copy; the model itself when there is none).
+
+    ONNX Q/DQ and modelopt's exporter are 8-bit only. A 7-bit grid (step amax/63) is the 8-bit grid
+    of a quantizer with amax * 127/63 holding weights that never go past code 63: the weights are
+    snapped to their 7-bit values first, so the file computes exactly what QAD trained.
+    """
+    from edgekd.quantize import enabled_quantizers
+
+    narrow = [n for n, q in enabled_quantizers(model).items() if n.endswith("weight_quantizer") and q.num_bits < 8]
+    if not narrow:
+        return model
+    model = copy.deepcopy(model)
+    for name in narrow:
+        layer, quantizer = model.get_submodule(name.rpartition(".")[0]), model.get_submodule(name)
+        with torch.no_grad():
+            layer.weight.copy_(quantizer(layer.weight))
+        quantizer.amax = quantizer.amax * 127.0 / quantizer.maxbound
+        quantizer.num_bits = 8
+    return model
+
+
 def torch_to_onnx(model: nn.Module, path: str | Path, preprocess: Preprocess, opset: int = 17, dynamo: bool = False) -> "onnx.ModelProto":  # noqa: F821
     """Export with a dynamic batch axis, input 'input', output 'logits'; returns the loaded proto.
 
@@ -40,7 +62,7 @@ def torch_to_onnx(model: nn.Module, path: str | Path, preprocess: Preprocess, op
     if quantized and dynamo:
         raise EdgekdError("the dynamo ONNX exporter breaks fake-quant (no Q/DQ nodes come out)",
                           "edgekd exports quantized models with the TorchScript exporter (dynamo=False)")
-    model.eval()
+    model = on_int8_grid(model).eval() if quantized else model.eval()
     example = torch.zeros(2, preprocess.channels, preprocess.input_size, preprocess.input_size)
     with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

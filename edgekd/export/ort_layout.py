@@ -80,7 +80,7 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
 
     Activations: u8 on the trained grid (:func:`u8_params`). Weights: the trained per-channel
     scales, s8 with zero point 0, except for the ops ``u8_weights`` names, which get u8 weights with
-    zero point 128 (the same grid, shifted): ``"image"``, the ops that read the network's input;
+    zero point 128 (the same grid, shifted): ``"none"`` (7-bit weights cannot saturate); ``"image"``, the ops that read the network's input;
     ``"signed"``, every op whose input is strongly signed (u8 zero point >= 64); ``"all"``, every
     op (unsigned ReLU6 outputs use codes up to 255 too). Why: onnxruntime's
     AVX2 u8 x s8 kernel adds pairs of products in 16 bits and saturates when neighbouring codes are
@@ -117,6 +117,8 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
     graph_inputs = {i.name for i in stripped.graph.input}
 
     def wants_u8(node) -> bool:
+        if u8_weights == "none":
+            return False
         if u8_weights == "all":
             return True
         if u8_weights == "signed":
@@ -268,6 +270,9 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
     127 codes and 0.13 with 255), so both are measured and the one with the smaller mean |logit
     difference| ships (a continuous measure: top-1 agreement on a few hundred images moves in steps
     of a few tenths of a percent). The record keeps every result.
+
+    A model trained on 7-bit weights (the x86 default, :func:`edgekd.quantize.default_weight_bits`)
+    cannot saturate, so its weights stay s8 everywhere (the fast kernels) and no u8 variant is tried.
     """
     from edgekd.export.checks import agreement, ort_logits, reference_logits
 
@@ -278,17 +283,18 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
         src = ort_source(qmodel, Path(td), preprocess, opset)
 
         def attempt(codes: int, u8_weights: str) -> str:
-            key = f"{codes}" if u8_weights == "image" else f"{codes}-{u8_weights}"
+            key = f"{codes}" if u8_weights in ("image", "none") else f"{codes}-{u8_weights}"
             untrained[key] = quantize_for_ort(src, Path(td) / f"{key}.onnx", preprocess, calib_u8, codes, u8_weights)
             logits = ort_logits(Path(td) / f"{key}.onnx", check_x.numpy())
             tried[key] = {**agreement(reference, logits), "mean_abs_diff": float(np.abs(reference - logits).mean())}
             return key
 
+        narrow = getattr(qmodel, "edgekd_quant", {}).get("weight_bits", 8) < 8  # 7-bit weights: no kernel can saturate
         for codes in (127, 255):
-            attempt(codes, "image")
+            attempt(codes, "none" if narrow else "image")
         best = min(tried, key=lambda k: (round(tried[k]["mean_abs_diff"], 6), -tried[k]["top1_agreement"], k != "127"))
         for policy in ("signed", "all"):  # slower kernels, no saturation: only when the fast file drifts
-            if tried[best]["top1_agreement"] >= min_agreement:
+            if narrow or tried[best]["top1_agreement"] >= min_agreement:
                 break
             wider = attempt(int(best.partition("-")[0]), policy)
             best = wider if tried[wider]["mean_abs_diff"] < tried[best]["mean_abs_diff"] else best
@@ -298,8 +304,8 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
     if policy:
         ui.warn(f"onnxruntime's u8 x s8 kernels saturate on this model (top-1 agreement with the trained model "
                 f"{tried[codes]['top1_agreement']:.2%}); shipping u8 weights on {policy} ops instead: exact, but slower on CPUs without VNNI")
-    return {"untrained_tensors": untrained[best], "relu_codes": int(codes), "u8_weights": policy or "image",
-            "relu_codes_tried": {k: v for k, v in tried.items() if "-" not in k}, "variants_tried": tried}
+    return {"untrained_tensors": untrained[best], "relu_codes": int(codes), "u8_weights": policy or ("none" if narrow else "image"),
+            "weight_bits": 7 if narrow else 8, "relu_codes_tried": {k: v for k, v in tried.items() if "-" not in k}, "variants_tried": tried}
 
 
 def check_ort_cpu_fusion(path: str | Path, float_layers: Iterable[str] = ()) -> QdqReport:

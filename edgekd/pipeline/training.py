@@ -92,7 +92,7 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
     """Quantization-aware distillation: the INT8 fake-quant student keeps learning from the FP32
     model the distill stage learned from (the teacher, or the control when the teacher was weaker)."""
     from edgekd.distill import build_distill_loss, load_teacher
-    from edgekd.quantize import run_qad
+    from edgekd.quantize import for_target, run_qad
 
     rc = ctx.recipe
     teacher = load_teacher(ctx.path("distill", "kd_teacher"))
@@ -101,7 +101,7 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
     def make_loss(qstudent):
         return build_distill_loss(qstudent, [teacher], rc.distill, ctx.data, ctx.out / "cache", augment)
 
-    cfg = rc.quantize if rc.quantize.layout != "auto" else rc.quantize.model_copy(update={"layout": ctx.target.layout})
+    cfg = for_target(rc.quantize, ctx.target.layout, ctx.target.arch)
     cfg = cfg.model_copy(update={"train": ctx.limited(cfg.train)})
     r = run_qad(ctx.path("distill", "shipped_checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
     m = r["metrics"]

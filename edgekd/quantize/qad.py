@@ -56,16 +56,35 @@ def _tensor_quantizer_cls() -> type:
     return TensorQuantizer
 
 
-def weight_config() -> dict:
-    """modelopt config: INT8 per-channel (axis 0) symmetric weights on every Conv/Linear, max calibration.
+def weight_config(bits: int = 8) -> dict:
+    """modelopt config: per-channel (axis 0) symmetric ``bits``-bit weights on every Conv/Linear, max calibration.
 
     Everything else is off: activations are quantized by the quantizers
     :mod:`edgekd.quantize.placement` puts on the graph (modelopt's own per-module
     ``input_quantizer`` would put a second, differently scaled quantizer on the same tensor).
     """
     return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
-                          {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": 8, "axis": 0}}],
+                          {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": bits, "axis": 0}}],
             "algorithm": "max"}
+
+
+def default_weight_bits(layout: str, arch: str) -> int:
+    """7-bit weights for onnxruntime on x86-64, 8 elsewhere.
+
+    Without VNNI (AVX2, most edge x86 boxes and this CI machine), onnxruntime's u8 x s8 kernels add
+    neighbouring products in 16 bits (``vpmaddubsw``) and saturate: 2 * 255 * 127 > 32767. Its
+    documented cures are u8 weights (exact, but up to 2x slower on large convs here) or 7-bit weights
+    (``reduce_range``: 2 * 255 * 63 < 32767). Trained in QAD, the 7-bit grid costs little accuracy
+    and keeps the fast kernel; TensorRT and ARM kernels accumulate in 32 bits and keep 8.
+    """
+    return 7 if layout == "ort-cpu" and arch == "x86_64" else 8
+
+
+def for_target(cfg: QuantizeConfig, layout: str, arch: str) -> QuantizeConfig:
+    """``cfg`` with 'auto' layout and unset weight bits resolved for a target (its layout and CPU architecture)."""
+    layout = cfg.layout if cfg.layout != "auto" else layout
+    bits = cfg.weight_bits or default_weight_bits(layout, arch)
+    return cfg.model_copy(update={"layout": layout, "weight_bits": bits})
 
 
 ACTIVATION_CFG = [{"quantizer_name": f"{ACT_PREFIX}.*", "cfg": {"num_bits": 8, "axis": None}}]
@@ -142,7 +161,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
     with warnings.catch_warnings(), ui.quiet_library_output():
         warnings.simplefilter("ignore")
         try:
-            qmodel = mtq.quantize(qmodel, weight_config(), None)  # converts Conv/Linear; must precede any other quantizer
+            qmodel = mtq.quantize(qmodel, weight_config(cfg.weight_bits or 8), None)  # converts Conv/Linear; must precede any other quantizer
             insert_activation_quantizers(qmodel, layout, _tensor_quantizer_cls())
             mtq.set_quantizer_by_cfg(qmodel, ACTIVATION_CFG + [{"quantizer_name": name, "cfg": {"num_bits": 8, "axis": None, "unsigned": True}}
                                                                for name in qmodel.edgekd_placement["unsigned"]])
@@ -157,7 +176,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
         recalibrate_activations(qmodel, loop, cfg.calibrator, cfg.percentile)
     kept = set_float_layers(qmodel, cfg.exclude if float_layers is None else float_layers)
     qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile,
-                           "layout": layout, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False)), "float_layers": kept}
+                           "layout": layout, "weight_bits": cfg.weight_bits or 8, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False)), "float_layers": kept}
     return qmodel
 
 
@@ -199,7 +218,7 @@ def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
     model = create_model(spec["name"], spec["num_classes"], pretrained="none", in_chans=spec["in_chans"], width=spec.get("width", 1.0),
                          input_size=ckpt["preprocess"]["input_size"])
     model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
-    cfg = QuantizeConfig(fold_bn=q["fold_bn"], calibrator=q["calibrator"], percentile=q.get("percentile", 99.99))
+    cfg = QuantizeConfig(fold_bn=q["fold_bn"], calibrator=q["calibrator"], percentile=q.get("percentile", 99.99), weight_bits=q.get("weight_bits", 8))
     qmodel = quantize_model(model, cfg, None, model.preprocess, q["layout"], q.get("float_layers", []))
     state = ckpt["state_dict"]
     TQ = _tensor_quantizer_cls()

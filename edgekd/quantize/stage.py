@@ -23,9 +23,10 @@ from edgekd.data import DataSet, Split, calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import load_checkpoint
-from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, load_quantized, quantize_model, save_quantized
+from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, for_target, load_quantized, quantize_model, save_quantized
 from edgekd.quantize.sensitivity import (drop_unneeded, fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, refresh_weight_ranges,
                                          sensitivity_plot, set_float_layers)
+from edgekd.targets import host_arch
 
 LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
 
@@ -235,6 +236,7 @@ def run_qad(student_ckpt: str | Path, cfg: QuantizeConfig, data: DataSet, out_di
     ckpt = load_checkpoint(student_ckpt)
     if ckpt.get("quantize"):
         raise EdgekdError(f"{student_ckpt} is already quantized", "pass the FP32 student from `edgekd distill`")
+    cfg = for_target(cfg, "tensorrt", host_arch())  # what a caller without a target left unset: this machine's
     out = Path(out_dir)
     job = QadJob(ckpt, str(student_ckpt), cfg, data, make_loss, seed, augment, resume)
     chosen = first = _qad_pass(job, out, list(cfg.exclude))
