@@ -88,7 +88,7 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
                residual_adds=len(trt["residual_adds"]), residual_adds_quantized=sum(all(a["inputs_quantized"]) for a in trt["residual_adds"]),
                ort_integer_ops=rec["checks"]["ort_cpu_fusion"]["counts"]["integer_ops"],
                ort_float_ops=rec["checks"]["ort_cpu_fusion"]["counts"]["float_compute_ops"], relu_codes=rec.get("relu_codes"),
-               u8_weights=rec.get("u8_weights"))
+               u8_weights=rec.get("u8_weights"), weight_bits=rec.get("weight_bits", 8))
     model, _ = load_for_export(qad["checkpoint"])
     x = model.preprocess(data.test.images)
     labels = data.test.labels.numpy()
@@ -104,11 +104,13 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
         ort_quantize_static(Path(rec["fp32_path"]), base, calibration_images(data.train, 512, args.seed), model.preprocess)
         row["quantize_static_onnx"] = str(base)
         row["quantize_static_test_top1"], _ = test_accuracy(base, x.numpy(), labels)
-        if row["u8_weights"] == "all":  # edgekd shipped u8 weights: onnxruntime's own U8U8 quantize_static is the like-for-like baseline
-            base_u8 = out / "export" / "quantize_static_u8u8.onnx"
-            ort_quantize_static(Path(rec["fp32_path"]), base_u8, calibration_images(data.train, 512, args.seed), model.preprocess, u8_weights=True)
-            row["quantize_static_u8u8_onnx"] = str(base_u8)
-            row["quantize_static_u8u8_test_top1"], _ = test_accuracy(base_u8, x.numpy(), labels)
+        like_for_like = {"all": ("quantize_static_u8u8", {"u8_weights": True}), "none": ("quantize_static_r7", {"reduce_range": True})}
+        if row["u8_weights"] in like_for_like:  # onnxruntime's own quantize_static with the weight type edgekd shipped (U8U8, or 7-bit)
+            key, options = like_for_like[row["u8_weights"]]
+            base_like = out / "export" / f"{key}.onnx"
+            ort_quantize_static(Path(rec["fp32_path"]), base_like, calibration_images(data.train, 512, args.seed), model.preprocess, **options)
+            row[f"{key}_onnx"] = str(base_like)
+            row[f"{key}_test_top1"], _ = test_accuracy(base_like, x.numpy(), labels)
         row["shape"] = [model.preprocess.channels, model.preprocess.input_size, model.preprocess.input_size]
     return row
 
@@ -131,8 +133,8 @@ def time_rows(rows: list[dict], args) -> None:
         if row["layout"] != "ort-cpu" or not row.get("completed"):
             continue
         files = {"fp32": row["fp32_onnx"], "edgekd": row["onnx"], "quantize_static": row["quantize_static_onnx"]}
-        if row.get("quantize_static_u8u8_onnx"):
-            files["quantize_static_u8u8"] = row["quantize_static_u8u8_onnx"]
+        for key in baselines(row)[1:]:
+            files[key] = row[f"{key}_onnx"]
         for batch, runs in ((1, args.runs), (64, max(10, args.runs // 4))):
             per = interleaved_latency_ms(files, batch, tuple(row["shape"]), runs, args.rounds)
             for key in files:
@@ -143,7 +145,12 @@ def fmt_pct(v) -> str:
     return "-" if v is None else f"{100 * v:.2f}"
 
 
+def kept_rows(rows: list[dict], args) -> list[str]:
+    return [f"{r['student']} {r['layout']}" for r in rows if r["student"] not in args.students or r["layout"] not in args.layouts]
+
+
 def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
+    rows.sort(key=lambda r: (STUDENTS.index(r["student"]) if r["student"] in STUDENTS else len(STUDENTS), LAYOUTS.index(r["layout"])))
     label = "QUICK CHECK (tiny budget, not the real numbers)" if args.quick else "full run"
     lines = [f"# Bring your own network: QAD + both INT8 layouts per architecture ({label})", "",
              f"- Date: {datetime.date.today()}; machine: {machine()}",
@@ -155,8 +162,8 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              "efficientnet_lite0 (offline ImageNet weights); every other network starts from random init.",
              "- INT8 accuracy is that of the exported file, run by onnxruntime (the tensorrt-layout file with graph optimisations off, so its "
              "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 export of the same trained model.",
-             *([f"- Rows of {', '.join(sorted({r['student'] for r in rows} - set(args.students)))} come from an earlier run of this script with the "
-                "same budget (`--merge`); every row was timed together in this run."] if getattr(args, "merge", False) else []),
+             *([f"- Rows trained in an earlier run of this script with the same budget (`--merge`): {', '.join(kept_rows(rows, args)) or 'none'}; "
+                "every row was timed together in this run."] if getattr(args, "merge", False) else []),
              *(["- The training run was stopped for time before its timing phase; the rows it finished were timed afterwards with `--time-only` "
                 "(the minutes above are the timing run's)."] if getattr(args, "time_only", False) else []),
              "", "## Correctness and accuracy", "",
@@ -185,18 +192,19 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
                          f"| {r['fp32_b64_ms']:.2f} | {r['edgekd_b64_ms']:.2f} | {r[base + '_b64_ms']:.2f} "
                          f"| {r['edgekd_b1_ms'] / r[base + '_b1_ms']:.2f}x | {r['edgekd_b64_ms'] / r[base + '_b64_ms']:.2f}x "
                          f"| {r['fp32_b1_ms'] / r['edgekd_b1_ms']:.2f}x | {r['fp32_b64_ms'] / r['edgekd_b64_ms']:.2f}x "
-                         f"| {fmt_pct(r[base + '_test_top1'])}{' (U8U8)' if base.endswith('u8u8') else ''} | {WEIGHTS.get(r.get('u8_weights'), 's8')} |")
+                         f"| {fmt_pct(r[base + '_test_top1'])}{BASELINE_LABEL.get(base, '')} | {WEIGHTS.get(r.get('u8_weights'), 's8')} |")
     lines += ["", "## Goals (issue 12)", ""] + goals(rows) + ["", "Raw rows: `architectures_results.json` beside this file.", ""]
     path.write_text("\n".join(lines))
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
 
 
-WEIGHTS = {"image": "s8 (u8 on the image conv)", "signed": "u8 on signed inputs", "all": "u8 (saturation-free)"}
+WEIGHTS = {"image": "s8 (u8 on the image conv)", "signed": "u8 on signed inputs", "all": "u8 (saturation-free)", "none": "7-bit s8 (trained)"}
+BASELINE_LABEL = {"quantize_static_u8u8": " (U8U8)", "quantize_static_r7": " (reduce_range: 7-bit)"}
 
 
 def baselines(row: dict) -> list[str]:
     """quantize_static variants timed for a row; the last is the like-for-like one (same weight type)."""
-    return ["quantize_static"] + (["quantize_static_u8u8"] if "quantize_static_u8u8_b1_ms" in row else [])
+    return ["quantize_static"] + [k for k in BASELINE_LABEL if f"{k}_onnx" in row]
 
 
 def goals(rows: list[dict]) -> list[str]:
@@ -212,7 +220,7 @@ def goals(rows: list[dict]) -> list[str]:
     timed = [r for r in done if "edgekd_b1_ms" in r]
     ok = [r for r in timed if max(r["edgekd_b1_ms"] / r[baselines(r)[-1] + "_b1_ms"], r["edgekd_b64_ms"] / r[baselines(r)[-1] + "_b64_ms"]) <= 1.1]
     out.append(f"- edgekd INT8 <= 1.1x quantize_static latency at batch 1 and 64 (like-for-like weights: U8U8 where edgekd shipped u8 "
-               f"weights): {len(ok)}/{len(timed)}.")
+               f"weights, reduce_range where it shipped 7-bit ones): {len(ok)}/{len(timed)}.")
     slow = [r["student"] for r in timed if r["edgekd_b1_ms"] > r["fp32_b1_ms"] or r["edgekd_b64_ms"] > r["fp32_b64_ms"]]
     out.append(f"- INT8 not faster than FP32 here at batch 1 or 64 (the build says so and suggests the FP32 export): {', '.join(slow) or 'none'}.")
     return out
@@ -221,6 +229,7 @@ def goals(rows: list[dict]) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", nargs="+", default=STUDENTS)
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="layouts to (re)run; with --merge the others' rows are kept")
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--qad-epochs", type=int, default=1)
@@ -249,7 +258,8 @@ def main() -> None:
     torch.set_num_threads(2)
     t0 = time.time()
     data = load_data(DataConfig(train_subset=args.train_images), args.seed, store_size=32)
-    rows = [r for r in json.loads(args.out.with_suffix(".json").read_text()) if r["student"] not in args.students] if args.merge else []
+    rows = [r for r in json.loads(args.out.with_suffix(".json").read_text())
+            if r["student"] not in args.students or r["layout"] not in args.layouts] if args.merge else []
     for row in rows:
         if row.get("completed") and "noise_floor" not in row:  # rows from a run that predates the column
             model, _ = load_for_export(WORK / row["student"] / row["layout"] / "qad" / "best.pt")
@@ -258,7 +268,7 @@ def main() -> None:
     for name in args.students:
         ckpt = train_fp32(name, data, args)
         params = count_params(load_for_export(ckpt)[0])
-        for layout in LAYOUTS:
+        for layout in args.layouts:
             row = quantize_and_export(name, layout, ckpt, data, args)
             row["params"] = params
             rows.append(row)

@@ -176,9 +176,10 @@ class _CalibReader:
 
 def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch.Tensor, preprocess: Preprocess,
                         overrides: dict[str, list[dict[str, Any]]] | None = None, exclude: list[str] | None = None,
-                        u8_weights: bool = False) -> Path:
+                        u8_weights: bool = False, reduce_range: bool = False) -> Path:
     """onnxruntime's QDQ quantizer: per-channel s8 weights, u8 activations (the x86 fast path).
-    ``u8_weights`` is onnxruntime's documented cure for AVX2 u8 x s8 saturation (its U8U8 format).
+    ``u8_weights`` (its U8U8 format) and ``reduce_range`` (7-bit weights) are onnxruntime's
+    documented cures for AVX2 u8 x s8 saturation.
 
     With ``overrides`` the trained scales are used; tensors without one are calibrated by MinMax
     on ``calib_u8``. Without overrides this is plain post-training quantization (a baseline), after
@@ -195,7 +196,7 @@ def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch
         quant_pre_process(str(fp32_path), str(pre), skip_optimization=bool(overrides), skip_symbolic_shape=True)
         quantize_static(str(pre), str(tmp), _CalibReader(calib_u8, preprocess), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if u8_weights else QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=CalibrationMethod.MinMax, reduce_range=reduce_range,
                         extra_options=extra, nodes_to_exclude=exclude or [])
     return Path(path)
 
