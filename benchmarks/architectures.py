@@ -164,7 +164,7 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 export of the same trained model.",
              *([f"- Rows trained in an earlier run of this script with the same budget (`--merge`): {', '.join(kept_rows(rows, args)) or 'none'}; "
                 "every row was timed together in this run."] if getattr(args, "merge", False) else []),
-             *(["- The training run was stopped for time before its timing phase; the rows it finished were timed afterwards with `--time-only` "
+             *(["- Timed by `--time-only`: the rows of the results JSON (trained by an earlier invocation) timed again, every row in one run "
                 "(the minutes above are the timing run's)."] if getattr(args, "time_only", False) else []),
              "", "## Correctness and accuracy", "",
              "| student | layout | completed | Conv/Gemm quantized (per-channel axis 0) | residual adds, both inputs quantized | TensorRT readiness errors "

@@ -194,7 +194,8 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, expor
 
     ``export_cfg.precision`` / ``export_cfg.layout`` must already be resolved (:func:`resolve_layout`).
     """
-    from edgekd.quantize import is_quantized, quantize_model
+    from edgekd.quantize import default_weight_bits, is_quantized, quantize_model
+    from edgekd.targets import get_target, host_arch
 
     model, ckpt = load_for_export(checkpoint)
     calib = calibration_images(data.train, quantize_cfg.calib_images, seed)
@@ -202,7 +203,8 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, expor
     if precision == "int8" and not is_quantized(model):
         ui.warn(f"{checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {len(calib)} images (post-training quantization, no QAD); "
                 "run `edgekd quantize` first for quantization-aware distillation")
-        model = quantize_model(model, quantize_cfg, calib, model.preprocess, layout)
+        bits = quantize_cfg.weight_bits or default_weight_bits(layout, get_target(target).arch if target else host_arch())
+        model = quantize_model(model, quantize_cfg.model_copy(update={"weight_bits": bits}), calib, model.preprocess, layout)
     if precision == "int8":
         record_budget = choose_float_layers(model, quantize_cfg, data, layout, Path(out_dir))
     check = data.test.subset(export_cfg.check_batch)
