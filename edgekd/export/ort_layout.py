@@ -117,10 +117,8 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
     graph_inputs = {i.name for i in stripped.graph.input}
 
     def wants_u8(node) -> bool:
-        if u8_weights == "none":
-            return False
-        if u8_weights == "all":
-            return True
+        if u8_weights in ("none", "all"):
+            return u8_weights == "all"
         if u8_weights == "signed":
             return act_params.get(node.input[0], (0, 128))[1] >= SIGNED_ZERO_POINT_FOR_U8_WEIGHTS
         return node.input[0] in graph_inputs
@@ -248,11 +246,7 @@ def quantize_for_ort(src: OrtSource, path: str | Path, preprocess: Preprocess, c
 
 def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17,
                     relu_codes: int = 127, u8_weights: str = "image") -> tuple[Path, list[str]]:
-    """The onnxruntime-CPU layout from a trained fake-quant model, keeping its learned scales.
-
-    Returns the path and the activations whose scale had to be calibrated here (see
-    :func:`untrained_tensors`).
-    """
+    """The onnxruntime-CPU layout of a fake-quant model with its trained scales; returns the path and the activations calibrated here (:func:`untrained_tensors`)."""
     with tempfile.TemporaryDirectory() as td:
         src = ort_source(qmodel, Path(td), preprocess, opset)
         return Path(path), quantize_for_ort(src, path, preprocess, calib_u8, relu_codes, u8_weights)
