@@ -244,12 +244,17 @@ def quantize_for_ort(src: OrtSource, path: str | Path, preprocess: Preprocess, c
     return untrained_tensors(path, overrides)
 
 
+def base_u8_policy(qmodel: nn.Module) -> str:
+    """The u8-weight policy of a model's fast file: 'none' on 7-bit weights (nothing can saturate), else 'image'."""
+    return "none" if getattr(qmodel, "edgekd_quant", {}).get("weight_bits", 8) < 8 else "image"
+
+
 def export_int8_ort(qmodel: nn.Module, path: str | Path, preprocess: Preprocess, calib_u8: torch.Tensor, opset: int = 17,
-                    relu_codes: int = 127, u8_weights: str = "image") -> tuple[Path, list[str]]:
+                    relu_codes: int = 127, u8_weights: str | None = None) -> tuple[Path, list[str]]:
     """The onnxruntime-CPU layout of a fake-quant model with its trained scales; returns the path and the activations calibrated here (:func:`untrained_tensors`)."""
     with tempfile.TemporaryDirectory() as td:
         src = ort_source(qmodel, Path(td), preprocess, opset)
-        return Path(path), quantize_for_ort(src, path, preprocess, calib_u8, relu_codes, u8_weights)
+        return Path(path), quantize_for_ort(src, path, preprocess, calib_u8, relu_codes, u8_weights or base_u8_policy(qmodel))
 
 
 def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preprocess, calib_u8: torch.Tensor, check_x: torch.Tensor, opset: int,
@@ -284,9 +289,10 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
             tried[key] = {**agreement(reference, logits), "mean_abs_diff": float(np.abs(reference - logits).mean())}
             return key
 
-        narrow = getattr(qmodel, "edgekd_quant", {}).get("weight_bits", 8) < 8  # 7-bit weights: no kernel can saturate
+        base = base_u8_policy(qmodel)
+        narrow = base == "none"
         for codes in (127, 255):
-            attempt(codes, "none" if narrow else "image")
+            attempt(codes, base)
         best = min(tried, key=lambda k: (round(tried[k]["mean_abs_diff"], 6), -tried[k]["top1_agreement"], k != "127"))
         for policy in ("signed", "all"):  # slower kernels, no saturation: only when the fast file drifts
             if narrow or tried[best]["top1_agreement"] >= min_agreement:
@@ -299,7 +305,7 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
     if policy:
         ui.warn(f"onnxruntime's u8 x s8 kernels saturate on this model (top-1 agreement with the trained model "
                 f"{tried[codes]['top1_agreement']:.2%}); shipping u8 weights on {policy} ops instead: exact, but slower on CPUs without VNNI")
-    return {"untrained_tensors": untrained[best], "relu_codes": int(codes), "u8_weights": policy or ("none" if narrow else "image"),
+    return {"untrained_tensors": untrained[best], "relu_codes": int(codes), "u8_weights": policy or base,
             "weight_bits": 7 if narrow else 8, "relu_codes_tried": {k: v for k, v in tried.items() if "-" not in k}, "variants_tried": tried}
 
 
