@@ -25,7 +25,7 @@ from edgekd.finetune import load_data
 from edgekd.models import create_model
 from edgekd.data import calibration_images
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, quantize_model, run_qad, save_quantized)
-from edgekd.quantize.placement import ACT_PREFIX, input_quantizer_of
+from edgekd.quantize.placement import ACT_PREFIX, input_quantizers
 from edgekd.train import cross_entropy_loss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_quantize_inserts_per_channel_weights_and_residual_quantizers(data):
     qs = enabled_quantizers(m)
     w = qs["stem.0.weight_quantizer"]
     assert w.axis == 0 and w.amax.numel() == m.get_submodule("stem.0").out_channels
-    assert input_quantizer_of(m, "stem.0").amax.numel() == 1
+    assert input_quantizers(m)["stem.0"].amax.numel() == 1
     adds = [n for n in m.graph.nodes if n.op == "call_function" and n.target.__name__ == "add"]
     assert len(adds) == 3
     for add in adds:  # both inputs of every residual add come through a quantizer (TensorRT placement)
@@ -97,7 +97,7 @@ def test_histogram_calibrator_clips_below_max(trained_pico, data):
     amax = {}
     for cal in ("max", "percentile"):
         q = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calibrator=cal, percentile=99.0), calib, trained_pico[0].preprocess)
-        amax[cal] = float(input_quantizer_of(q, "features.2.0").amax)
+        amax[cal] = float(input_quantizers(q)["features.2.0"].amax)
     assert 0 < amax["percentile"] < amax["max"]
 
 
@@ -192,7 +192,7 @@ def test_ort_layout_runs_in_integer_kernels_and_keeps_trained_scales(quant_pico,
     assert fusion["counts"]["integer_ops"] >= 3 and fusion["ok"] and fusion["counts"]["float_compute_ops"] == 0
     g = onnx.load(rec["path"]).graph
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    amax = float(input_quantizer_of(quant_pico, "features.2.0").amax)
+    amax = float(input_quantizers(quant_pico)["features.2.0"].amax)
     scales = [float(inits[n.input[1]]) for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert any(abs(s - amax / rec["relu_codes"]) < 1e-6 * max(1.0, amax) for s in scales)  # the trained grid (ReLU output: codes 0..127 or 0..255)
 

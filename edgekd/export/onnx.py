@@ -29,18 +29,22 @@ def has_fake_quant(model: nn.Module) -> bool:
 
 
 def on_int8_grid(model: nn.Module) -> nn.Module:
-    """``model`` with every narrower weight quantizer written as an INT8 one (a copy; the model itself when there is none).
+    """``model`` as the file must compute it (a copy; the model itself when nothing changes): every
+    narrower weight quantizer written as an INT8 one, and biases on onnxruntime's int32 grid.
 
     ONNX Q/DQ and modelopt's exporter are 8-bit only. A 7-bit grid (step amax/63) is the 8-bit grid
     of a quantizer with amax * 127/63 holding weights that never go past code 63: the weights are
-    snapped to their 7-bit values first, so the file computes exactly what QAD trained.
+    snapped to their 7-bit values first, so the file computes exactly what QAD trained. Biases that
+    QAD rounded in a hook (ort-cpu layout, :mod:`edgekd.quantize.bias`) are written rounded.
     """
     from edgekd.quantize import enabled_quantizers
+    from edgekd.quantize.bias import bias_hooks, snap_biases
 
     narrow = [n for n, q in enabled_quantizers(model).items() if n.endswith("weight_quantizer") and q.num_bits < 8]
-    if not narrow:
+    if not narrow and not bias_hooks(model):
         return model
     model = copy.deepcopy(model)
+    snap_biases(model)
     for name in narrow:
         layer, quantizer = model.get_submodule(name.rpartition(".")[0]), model.get_submodule(name)
         with torch.no_grad():

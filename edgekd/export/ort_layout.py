@@ -99,7 +99,8 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
             act_params[tensor] = (-amax / 255.0, 0)
             continue
         producer = nonnegative_producer(tensor, g.producers, g.consts)
-        low = 0.0 if producer else lower_bound(tensor, g.producers, amax)
+        # 7-bit weights cannot saturate, so a signed tensor takes the whole trained s8 grid, clipping included (zero point 128)
+        low = 0.0 if producer else (-128.0 * amax / 127.0 if u8_weights == "none" else lower_bound(tensor, g.producers, amax))
         # onnxruntime drops a Clip (ReLU6) into the Q before it, so the Q's range must end where the
         # clip does: 255 codes over [0, amax]; a Relu has no upper bound and may use either range.
         act_params[tensor] = u8_params(max(amax, 1e-12), low, 255 if producer == "Clip" else relu_codes)

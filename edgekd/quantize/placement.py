@@ -226,18 +226,17 @@ def traced_for_placement(model: nn.Module) -> torch.fx.GraphModule:
     return gm
 
 
-def input_quantizer_of(gm: torch.fx.GraphModule, module_path: str) -> nn.Module | None:
-    """The activation quantizer feeding the module at ``module_path`` (a Conv, Linear...), or None."""
+def input_quantizers(gm: torch.fx.GraphModule) -> dict[str, nn.Module]:
+    """{module path: the activation quantizer feeding it} for every module (Conv, Linear...) that reads one."""
     modules = dict(gm.named_modules())
+    found = {}
     for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target == module_path:
-            src = node.args[0]
-            while isinstance(src, torch.fx.Node) and _is_passthrough(src, modules):
-                src = src.args[0]
-            if isinstance(src, torch.fx.Node) and src.op == "call_module" and str(src.target).startswith(ACT_PREFIX + "."):
-                return modules[src.target]
-            return None
-    return None
+        src = node.args[0] if node.op == "call_module" and node.args else None
+        while isinstance(src, torch.fx.Node) and _is_passthrough(src, modules):
+            src = src.args[0]
+        if isinstance(src, torch.fx.Node) and src.op == "call_module" and str(src.target).startswith(ACT_PREFIX + "."):
+            found.setdefault(node.target, modules[src.target])
+    return found
 
 
 def _nonnegative_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> set[torch.fx.Node]:

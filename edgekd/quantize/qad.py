@@ -31,6 +31,7 @@ from edgekd.config import QuantizeConfig
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
+from edgekd.quantize.bias import round_biases_like_onnxruntime
 from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, fold_batchnorm, insert_activation_quantizers, plain_linears, reparameterize, traced_for_placement
 from edgekd.quantize.sensitivity import set_float_layers
 
@@ -175,6 +176,8 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
     if loop is not None and cfg.calibrator in HISTOGRAM_METHODS:
         recalibrate_activations(qmodel, loop, cfg.calibrator, cfg.percentile)
     kept = set_float_layers(qmodel, cfg.exclude if float_layers is None else float_layers)
+    if layout == "ort-cpu":
+        round_biases_like_onnxruntime(qmodel)
     qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile,
                            "layout": layout, "weight_bits": cfg.weight_bits or 8, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False)), "float_layers": kept}
     return qmodel

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from edgekd import ui
 from edgekd.errors import EdgekdError
-from edgekd.quantize.placement import ACT_PREFIX, INPUT_KINDS, _is_passthrough, input_quantizer_of, op_kind
+from edgekd.quantize.placement import ACT_PREFIX, INPUT_KINDS, _is_passthrough, input_quantizers, op_kind
 
 ORIGINAL_INPUT = "edgekd_quantized_input"  # node.meta key: the (quantized) input a layer had before any bypass
 BYPASS_CLONE = "edgekd_bypass_clone"
@@ -149,7 +149,7 @@ class _OnlyQuantized:
     def __enter__(self) -> nn.Module:
         self.before = float_layers_of(self.gm)
         set_float_layers(self.gm, [n for n in quantized_layers(self.gm) if n != self.layer])
-        self.switched = _act_quantizers_off(self.gm, keep=(input_quantizer_of(self.gm, self.layer),) if self.layer else ())
+        self.switched = _act_quantizers_off(self.gm, keep=(input_quantizers(self.gm).get(self.layer),) if self.layer else ())
         return self.gm
 
     def __exit__(self, *exc) -> None:
