@@ -73,8 +73,11 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     qcfg = QuantizeConfig(layout=layout, calib_images=512,
                           train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     t0 = time.time()
-    qad = run_qad(ckpt, qcfg, data, out / "qad", lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
-    row = {"student": name, "layout": layout, "qad_seconds": round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
+    if args.reuse_qad and (out / "qad" / "metrics.json").is_file():
+        qad = {"checkpoint": str(out / "qad" / "best.pt"), "metrics": json.loads((out / "qad" / "metrics.json").read_text())}
+    else:
+        qad = run_qad(ckpt, qcfg, data, out / "qad", lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
+    row = {"student": name, "layout": layout, "qad_seconds": qad["metrics"].get("train_seconds") if args.reuse_qad else round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
            "fp32_val_top1": qad["metrics"]["fp32_val_top1"], "qad_val_top1": qad["metrics"]["val"]["top1"], "qad_result": qad["metrics"]["result"]}
     try:
         rec = run_export(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout=layout, check_batch=256), qcfg, seed=args.seed)
@@ -238,6 +241,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--retrain", action="store_true")
+    ap.add_argument("--reuse-qad", action="store_true", help="export and measure the QAD checkpoints of an earlier run again (an export change) instead of re-running QAD")
     ap.add_argument("--quick", action="store_true", help="tiny budget, to check the script runs")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("architectures_results.md"))
     ap.add_argument("--merge", action="store_true",
