@@ -11,7 +11,8 @@ How the trained scales reach that layout, exactly and for any traceable network:
    {tensor: amax} for activations and {weight: per-channel scales}. No name mapping by module
    path is involved, so nothing can land on the wrong layer.
 3. onnxruntime's own ``quantize_static`` lays out its QDQ graph on the stripped FP32 graph with
-   ``TensorQuantOverrides`` holding those scales: the runtime's placement rules, the trained grid.
+   ``TensorQuantOverrides`` holding those scales: the runtime's placement rules, the trained grid
+   (biases too: QAD rounds them to onnxruntime's int32 grid, :mod:`edgekd.quantize.bias`).
    Tensors it quantizes that training did not (the ``ort-cpu`` placement mirrors onnxruntime's, so
    normally none) are calibrated on images and counted in the export record.
 """
@@ -99,7 +100,6 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
             act_params[tensor] = (-amax / 255.0, 0)
             continue
         producer = nonnegative_producer(tensor, g.producers, g.consts)
-        # 7-bit weights cannot saturate, so a signed tensor takes the whole trained s8 grid, clipping included (zero point 128)
         low = 0.0 if producer else (-128.0 * amax / 127.0 if u8_weights == "none" else lower_bound(tensor, g.producers, amax))
         # onnxruntime drops a Clip (ReLU6) into the Q before it, so the Q's range must end where the
         # clip does: 255 codes over [0, amax]; a Relu has no upper bound and may use either range.
@@ -136,19 +136,16 @@ def trained_overrides(stripped, act_amax: dict[str, float], weight_scale: dict[s
 
 def u8_params(amax: float, minimum: float, relu_codes: int = 127) -> tuple[float, int]:
     """u8 scale / zero point for a tensor whose trained quantizer is symmetric int8 with ``amax``
-    and whose values cannot go below ``minimum`` (a bound of the op that makes it). The scale is always the trained
-    grid's step (amax/127) or, for non-negative tensors, optionally half of it.
+    and whose values cannot go below ``minimum`` (a bound of the op that makes it).
 
     - Non-negative (after ReLU / ReLU6 / sigmoid): zero point 0, which also lets onnxruntime drop a
-      ReLU into the QLinearConv before it.
-      ``relu_codes=127``: scale amax/127, the trained grid; codes 0..127 for values up to amax, so
-      the u8 x s8 products of onnxruntime's x86 kernel (``vpmaddubsw``, 16-bit pair sums) cannot
-      saturate (2 * 127 * 127 < 32767); values above amax clip at 2*amax instead of amax.
-      ``relu_codes=255``: scale amax/255, the trained range on a grid twice as fine.
-    - Signed: scale amax/127 and the smallest zero point that still holds ``minimum``
-      (ceil(-minimum / scale), at most 128). Every value in [minimum, amax] lands on the trained
-      grid; a tensor that is barely negative by construction (hard-swish: >= -0.375) keeps small
-      codes, so onnxruntime's u8 x s8 kernel is far from saturating.
+      ReLU into the QLinearConv before it. ``relu_codes=127``: scale amax/127, the trained grid;
+      codes 0..127 up to amax, so onnxruntime's x86 u8 x s8 kernel (``vpmaddubsw``, 16-bit pair
+      sums) cannot saturate; values above amax clip at 2*amax. ``relu_codes=255``: amax/255.
+    - Signed: scale amax/127 and the smallest zero point that holds ``minimum`` (at most 128). A
+      tensor barely negative by construction (hard-swish: >= -0.375) keeps small codes, far from
+      saturating; with 7-bit weights nothing saturates and ``minimum`` is the trained grid's own
+      (-128 codes), so the zero point is 128 and the file clips exactly where training did.
     """
     if minimum >= 0:
         return amax / float(relu_codes), 0
@@ -161,16 +158,13 @@ class _CalibReader:
 
     def __init__(self, images_u8: torch.Tensor, preprocess: Preprocess, batch_size: int = 64):
         self.batches = [preprocess(images_u8[i : i + batch_size]).numpy() for i in range(0, len(images_u8), batch_size)]
-        self.i = 0
+        self.rewind()
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        if self.i >= len(self.batches):
-            return None
-        self.i += 1
-        return {INPUT_NAME: self.batches[self.i - 1]}
+        return next(self.feeds, None)
 
     def rewind(self) -> None:
-        self.i = 0
+        self.feeds = iter([{INPUT_NAME: b} for b in self.batches])
 
 
 def ort_quantize_static(fp32_path: str | Path, path: str | Path, calib_u8: torch.Tensor, preprocess: Preprocess,
