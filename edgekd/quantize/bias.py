@@ -5,7 +5,7 @@ input_scale x weight_scale of each output channel: ``quantize_static`` rounds ev
 that grid. A fake-quant model adds its float bias. The difference is below 1% of an output step,
 yet it flips rounding decisions that cascade through a deep network: on the architecture
 benchmark's 2-epoch depthwise students, the ort-cpu file agreed with the fake-quant model on
-70-94% of top-1 predictions with onnxruntime's rounded biases, and on 98.8-99.9% with that same
+68-94% of top-1 predictions with onnxruntime's rounded biases, and on 98.6-99.9% with that same
 file's biases left in float (``benchmarks/architectures_results.md``).
 
 So for the ort-cpu layout the fake-quant model rounds its biases the same way: a forward hook adds
