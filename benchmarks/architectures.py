@@ -73,11 +73,12 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     qcfg = QuantizeConfig(layout=layout, calib_images=512,
                           train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     t0 = time.time()
-    if args.reuse_qad and (out / "qad" / "metrics.json").is_file():
+    reused = args.reuse_qad and (out / "qad" / "metrics.json").is_file()
+    if reused:
         qad = {"checkpoint": str(out / "qad" / "best.pt"), "metrics": json.loads((out / "qad" / "metrics.json").read_text())}
     else:
         qad = run_qad(ckpt, qcfg, data, out / "qad", lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
-    row = {"student": name, "layout": layout, "qad_seconds": qad["metrics"].get("train_seconds") if args.reuse_qad else round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
+    row = {"student": name, "layout": layout, "qad_seconds": qad["metrics"].get("train_seconds") if reused else round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
            "fp32_val_top1": qad["metrics"]["fp32_val_top1"], "qad_val_top1": qad["metrics"]["val"]["top1"], "qad_result": qad["metrics"]["result"]}
     try:
         rec = run_export(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout=layout, check_batch=256), qcfg, seed=args.seed)

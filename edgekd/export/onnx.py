@@ -38,7 +38,7 @@ def on_int8_grid(model: nn.Module) -> nn.Module:
     QAD rounded in a hook (ort-cpu layout, :mod:`edgekd.quantize.bias`) are written rounded.
     """
     from edgekd.quantize import enabled_quantizers
-    from edgekd.quantize.bias import bias_hooks, snap_biases
+    from edgekd.quantize.bias import bias_hooks, file_amax, snap_biases
 
     narrow = [n for n, q in enabled_quantizers(model).items() if n.endswith("weight_quantizer") and q.num_bits < 8]
     if not narrow and not bias_hooks(model):
@@ -49,7 +49,7 @@ def on_int8_grid(model: nn.Module) -> nn.Module:
         layer, quantizer = model.get_submodule(name.rpartition(".")[0]), model.get_submodule(name)
         with torch.no_grad():
             layer.weight.copy_(quantizer(layer.weight))
-        quantizer.amax = quantizer.amax * 127.0 / quantizer.maxbound
+        quantizer.amax = file_amax(quantizer)
         quantizer.num_bits = 8
     return model
 

@@ -24,6 +24,13 @@ import torch.nn as nn
 from edgekd.quantize.placement import input_quantizers
 
 
+def file_amax(weight_quantizer: nn.Module) -> torch.Tensor:
+    """The amax a weight quantizer has in the ONNX file: a 7-bit grid (step amax/63) is written as
+    the 8-bit grid with the same step, amax x 127/63 (:func:`edgekd.export.onnx.on_int8_grid`)."""
+    amax = weight_quantizer.amax
+    return amax * 127.0 / weight_quantizer.maxbound if weight_quantizer.maxbound < 127 else amax
+
+
 class IntBiasRounding:
     """Forward hook of one quantized Conv / Linear: its output as if its bias were on the int32 grid."""
 
@@ -38,9 +45,7 @@ class IntBiasRounding:
         wq, aq = layer.weight_quantizer, self.input_quantizer
         if layer.bias is None or not wq.is_enabled or not aq.is_enabled or wq.amax is None or aq.amax is None:
             return None
-        w_amax = wq.amax.detach().float().flatten()
-        if wq.maxbound < 127:  # as export.onnx.on_int8_grid writes it
-            w_amax = w_amax * 127.0 / wq.maxbound
+        w_amax = file_amax(wq).detach().float().flatten()
         w_scale = torch.where(w_amax == 0, torch.ones_like(w_amax), w_amax / 127)
         return aq.amax.detach().float().flatten()[0] / aq.maxbound * w_scale
 
