@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -154,15 +155,31 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# The distributions each library ships as (GPU builds and CUDA-specific wheels have other names).
+_DISTRIBUTIONS = {"edgekd": ("edgekd",), "torch": ("torch",), "timm": ("timm",), "onnx": ("onnx",),
+                  "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino"), "modelopt": ("nvidia-modelopt",),
+                  "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-libs")}
+
+
 def versions() -> dict[str, str]:
-    """Versions of the libraries that decide numerical results, recorded with every artifact."""
+    """Versions of the libraries that decide numerical results, recorded with every artifact.
+
+    A library this process has imported reports its own ``__version__``; the others are read from
+    their installed metadata, not imported: importing modelopt, timm and TensorRT only to read a
+    version took seconds in every ``edgekd`` process that writes a manifest."""
+    from importlib import metadata
+
     out = {"python": platform.python_version()}
-    for mod in ("edgekd", "torch", "timm", "onnx", "onnxruntime", "modelopt", "tensorrt"):
-        try:
-            m = __import__(mod)
-            out[mod] = getattr(m, "__version__", "unknown")
-        except Exception:  # noqa: BLE001 - absent optional deps are simply not listed
+    for mod, dists in _DISTRIBUTIONS.items():
+        if mod in sys.modules:
+            out[mod] = str(getattr(sys.modules[mod], "__version__", "unknown"))
             continue
+        for dist in dists:
+            try:
+                out[mod] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:  # absent optional deps are simply not listed
+                continue
     return out
 
 

@@ -432,8 +432,8 @@ def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path):
     last epoch, finished stages skipped) and the last one ends with a manifest whose every checksum
     matches. No secret from the environment appears in any output or file."""
     out = tmp_path / "run"
-    extra = ["--set", "data.train_subset=1200", "--set", "data.test_subset=300", "--set", "teacher.train.epochs=4",
-             "--set", "student.train.epochs=4", "--set", "quantize.train.epochs=4"]
+    extra = ["--set", "data.train_subset=600", "--set", "data.test_subset=200", "--set", "teacher.train.epochs=3",
+             "--set", "student.train.epochs=3", "--set", "quantize.train.epochs=3"]  # 3: interrupted after epoch 2, one left to resume
     logs: list[str] = []
 
     def status(stage: str) -> str | None:

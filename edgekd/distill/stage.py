@@ -39,16 +39,14 @@ from edgekd import ui
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
 from edgekd.data import DataSet
 from edgekd.errors import EdgekdError
-from edgekd.models import count_params, create_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
+from edgekd.models import count_params, create_model, is_known_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
 from edgekd.distill.loss import build_distill_loss, teacher_weights
 from edgekd.distill.teachers import Teacher, check_teachers_stronger, load_teacher, measure_teachers, warn_flat_soft_targets
 
 
 def check_student_name(name: str) -> None:
     """Fail before any data is loaded when the student name is neither an edgekd student nor a timm model."""
-    import timm
-
-    if name in {s.name for s in list_students()} or timm.is_model(name):
+    if is_known_model(name):
         return
     raise EdgekdError(f"unknown student '{name}'", f"pick one of {', '.join(s.name for s in list_students())} (see `edgekd models`) or a timm model name")
 

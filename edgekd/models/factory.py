@@ -63,9 +63,9 @@ def create_model(
     """Build a student (edgekd registry) or any timm model, head sized for ``num_classes``.
 
     The model gets ``edgekd_spec`` (how to rebuild it), ``preprocess`` and ``feature_layer``.
+    timm is imported only for a timm name: with torchvision and torch._dynamo it costs seconds in
+    every process that rebuilds an edgekd student from a checkpoint.
     """
-    import timm
-
     if name in STUDENTS:
         chans = in_chans or 1
         model = STUDENTS[name].fn(num_classes=num_classes, in_chans=chans, width=width)
@@ -73,6 +73,8 @@ def create_model(
         source = "random init"
         spec = {"name": name, "num_classes": num_classes, "in_chans": chans, "width": width}
     else:
+        import timm
+
         if not timm.is_model(name):
             close = [m for m in timm.list_models(f"*{name.split('_')[0]}*")][:5]
             raise EdgekdError(f"unknown model '{name}'", f"see `edgekd models` for students; timm names like {', '.join(close) or 'resnet18, efficientnet_lite0'}")

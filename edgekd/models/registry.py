@@ -32,6 +32,17 @@ def list_students() -> list[StudentSpec]:
     return list(STUDENTS.values())
 
 
+def is_known_model(name: str) -> bool:
+    """An edgekd student or a timm model name. timm (with torchvision and torch._dynamo: seconds)
+    is imported only for a name that is not edgekd's own, so a process that rebuilds a student or
+    resumes a build starts quickly."""
+    if name in STUDENTS:
+        return True
+    import timm
+
+    return timm.is_model(name)
+
+
 # timm networks edgekd recommends as edge students: each goes through QAD and both INT8 layouts
 # (tests/test_architectures.py; accuracy and speed in benchmarks/architectures_results.md).
 RECOMMENDED_TIMM = {

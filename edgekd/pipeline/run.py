@@ -70,15 +70,13 @@ def stage_config(recipe: Recipe, target, stage: str) -> dict:
 
 def check_model_names(recipe: Recipe, teacher_checkpoint: Path | None) -> None:
     """Refuse an unknown student/teacher name at once, not after minutes of teacher fine-tuning."""
-    import timm
+    from edgekd.models import is_known_model, list_students
 
-    from edgekd.models import list_students
-
-    students = [s.name for s in list_students()]
     named = [("student", recipe.student.model)] + ([] if teacher_checkpoint else [("teacher", recipe.teacher.model)])
     for role, name in named:
-        if name not in students and not timm.is_model(name):
-            raise EdgekdError(f"unknown {role} model '{name}'", f"use one of {', '.join(students)} (see `edgekd models`) or a timm model name")
+        if not is_known_model(name):
+            students = ", ".join(s.name for s in list_students())
+            raise EdgekdError(f"unknown {role} model '{name}'", f"use one of {students} (see `edgekd models`) or a timm model name")
 
 
 def stage_hash(ctx: BuildContext, stage: str) -> str:
