@@ -19,7 +19,7 @@ TINY = ["--train-subset", "512", "--test-subset", "256", "--input-size", "48", "
 @needs_fmnist
 def test_finetune_quick_writes_checkpoint_and_metrics_and_resumes(tmp_path):
     out = tmp_path / "teacher"
-    res = json_out(run_cli("finetune", "--epochs", "1", *TINY, "--out", out, "--json"))
+    res = json_out(run_inprocess("finetune", "--epochs", "1", *TINY, "--out", out, "--json"))
     assert res["test_top1"] > 0.25  # 8 steps of full fine-tuning at 48 px: 0.40 measured on these 256 images; chance is 0.1
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) >= {"top1", "loss", "per_class", "confusion"}
@@ -29,7 +29,7 @@ def test_finetune_quick_writes_checkpoint_and_metrics_and_resumes(tmp_path):
     # a second epoch resumes from last.pt instead of starting over... but the settings changed:
     assert_one_line_error(run_inprocess("finetune", "--epochs", "2", *TINY, "--out", out), "other training settings")
     # same settings: resume finds the run finished and does no further epoch
-    again = json_out(run_cli("finetune", "--epochs", "1", *TINY, "--out", out, "--json"))
+    again = json_out(run_inprocess("finetune", "--epochs", "1", *TINY, "--out", out, "--json"))
     assert json.loads((out / "metrics.json").read_text())["history"] == metrics["history"]
     assert again["test_top1"] == res["test_top1"]
 
@@ -37,7 +37,7 @@ def test_finetune_quick_writes_checkpoint_and_metrics_and_resumes(tmp_path):
 @needs_fmnist
 def test_linear_probe_trains_only_the_head(tmp_path):
     out = tmp_path / "probe"
-    res = json_out(run_cli("finetune", "--mode", "linear-probe", "--epochs", "2", "--lr", "0.01", *TINY, "--out", out, "--json"))
+    res = json_out(run_inprocess("finetune", "--mode", "linear-probe", "--epochs", "2", "--lr", "0.01", *TINY, "--out", out, "--json"))
     assert res["test_top1"] > 0.3  # 16 head-only steps on frozen ImageNet features (~0.42 measured): 3x chance
     ck = load_checkpoint(out / "best.pt")
     ref = create_model("efficientnet_lite0", 10, pretrained="offline", input_size=48).state_dict()

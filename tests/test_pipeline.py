@@ -68,7 +68,7 @@ def test_accuracy_is_measured_on_the_exported_file(built):
 def test_second_build_does_no_work(built):
     out, first = built
     t0 = time.time()
-    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--out", out, "--json", env=ENV))
+    res = json_out(run_inprocess("build", "--target", "x86-cpu", *TINY, "--out", out, "--json"))
     assert all(s["status"] == "skipped" for s in res["stages"].values()), res["stages"]
     assert res["accuracy"] == first["accuracy"] and res["onnx"] == first["onnx"]
     assert time.time() - t0 < first["_wall"]
@@ -76,7 +76,7 @@ def test_second_build_does_no_work(built):
 
 def test_changing_a_late_setting_reruns_only_later_stages(built, tmp_path):
     out, _ = built
-    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--set", "bench.runs=25", "--out", out, "--json", "--until", "bench", env=ENV))
+    res = json_out(run_inprocess("build", "--target", "x86-cpu", *TINY, "--set", "bench.runs=25", "--out", out, "--json", "--until", "bench"))
     status = {k: v["status"] for k, v in res["stages"].items()}
     assert status["teacher"] == status["distill"] == status["qad"] == status["export"] == "skipped"
     assert status["bench"] == "done"
@@ -87,7 +87,7 @@ def test_a_changed_distill_setting_retrains_the_student_from_scratch(built, tmp_
     over instead of refusing to resume it (or continuing it)."""
     out = tmp_path / "copy"
     shutil.copytree(built[0], out)
-    res = json_out(run_cli("build", "--target", "x86-cpu", *TINY, "--set", "distill.temperature=2", "--out", out, "--json", "--until", "distill", env=ENV))
+    res = json_out(run_inprocess("build", "--target", "x86-cpu", *TINY, "--set", "distill.temperature=2", "--out", out, "--json", "--until", "distill"))
     status = {k: v["status"] for k, v in res["stages"].items()}
     assert status["teacher"] == status["control"] == "skipped" and status["distill"] == "done"
     assert json.loads((out / "student" / "metrics.json").read_text())["resumed_from_epoch"] is None and Manifest(out).verify() == []
@@ -116,8 +116,8 @@ def test_bundle_round_trip_predicts_like_the_pipeline(built, tmp_path):
 def test_jetson_target_leaves_a_tensorrt_ready_bundle(tmp_path):
     """Also with a layer pinned to FP16 by hand and an accuracy budget: the graph is still ready
     (the pinned layer is listed as kept in FP16), and the bundle's engine script names it."""
-    res = json_out(run_cli("build", "--target", "jetson", *TINY, "--exclude", "features.2.0", "--max-accuracy-drop", "0",
-                           "--out", tmp_path / "j", "--json", env=ENV))
+    res = json_out(run_inprocess("build", "--target", "jetson", *TINY, "--exclude", "features.2.0", "--max-accuracy-drop", "0",
+                                 "--out", tmp_path / "j", "--json"))
     assert res["target"] == "jetson-orin-nano" and res["layout"] == "tensorrt"
     assert res["checks"]["tensorrt_readiness"] is True
     assert "build_engine.sh" in res["device_build"]
