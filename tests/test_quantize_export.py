@@ -101,6 +101,37 @@ def test_histogram_calibrator_clips_below_max(trained_pico, data):
     assert 0 < amax["percentile"] < amax["max"]
 
 
+@pytest.mark.parametrize("calibrator", ["max", "percentile", "mse"])
+def test_every_calibrator_keeps_the_trained_accuracy(trained_pico, data, calibrator):
+    """Each recipe option calibrates ranges that work. (modelopt 0.47's own MSE search returned
+    about 6% of the range for every quantizer, and MobileNetV3-Large fell to 9% top-1.) Entropy
+    is modelopt's own search and not run here: its KL search takes 30 s even on this network, and
+    it clips hardest (-6 points here; on MobileNetV3-Large it was the best: 62.7% vs FP32 62.9%)."""
+    model = trained_pico[0]
+    x, labels = model.preprocess(data.test.images), data.test.labels
+    with torch.no_grad():
+        fp32 = float((model(x).argmax(1) == labels).float().mean())
+        q = quantize_model(copy.deepcopy(model), QuantizeConfig(calibrator=calibrator), data.train.images[:256], model.preprocess, "ort-cpu")
+        int8 = float((q(x).argmax(1) == labels).float().mean())
+    assert int8 >= fp32 - 0.03, (calibrator, fp32, int8)
+
+
+def test_mse_amax_has_less_error_than_the_max_and_the_first_candidate():
+    from modelopt.torch.quantization.tensor_quant import fake_tensor_quant
+
+    from edgekd.quantize.qad import amax_with_least_squared_error
+
+    values = torch.cat([torch.randn(200_000, generator=torch.Generator().manual_seed(0)).abs(), torch.tensor([40.0])])  # one outlier
+    hist, edges = np.histogram(values.numpy(), bins=2048)
+    amax = float(amax_with_least_squared_error(hist, edges, 8, False))
+
+    def error(a: float) -> float:
+        return float(((fake_tensor_quant(values, torch.tensor(a), None, 8, False) - values) ** 2).sum())
+
+    first = float((edges[128] + edges[129]) / 2)
+    assert first < amax < 40 and error(amax) < error(40.0) and error(amax) < error(first), (amax, first)
+
+
 def test_quantized_checkpoint_loads_weights_only_and_reproduces_outputs(quant_pico, data, tmp_path):
     path = save_quantized(tmp_path / "q.pt", quant_pico, data.classes)
     raw = torch.load(path, weights_only=True)
