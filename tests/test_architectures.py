@@ -191,3 +191,19 @@ def test_models_lists_the_recommended_timm_students():
     for name in RECOMMENDED_TIMM:
         assert rows[name]["family"] == "timm" and rows[name]["params"] > 100_000 and rows[name]["macs"] > 0
     assert rows["nano_cnn"]["params"] < 100_000
+
+
+def test_repvgg_trains_in_the_training_loop(tmp_path):
+    """A real epoch of timm's repvgg_a0 through edgekd's training loop, in a child process with a
+    time limit: in channels_last (which the loop used on CPU) oneDNN's AVX2 1x1-conv weight
+    gradient never finished its first step, so the architecture benchmark hung in FP32 training."""
+    import subprocess
+    import sys
+
+    code = ("from edgekd.config import DataConfig, TrainConfig; from edgekd.finetune import load_data; from edgekd.models import create_model; "
+            "from edgekd.train import cross_entropy_loss, fit; data = load_data(DataConfig(train_subset=160, test_subset=32), 0, store_size=32); "
+            "m = create_model('repvgg_a0', 10, input_size=32); "
+            f"r = fit(m, data, TrainConfig(epochs=1, batch_size=32), r'{tmp_path}', cross_entropy_loss(), m.preprocess, augment='flip', resume=False); "
+            "print('epochs', len(r.history))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "epochs 1" in proc.stdout, proc.stderr[-2000:]

@@ -26,6 +26,13 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
+def memory_format(dev: torch.device) -> torch.memory_format:
+    """channels_last on CUDA (tensor-core convs want NHWC). On CPU it bought 0-9% (EfficientNet-Lite0
+    9%, ResNet-18 0%, measured at batch 64) and oneDNN's AVX2 1x1-conv weight gradient never
+    finished one step of timm's repvgg_a0 in channels_last, so CPU keeps the default layout."""
+    return torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))

@@ -9,13 +9,14 @@ import torch.nn.functional as F
 
 from edgekd.data import Preprocess, Split, iterate
 from edgekd.metrics import classification_metrics
+from edgekd.train.env import memory_format
 
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, split: Split, preprocess: Preprocess, batch_size: int = 256) -> torch.Tensor:
     model.eval()
     dev = next(model.parameters()).device
-    outs = [model(preprocess(b.images).to(dev).contiguous(memory_format=torch.channels_last)).float().cpu() for b in iterate(split, batch_size)]
+    outs = [model(preprocess(b.images).to(dev).contiguous(memory_format=memory_format(dev))).float().cpu() for b in iterate(split, batch_size)]
     return torch.cat(outs) if outs else torch.zeros(0)
 
 
