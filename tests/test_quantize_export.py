@@ -396,3 +396,10 @@ def test_cli_export_fp32_checkpoint_calibrates_and_writes_record(trained_pico, t
 
     rec = json.loads(r.stdout.strip().splitlines()[-1])
     assert rec["checks"]["tensorrt_readiness"]["ok"] and Path(rec["path"]).is_file()
+    # INT8 is compared with the FP32 student itself, not with its INT8 weights in float
+    model = trained_pico[0]
+    x = model.preprocess(torch.randint(0, 256, (16, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    from edgekd.export import ort_logits
+
+    with torch.no_grad():
+        assert rec["fp32_reference"] == "student" and np.abs(ort_logits(rec["fp32_path"], x.numpy()) - model.eval()(x).numpy()).max() < 1e-4
