@@ -45,7 +45,7 @@ from _common import machine  # noqa: E402
 import architectures  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
-from edgekd.export import interleaved_latency_ms, ort_logits, run_export  # noqa: E402
+from edgekd.export import interleaved_latency_ms, load_for_export, ort_logits, run_export  # noqa: E402
 from edgekd.finetune import load_data  # noqa: E402
 from edgekd.quantize import run_qad  # noqa: E402
 from edgekd.train import cross_entropy_loss  # noqa: E402
@@ -61,8 +61,6 @@ def exported_top1(onnx_path: str, pre, data) -> float:
 
 
 def export_row(name: str, label: str, ckpt: Path, data, qcfg: QuantizeConfig, args, extra: dict) -> dict:
-    from edgekd.export import load_for_export
-
     out = WORK / name / label.replace(" ", "_")
     rec = run_export(ckpt, out, data, ExportConfig(precision="int8", layout="ort-cpu", check_batch=256), qcfg, seed=args.seed)
     pre = load_for_export(ckpt)[0].preprocess
@@ -206,17 +204,19 @@ def goals(rows: list[dict]) -> list[str]:
     return out
 
 
+def ptq_row(name: str, ckpt: Path, data, args, extra: dict | None = None) -> tuple[dict, float]:
+    """The INT8 PTQ row of an FP32 checkpoint, and the test top-1 of its FP32 file (the student's own export)."""
+    ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, extra or {})
+    return ptq, exported_top1(str(ROOT / ptq["fp32_onnx"]), load_for_export(ckpt)[0].preprocess, data)
+
+
 def refresh_ptq(rows: list[dict], args) -> None:
     """Export each student's FP32 checkpoint to INT8 by calibration again. Before commit "Export: when
     INT8 is calibrated from an FP32 checkpoint (PTQ), model.fp32.onnx is the FP32 student itself", the
     FP32 reference file held the INT8 weights in float, and this benchmark's FP32 row was that file."""
-    from edgekd.export import load_for_export
-
     data = load_data(DataConfig(train_subset=args.train_images, val_fraction=args.val_fraction), args.seed, store_size=32)
     for name in dict.fromkeys(r["student"] for r in rows):
-        ckpt = WORK / name / "fp32" / "best.pt"
-        ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, {"refreshed": True})
-        fp32_top1 = exported_top1(str(ROOT / ptq["fp32_onnx"]), load_for_export(ckpt)[0].preprocess, data)
+        ptq, fp32_top1 = ptq_row(name, WORK / name / "fp32" / "best.pt", data, args, {"refreshed": True})
         for i, r in enumerate(rows):
             if r["student"] == name:
                 r["fp32_test_top1"] = fp32_top1
@@ -259,10 +259,7 @@ def main() -> None:
     rows: list[dict] = others  # the other students' rows stay; time_rows times them again with these
     for name in args.students:
         ckpt = architectures.train_fp32(name, data, args)  # the architecture benchmark's recipe, into this benchmark's folder
-        ptq = export_row(name, "INT8 PTQ", ckpt, data, QuantizeConfig(layout="ort-cpu", calib_images=512), args, {})
-        from edgekd.export import load_for_export
-
-        fp32_top1 = exported_top1(str(ROOT / ptq["fp32_onnx"]), load_for_export(ckpt)[0].preprocess, data)
+        ptq, fp32_top1 = ptq_row(name, ckpt, data, args)
         mine = [ptq]
         kept_ranking = WORK / name / "sensitivity_first_pass.json"  # survives deleting a budget's folder to run it again
         for budget in BUDGETS:

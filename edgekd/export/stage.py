@@ -90,7 +90,7 @@ def _write_onnx(model: nn.Module, req: ExportRequest, stage_dir: Path, x: torch.
         # The FP32 twin INT8 is compared with: the student itself where the export calibrated it
         # (PTQ); from a QAD checkpoint, the same network with its INT8 weights and float activations.
         # (Baked 7-bit weights hid that PTQ of RepVGG-A0 lost 14 points: both files scored 68%.)
-        export_fp32(req.fp32_model or model, fp32_path, pre, req.opset)
+        export_fp32(req.fp32_model if req.fp32_model is not None else model, fp32_path, pre, req.opset)
         record["fp32_reference"] = "student" if req.fp32_model is not None else "int8 weights, float activations"
         if req.layout == "tensorrt":
             export_int8_tensorrt(model, path, pre, req.opset)
