@@ -77,7 +77,7 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     if reused:
         qad = {"checkpoint": str(out / "qad" / "best.pt"), "metrics": json.loads((out / "qad" / "metrics.json").read_text())}
     else:
-        qad = run_qad(ckpt, qcfg, data, out / "qad", lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
+        qad = run_qad(ckpt, qcfg, data, out / "qad", qad_loss(ckpt, data, out, args), args.seed, "flip", resume=False)
     row = {"student": name, "layout": layout, "qad_seconds": qad["metrics"].get("train_seconds") if reused else round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
            "fp32_val_top1": qad["metrics"]["fp32_val_top1"], "qad_val_top1": qad["metrics"]["val"]["top1"], "qad_result": qad["metrics"]["result"]}
     try:
@@ -107,19 +107,34 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     row["agreement"], row["max_abs_diff"] = agree["top1_agreement"], agree["max_abs_diff"]
     row["noise_floor"] = noise_floor(model, x, ref)
     if layout == "ort-cpu":
+        # onnxruntime's own quantize_static starts from the FP32 student's export, as a user's would
+        fp32_file = run_export(ckpt, out / "fp32_export", data, ExportConfig(precision="fp32", layout=layout), qcfg, seed=args.seed)["path"]
+        row["fp32_onnx"] = fp32_file
         base = out / "export" / "quantize_static.onnx"
-        ort_quantize_static(Path(rec["fp32_path"]), base, calibration_images(data.train, 512, args.seed), model.preprocess)
+        ort_quantize_static(Path(fp32_file), base, calibration_images(data.train, 512, args.seed), model.preprocess)
         row["quantize_static_onnx"] = str(base)
         row["quantize_static_test_top1"], _ = test_accuracy(base, x.numpy(), labels)
         like_for_like = {"all": ("quantize_static_u8u8", {"u8_weights": True}), "none": ("quantize_static_r7", {"reduce_range": True})}
         if row["u8_weights"] in like_for_like:  # onnxruntime's own quantize_static with the weight type edgekd shipped (U8U8, or 7-bit)
             key, options = like_for_like[row["u8_weights"]]
             base_like = out / "export" / f"{key}.onnx"
-            ort_quantize_static(Path(rec["fp32_path"]), base_like, calibration_images(data.train, 512, args.seed), model.preprocess, **options)
+            ort_quantize_static(Path(fp32_file), base_like, calibration_images(data.train, 512, args.seed), model.preprocess, **options)
             row[f"{key}_onnx"] = str(base_like)
             row[f"{key}_test_top1"], _ = test_accuracy(base_like, x.numpy(), labels)
         row["shape"] = [model.preprocess.channels, model.preprocess.input_size, model.preprocess.input_size]
     return row
+
+
+def qad_loss(ckpt: Path, data, out: Path, args):
+    """QAD's loss: hard labels, or (``--qad-teacher fp32``, what ``edgekd quantize --teacher`` does with
+    the student's own FP32 checkpoint) distillation from the FP32 model QAD started from."""
+    if args.qad_teacher == "none":
+        return lambda model: (cross_entropy_loss(), None)
+    from edgekd.config import DistillConfig
+    from edgekd.distill import build_distill_loss, load_teacher
+
+    teacher = load_teacher(ckpt)
+    return lambda model: build_distill_loss(model, [teacher], DistillConfig(), data, out / "cache", "flip")
 
 
 def noise_floor(model: torch.nn.Module, x: torch.Tensor, ref: np.ndarray) -> float:
@@ -165,10 +180,11 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              f"- Data: Fashion-MNIST, {args.train_images} training images (10% held for validation), the full 10,000-image test set, 32 px; timm "
              "networks see the grey image repeated to 3 channels.",
              f"- Budget per network: FP32 {args.epochs} epochs (AdamW lr {args.lr}, batch 64, flip); then per layout calibration on 512 images "
-             f"+ {args.qad_epochs} QAD epoch(s) (lr 1e-4, hard labels: this isolates quantization from distillation). Pretrained: only "
+             f"+ {args.qad_epochs} QAD epoch(s) (lr 1e-4, {QAD_LOSS[getattr(args, 'qad_teacher', 'none')]}). Pretrained: only "
              "efficientnet_lite0 (offline ImageNet weights); every other network starts from random init.",
              "- INT8 accuracy is that of the exported file, run by onnxruntime (the tensorrt-layout file with graph optimisations off, so its "
-             "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 export of the same trained model.",
+             "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 student QAD started from; onnxruntime's "
+             "quantize_static quantizes that student's own FP32 export.",
              *([f"- Rows trained in an earlier run of this script with the same budget (`--merge`): {', '.join(kept_rows(rows, args)) or 'none'}; "
                 "every row was timed together in this run."] if getattr(args, "merge", False) else []),
              *(["- Timed by `--time-only`: the rows of the results JSON (trained by an earlier invocation) timed again, every row in one run "
@@ -205,6 +221,8 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
     path.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=str))
 
 
+QAD_LOSS = {"fp32": "distilling from the FP32 student QAD started from: soft targets at T=1 and labels, alpha 0.5, as `edgekd quantize --teacher`",
+            "none": "hard labels only"}
 WEIGHTS = {"image": "s8 (u8 on the image conv)", "signed": "u8 on signed inputs", "all": "u8 (saturation-free)", "none": "7-bit s8 (trained)"}
 BASELINE_LABEL = {"quantize_static_u8u8": " (U8U8)", "quantize_static_r7": " (reduce_range: 7-bit)"}
 
@@ -240,6 +258,8 @@ def main() -> None:
     ap.add_argument("--train-images", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--qad-epochs", type=int, default=1)
+    ap.add_argument("--qad-teacher", choices=["fp32", "none"], default="fp32",
+                    help="QAD learns from the FP32 student it started from (soft targets T=1 + labels, alpha 0.5), or from hard labels only")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)

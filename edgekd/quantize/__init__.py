@@ -1,7 +1,8 @@
-"""INT8 quantization: where quantizers go (:mod:`.placement`), fake-quant and checkpoints (:mod:`.qad`),
+"""INT8 quantization: the network as deployed (:mod:`.fuse`), where quantizers go (:mod:`.placement`), fake-quant and checkpoints (:mod:`.qad`),
 per-layer sensitivity and mixed precision (:mod:`.sensitivity`), and the stage (:mod:`.stage`)."""
 
-from edgekd.quantize.placement import LAYOUTS, fold_batchnorm, insert_activation_quantizers, reparameterize, traced_for_placement
+from edgekd.quantize.fuse import fold_batchnorm, reparameterize
+from edgekd.quantize.placement import LAYOUTS, insert_activation_quantizers, traced_for_placement
 from edgekd.quantize.qad import (QUANT_FORMAT, QUANTIZED_KIND, _tensor_quantizer_cls, activation_quantizers, default_weight_bits, enabled_quantizers,
                                  for_target, forward_loop_over, weight_config, is_quantized, load_quantized, quantize_model, quantizer_summary, recalibrate_activations, save_quantized)
 from edgekd.quantize.sensitivity import fit_accuracy_budget, float_layers_of, measure_sensitivity, quantized_layers, set_float_layers

@@ -32,7 +32,8 @@ from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
 from edgekd.quantize.bias import round_biases_like_onnxruntime
-from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, fold_batchnorm, insert_activation_quantizers, plain_linears, reparameterize, traced_for_placement
+from edgekd.quantize.fuse import fold_batchnorm, plain_linears, reparameterize
+from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, insert_activation_quantizers, traced_for_placement
 from edgekd.quantize.sensitivity import set_float_layers
 
 QUANT_FORMAT = "edgekd-int8-fakequant-2"  # 2: activation quantizers placed on the traced graph, per layout
