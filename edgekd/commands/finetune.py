@@ -10,7 +10,9 @@ import typer
 from edgekd import ui
 from edgekd.cli_options import ConfigOpt, SetOpt, emit, output_folder
 from edgekd.commands import TRAINING_OPTIONS, RunOptions, TrainOptions, run_options, train_options
+from edgekd.config import TeacherConfig
 
+_DEFAULTS = TeacherConfig()  # the help shows the recipe's defaults, so they cannot drift apart
 QUICK = ["data.train_subset=2000", "data.test_subset=1000", "teacher.train.epochs=1", "teacher.input_size=48"]
 
 
@@ -20,14 +22,14 @@ QUICK = ["data.train_subset=2000", "data.test_subset=1000", "teacher.train.epoch
 def finetune(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Teacher backbone (any timm name). \\[default: efficientnet_lite0]")] = None,
-    pretrained: Annotated[Optional[str], typer.Option(help="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file. \\[default: auto]")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="'full' fine-tune or 'linear-probe' (frozen backbone). \\[default: full]")] = None,
-    input_size: Annotated[Optional[int], typer.Option(help="Input side in pixels. \\[default: 64]")] = None,
+    model: Annotated[Optional[str], typer.Option(help=f"Teacher backbone (any timm name). \\[default: {_DEFAULTS.model}]")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(help=f"'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file. \\[default: {_DEFAULTS.pretrained}]")] = None,
+    mode: Annotated[Optional[str], typer.Option(help=f"'full' fine-tune or 'linear-probe' (frozen backbone). \\[default: {_DEFAULTS.mode}]")] = None,
+    input_size: Annotated[Optional[int], typer.Option(help=f"Input side in pixels. \\[default: {_DEFAULTS.input_size}]")] = None,
     *,
     train: TrainOptions,
-    optimizer: Annotated[Optional[str], typer.Option(help="'adamw' or 'sgd'. \\[default: adamw]")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing. \\[default: 0.1]")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help=f"'adamw' or 'sgd'. \\[default: {_DEFAULTS.train.optimizer}]")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(help=f"Label smoothing (none by default: a smoothed teacher's soft targets are flatter). \\[default: {_DEFAULTS.train.label_smoothing:g}]")] = None,
     run: RunOptions,
 ) -> None:
     """Fine-tune a pretrained backbone into the teacher (build stage: teacher).
