@@ -62,6 +62,8 @@ class TeacherConfig(Strict):
     pretrained: str = Field("auto", description="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file path")
     input_size: int = Field(48, ge=16, le=1024, description="square input side in pixels (below ~40 px frozen ImageNet features collapse)")
     mode: Literal["full", "linear-probe"] = Field("full", description="fine-tune everything or only the new head")
+    frozen_stages: int = Field(0, ge=0, le=16, description="mode 'full': keep the stem and the first N stages of a timm backbone as pretrained "
+                                                           "(no backward pass through them: cheaper steps; their BatchNorm statistics still adapt)")
     # Defaults sized so the whole default `edgekd build` fits ~20 min on 2 CPU cores; recipes/teacher-fmnist.yaml is the accurate one.
     # No label smoothing: a smoothed teacher's soft targets carry less of the similarity structure KD
     # transfers (Mueller, Kornblith & Hinton 2019, "When does label smoothing help?").

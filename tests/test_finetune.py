@@ -47,6 +47,27 @@ def test_linear_probe_trains_only_the_head(tmp_path):
 
 
 @needs_fmnist
+def test_frozen_stages_keep_the_stem_and_early_stages_as_pretrained(tmp_path):
+    out = tmp_path / "frozen"
+    res = json_out(run_inprocess("finetune", "--set", "teacher.frozen_stages=2", "--epochs", "1", *TINY, "--out", out, "--json"))
+    assert res["test_top1"] > 0.3
+    ck = load_checkpoint(out / "best.pt")
+    ref = create_model("efficientnet_lite0", 10, pretrained="offline", input_size=48).state_dict()
+    weights = [k for k in ref if k.endswith(".weight")]
+    frozen = [k for k in weights if k.startswith(("conv_stem.", "bn1.", "blocks.0.", "blocks.1."))]
+    assert frozen and all(torch.equal(ck["state_dict"][k], ref[k]) for k in frozen)
+    assert not torch.equal(ck["state_dict"]["blocks.2.0.conv_pw.weight"], ref["blocks.2.0.conv_pw.weight"])
+    assert not torch.equal(ck["state_dict"]["classifier.weight"], ref["classifier.weight"])
+
+
+@needs_fmnist
+def test_frozen_stages_on_a_network_without_stages_or_too_many_is_one_line(tmp_path):
+    assert_one_line_error(run_inprocess("finetune", "--model", "nano_cnn", "--pretrained", "none", "--set", "teacher.frozen_stages=1",
+                                        "--out", tmp_path / "a"), "has no group_matcher")
+    assert_one_line_error(run_inprocess("finetune", "--set", "teacher.frozen_stages=8", "--out", tmp_path / "b"), "has only 7 stages")
+
+
+@needs_fmnist
 def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
     """Kill a 4-epoch run (SIGKILL, nothing to clean up) once its first epoch is saved, then run
     the same command again: it resumes from last.pt instead of starting over, keeps the killed

@@ -128,16 +128,34 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int) -> int:
     return int(fc.get_total_flops() // 2)
 
 
-def set_trainable(model: nn.Module, mode: str) -> int:
-    """'full' trains everything; 'linear-probe' freezes all but the classifier. Returns trainable count."""
+def set_trainable(model: nn.Module, mode: str, frozen_stages: int = 0) -> int:
+    """'full' trains everything (but the stem and the first ``frozen_stages`` stages, when asked);
+    'linear-probe' freezes all but the classifier. Returns the trainable parameter count."""
     if mode == "linear-probe":
         head = timm_classifier_prefix(model) if hasattr(model, "pretrained_cfg") else ("head.",)
         for n, p in model.named_parameters():
             p.requires_grad = n.startswith(head)
     else:
-        for p in model.parameters():
-            p.requires_grad = True
+        frozen = early_stage_params(model, frozen_stages) if frozen_stages else set()
+        for n, p in model.named_parameters():
+            p.requires_grad = n not in frozen
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def early_stage_params(model: nn.Module, stages: int) -> set[str]:
+    """Names of the parameters in the stem and the first ``stages`` stages, by timm's own grouping of
+    the network (``group_matcher``: stem, then each stage or block group, then the head)."""
+    from timm.models import group_parameters
+
+    name = getattr(model, "edgekd_spec", {}).get("name") or type(model).__name__
+    if not hasattr(model, "group_matcher"):
+        raise EdgekdError(f"teacher.frozen_stages needs a timm backbone with stages; {name} has no group_matcher",
+                          "set teacher.frozen_stages=0, or teacher.mode=linear-probe to freeze the whole backbone")
+    groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    if stages >= len(groups) - 1:
+        raise EdgekdError(f"teacher.frozen_stages={stages}, but {name} has only {len(groups) - 2} stages after its stem",
+                          f"use at most {len(groups) - 2} (or teacher.mode=linear-probe)")
+    return {n for group in groups[: stages + 1] for n in group}
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:
