@@ -129,9 +129,10 @@ class DistillConfig(Strict):
 
 class QuantizeConfig(Strict):
     enabled: bool = True
-    calibrator: Literal["max", "percentile", "entropy", "mse"] = Field("max", description="activation ranges: 'max' (fast, never clips), or "
-                                                                        "from a histogram: 'percentile', 'mse' (least squared error), 'entropy' "
-                                                                        "(KL, the slowest: minutes on a MobileNet); weights always take their max")
+    calibrator: Literal["auto", "max", "percentile", "entropy", "mse"] = Field("auto", description=(
+        "activation ranges: 'max' (fast, never clips), or from a histogram: 'percentile', 'mse' (least squared error), 'entropy' (least "
+        "KL divergence); 'auto': max, and when it loses more than a point of validation top-1 to FP32 the three others too, the best on "
+        "validation kept. Weights always take their max"))
     percentile: float = Field(99.99, gt=50, le=100)
     calib_images: int = Field(512, ge=16)
     fold_bn: bool = True

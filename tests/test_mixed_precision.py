@@ -214,7 +214,7 @@ def test_run_qad_with_a_budget_keeps_sensitive_layers_and_trains_again(outlier_c
     """INT8 loses points on the outlier layer; budget 0.5 triggers the search, the mixed model is
     trained by QAD again (``mixed/``), and its float layers, sensitivity file and plot are on record."""
     small = load_data(DataConfig(train_subset=800, test_subset=200), 0)
-    cfg = QuantizeConfig(calib_images=64, max_accuracy_drop=0.5, sensitivity_images=100,
+    cfg = QuantizeConfig(calib_images=64, calibrator="max", max_accuracy_drop=0.5, sensitivity_images=100,  # max: this test is about the budget
                          train=TrainConfig(epochs=1, batch_size=64, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0))
     res = run_qad(outlier_ckpt, cfg, small, tmp_path, lambda model: (cross_entropy_loss(), None), augment="none")
     m = res["metrics"]

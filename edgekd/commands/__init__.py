@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from edgekd.config import Recipe
 
 CheckpointArg = Annotated[Path, typer.Argument(help="Student checkpoint (.pt from `edgekd distill` or `edgekd quantize`).")]
-CalibratorOpt = Annotated[Optional[str], typer.Option(help="Activation-range calibrator: max, percentile, entropy, mse. \\[default: max]")]
+CalibratorOpt = Annotated[Optional[str], typer.Option(help="Activation-range calibrator: max, percentile, entropy, mse, or auto (max; the others too when max loses over a point on validation, the best kept). \\[default: auto]")]
 CalibImagesOpt = Annotated[Optional[int], typer.Option(help="Training images used to calibrate activation ranges. \\[default: 512]")]
 
 # The run options in the order --help lists them; "quick" gets each command's own help text.

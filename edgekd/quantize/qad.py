@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -32,13 +32,13 @@ from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
 from edgekd.quantize.bias import round_biases_like_onnxruntime
+from edgekd.quantize.calibrate import HISTOGRAM_METHODS, forward_loop_over, recalibrate_activations
 from edgekd.quantize.fuse import fold_batchnorm, plain_linears, reparameterize
 from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, insert_activation_quantizers, traced_for_placement
 from edgekd.quantize.sensitivity import set_float_layers
 
 QUANT_FORMAT = "edgekd-int8-fakequant-2"  # 2: activation quantizers placed on the traced graph, per layout
 QUANTIZED_KIND = "quantized-student"
-HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 
 
@@ -102,67 +102,6 @@ def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in enabled_quantizers(model).items() if n.startswith(ACT_PREFIX + ".")}
 
 
-def forward_loop_over(images_u8: torch.Tensor, preprocess: Preprocess, batch_size: int = 128) -> Callable[[nn.Module], None]:
-    """modelopt's callback: run the model over the calibration images (uint8) in eval mode."""
-
-    @torch.no_grad()
-    def loop(model: nn.Module) -> None:
-        was = model.training
-        model.eval()
-        dev = next(model.parameters()).device
-        for i in range(0, len(images_u8), batch_size):
-            model(preprocess(images_u8[i : i + batch_size]).to(dev))
-        model.train(was)
-
-    return loop
-
-
-def recalibrate_activations(model: nn.Module, loop: Callable[[nn.Module], None], method: str, percentile: float = 99.99) -> None:
-    """Replace max-calibrated activation ranges with histogram-based ones (percentile / entropy / MSE).
-
-    Weights keep their per-channel max: clipping weights gains nothing for INT8 (TensorRT's guide
-    and modelopt both calibrate weights by max).
-    """
-    from modelopt.torch.quantization.calib import HistogramCalibrator
-
-    quantizers = list(activation_quantizers(model).values())
-    for q in quantizers:
-        q._calibrator = HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
-        q.disable_quant()
-        q.enable_calib()
-    loop(model)
-    for q in quantizers:
-        if method == "mse":
-            q.amax = amax_with_least_squared_error(q._calibrator._calib_hist, q._calibrator._calib_bin_edges, q.num_bits, q.unsigned)
-        else:
-            q.load_calib_amax(method, **({"percentile": percentile} if method == "percentile" else {}))
-        q.enable_quant()
-        q.disable_calib()
-
-
-def amax_with_least_squared_error(hist, bin_edges, num_bits: int, unsigned: bool) -> torch.Tensor:
-    """The amax (one of the histogram's bin centers, from the 128th on, as modelopt searches) whose
-    INT8 grid reproduces the calibration values with the least squared error, clipping included.
-    The histogram is of |x| (modelopt's), so only the top of the grid matters: 127 steps, or 255
-    for an unsigned quantizer. All candidates are scored at once.
-
-    Why not modelopt's ``compute_amax("mse")``: in nvidia-modelopt 0.47 it calls
-    ``fake_tensor_quant(centers, amax, num_bits, unsigned)`` while that function now takes a
-    ``bias`` third, so num_bits lands in ``bias`` and every candidate quantizes to a constant:
-    the search returned the first bin (amax ~6% of the range) and MobileNetV3-Large fell to 9% top-1."""
-    counts = torch.as_tensor(hist).double()
-    edges = torch.as_tensor(bin_edges).double()
-    centers = (edges[1:] + edges[:-1]) / 2
-    top = 2 ** (num_bits - (0 if unsigned else 1)) - 1
-    candidates = centers[min(128, len(centers) - 1):]
-    errors = []
-    for amax in candidates.split(256):  # 256 candidates x 2048 bins at a time
-        step = (amax / top)[:, None]
-        quantized = torch.clamp(torch.round(centers[None, :] / step), max=top) * step
-        errors.append((((quantized - centers[None, :]) ** 2) * counts[None, :]).sum(1))
-    return candidates[int(torch.cat(errors).argmin())].float()
-
-
 def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess, layout: str = "tensorrt",
                    float_layers: list[str] | None = None) -> nn.Module:
     """INT8 fake-quant for ``layout``'s runtime: fuse re-parameterizable branches, fold BN (if asked),
@@ -199,12 +138,13 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
                               "export it with --precision fp16 or fp32") from exc
     if not enabled_quantizers(qmodel):
         raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
-    if loop is not None and cfg.calibrator in HISTOGRAM_METHODS:
-        recalibrate_activations(qmodel, loop, cfg.calibrator, cfg.percentile)
+    method = "max" if cfg.calibrator == "auto" else cfg.calibrator  # run_qad chooses for 'auto'; a plain calibration takes max
+    if loop is not None and method in HISTOGRAM_METHODS:
+        recalibrate_activations(list(activation_quantizers(qmodel).values()), qmodel, loop, method, cfg.percentile)
     kept = set_float_layers(qmodel, cfg.exclude if float_layers is None else float_layers)
     if layout == "ort-cpu":
         round_biases_like_onnxruntime(qmodel)
-    qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": cfg.calibrator, "percentile": cfg.percentile,
+    qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": method, "percentile": cfg.percentile,
                            "layout": layout, "weight_bits": cfg.weight_bits or 8, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False)), "float_layers": kept}
     return qmodel
 

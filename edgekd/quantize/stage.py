@@ -29,6 +29,8 @@ from edgekd.quantize.sensitivity import (drop_unneeded, fit_accuracy_budget, flo
 from edgekd.targets import host_arch
 
 LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
+AUTO_CALIBRATORS = ("max", "mse", "percentile", "entropy")  # 'auto' tries the histogram ones only when max loses more than:
+AUTO_TOLERANCE_POINTS = 1.0
 
 
 @dataclass
@@ -58,6 +60,7 @@ class QadPass:
     fp32_val: float
     ptq_val: float
     ptq_test: float
+    calibrators: dict[str, float]  # validation top-1 of each calibrator tried
     val: float
     kept_calibrated: bool
 
@@ -88,6 +91,31 @@ def _checkpoint_extra(job: QadJob) -> dict[str, Any]:
     return {"source_checkpoint": job.source, "config": {"quantize": job.cfg.model_dump(), "seed": job.seed}}
 
 
+def calibrate(job: QadJob, float_layers: list[str], fp32_val: float) -> tuple[nn.Module, dict[str, float]]:
+    """INT8 fake-quant of the FP32 student, its activation ranges calibrated with ``cfg.calibrator``.
+    'auto' starts with max (fast, never clips) and, when that loses more than a point of validation
+    top-1, also tries MSE, percentile and entropy and keeps the best on validation: networks with a
+    few outlier activations (MobileNetV3's hard-swish and SE outputs) lose most of their accuracy to
+    max ranges, and QAD does not train the ranges back. Returns the model and each method's top-1."""
+    from edgekd.models import model_from_checkpoint
+
+    data, cfg = job.data, job.cfg
+    calib = calibration_images(data.train, cfg.calib_images, job.seed)
+    tried: dict[str, float] = {}
+    best = None
+    for method in AUTO_CALIBRATORS if cfg.calibrator == "auto" else (cfg.calibrator,):
+        fp32 = model_from_checkpoint(job.student_ckpt)  # quantize_model folds and rounds in place: a fresh copy each time
+        model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess, job.layout, float_layers)
+        tried[method] = top1_on(model, data.val, data.classes)
+        if best is None or tried[method] > tried[best[0]]:
+            best = (method, model)
+        if method == "max" and cfg.calibrator == "auto" and 100 * (fp32_val - tried[method]) <= AUTO_TOLERANCE_POINTS:
+            break
+    if len(tried) > 1:
+        ui.log("calibrators on validation (max lost more than a point): " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {best[0]}")
+    return best[1], tried
+
+
 def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     """Quantize the FP32 student (``float_layers`` kept in higher precision), calibrate, train."""
     from edgekd.models import model_from_checkpoint
@@ -95,14 +123,12 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
 
     seed_everything(job.seed)
     data, cfg = job.data, job.cfg
-    model = model_from_checkpoint(job.student_ckpt)
+    fp32_val = top1_on(model_from_checkpoint(job.student_ckpt), data.val, data.classes)
+    model, calibrators = calibrate(job, float_layers, fp32_val)
     pre = model.preprocess
-    fp32_val = top1_on(model, data.val, data.classes)
-    calib = calibration_images(data.train, cfg.calib_images, job.seed)
-    model = quantize_model(model, cfg, calib, pre, job.layout, float_layers)
-    ptq_val, ptq_test = top1_on(model, data.val, data.classes), top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
+    ptq_val, ptq_test = calibrators[model.edgekd_quant["calibrator"]], top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
     floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
-    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {cfg.calibrator} on {len(calib)} images; "
+    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {model.edgekd_quant['calibrator']} on {min(cfg.calib_images, len(data.train))} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
     extra = _checkpoint_extra(job)
     calibrated = copy.deepcopy(model.state_dict())
@@ -115,7 +141,7 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
         loss_fn.close()
     kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
     best = load_quantized(result.best_path)
-    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept)
+    return QadPass(result, best, fp32_val, ptq_val, ptq_test, calibrators, top1_on(best, data.val, data.classes), kept)
 
 
 def confirm_on_export(model: nn.Module, layers: list[str], split: Split, layout: str, workdir: Path) -> dict[str, float]:
@@ -240,11 +266,13 @@ def run_qad(student_ckpt: str | Path, cfg: QuantizeConfig, data: DataSet, out_di
     out = Path(out_dir)
     job = QadJob(ckpt, str(student_ckpt), cfg, data, make_loss, seed, augment, resume)
     chosen = first = _qad_pass(job, out, list(cfg.exclude))
+    job.cfg = cfg.model_copy(update={"calibrator": first.model.edgekd_quant["calibrator"]})  # a second (mixed-precision) pass calibrates the same way
     budget = None
     if cfg.max_accuracy_drop is not None:
         chosen, budget = _meet_budget(job, first, out)
     best = chosen.model
-    extra = {"fp32_val_top1": first.fp32_val, "ptq_val_top1": first.ptq_val, "ptq_test_top1": first.ptq_test, "calibrator": cfg.calibrator,
+    extra = {"fp32_val_top1": first.fp32_val, "ptq_val_top1": first.ptq_val, "ptq_test_top1": first.ptq_test, "calibrator": job.cfg.calibrator,
+             "calibrators_tried": first.calibrators,
              "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if chosen.kept_calibrated else "QAD",
              "float_layers": float_layers_of(best), "accuracy_budget": budget}
     if chosen is not first:

@@ -1,0 +1,107 @@
+"""Activation ranges (calibration): the forward loop modelopt calibrates with, and the histogram
+methods that replace max-calibrated ranges: percentile, least squared error (MSE) and least KL
+divergence (entropy, TensorRT's classic INT8 calibrator).
+
+MSE and entropy search the same candidates as modelopt's own ``compute_amax`` (every histogram bin
+from the 128th on), scored all at once or with numpy instead of modelopt's per-bin Python loops:
+entropy took 14 min on a MobileNetV3-Large that way; the search here gives the same amax in seconds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from edgekd.data import Preprocess
+
+HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
+
+
+def forward_loop_over(images_u8: torch.Tensor, preprocess: Preprocess, batch_size: int = 128) -> Callable[[nn.Module], None]:
+    """modelopt's callback: run the model over the calibration images (uint8) in eval mode."""
+
+    @torch.no_grad()
+    def loop(model: nn.Module) -> None:
+        was = model.training
+        model.eval()
+        dev = next(model.parameters()).device
+        for i in range(0, len(images_u8), batch_size):
+            model(preprocess(images_u8[i : i + batch_size]).to(dev))
+        model.train(was)
+
+    return loop
+
+
+def recalibrate_activations(quantizers: list[nn.Module], model: nn.Module, loop: Callable[[nn.Module], None], method: str, percentile: float = 99.99) -> None:
+    """Replace max-calibrated activation ranges with histogram-based ones (percentile / entropy / MSE).
+
+    Weights keep their per-channel max: clipping weights gains nothing for INT8 (TensorRT's guide
+    and modelopt both calibrate weights by max).
+    """
+    from modelopt.torch.quantization.calib import HistogramCalibrator
+
+    for q in quantizers:
+        q._calibrator = HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
+        q.disable_quant()
+        q.enable_calib()
+    loop(model)
+    for q in quantizers:
+        if method in ("mse", "entropy"):
+            search = amax_with_least_squared_error if method == "mse" else amax_with_least_kl_divergence
+            q.amax = search(q._calibrator._calib_hist, q._calibrator._calib_bin_edges, q.num_bits, q.unsigned)
+        else:
+            q.load_calib_amax(method, percentile=percentile)
+        q.enable_quant()
+        q.disable_calib()
+
+
+def amax_with_least_squared_error(hist, bin_edges, num_bits: int, unsigned: bool) -> torch.Tensor:
+    """The amax (one of the histogram's bin centers, from the 128th on, as modelopt searches) whose
+    INT8 grid reproduces the calibration values with the least squared error, clipping included.
+    The histogram is of |x| (modelopt's), so only the top of the grid matters: 127 steps, or 255
+    for an unsigned quantizer. All candidates are scored at once.
+
+    Why not modelopt's ``compute_amax("mse")``: in nvidia-modelopt 0.47 it calls
+    ``fake_tensor_quant(centers, amax, num_bits, unsigned)`` while that function now takes a
+    ``bias`` third, so num_bits lands in ``bias`` and every candidate quantizes to a constant:
+    the search returned the first bin (amax ~6% of the range) and MobileNetV3-Large fell to 9% top-1."""
+    counts = torch.as_tensor(hist).double()
+    edges = torch.as_tensor(bin_edges).double()
+    centers = (edges[1:] + edges[:-1]) / 2
+    top = 2 ** (num_bits - (0 if unsigned else 1)) - 1
+    candidates = centers[min(128, len(centers) - 1):]
+    errors = []
+    for amax in candidates.split(256):  # 256 candidates x 2048 bins at a time
+        step = (amax / top)[:, None]
+        quantized = torch.clamp(torch.round(centers[None, :] / step), max=top) * step
+        errors.append((((quantized - centers[None, :]) ** 2) * counts[None, :]).sum(1))
+    return candidates[int(torch.cat(errors).argmin())].float()
+
+
+def amax_with_least_kl_divergence(hist, bin_edges, num_bits: int, unsigned: bool, start_bin: int = 128) -> torch.Tensor:
+    """The amax with the least KL divergence between the calibration histogram (clipped at the
+    candidate) and its quantized version: modelopt's ``_compute_amax_entropy`` (TensorRT's entropy
+    calibrator) step for step, including its choice of the last of equal minima, with numpy doing
+    each candidate's binning instead of a Python loop over bins."""
+    from scipy.stats import entropy
+
+    bins = np.asarray(hist, dtype=np.float64).copy()
+    bins[0] = bins[1]
+    levels = 1 << (num_bits - 1 + int(unsigned))
+    divergences = []
+    for i in range(start_bin, len(bins) + 1):
+        level = np.digitize(np.arange(i), np.linspace(0, i, num=levels + 1)) - 1
+        used = bins[:i] != 0
+        totals = np.bincount(level[used], weights=bins[:i][used], minlength=levels)
+        counts = np.bincount(level[used], minlength=levels)
+        mean = np.divide(totals, counts, out=np.zeros(levels), where=counts > 0)
+        candidate = np.where(used, mean[level], 0.0)
+        reference = bins[:i].copy()
+        reference[-1] += bins[i:].sum()
+        divergences.append(entropy(reference, candidate))
+    divergences = np.asarray(divergences)
+    last_argmin = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
+    return torch.tensor(float(bin_edges[last_argmin + start_bin]))
