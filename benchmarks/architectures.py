@@ -79,7 +79,8 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     else:
         qad = run_qad(ckpt, qcfg, data, out / "qad", qad_loss(ckpt, data, out, args), args.seed, "flip", resume=False)
     row = {"student": name, "layout": layout, "qad_seconds": qad["metrics"].get("train_seconds") if reused else round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
-           "fp32_val_top1": qad["metrics"]["fp32_val_top1"], "qad_val_top1": qad["metrics"]["val"]["top1"], "qad_result": qad["metrics"]["result"]}
+           "fp32_val_top1": qad["metrics"]["fp32_val_top1"], "qad_val_top1": qad["metrics"]["val"]["top1"], "qad_result": qad["metrics"]["result"],
+           "calibrator": qad["metrics"].get("calibrator"), "calibrators_tried": qad["metrics"].get("calibrators_tried")}
     try:
         rec = run_export(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout=layout, check_batch=256), qcfg, seed=args.seed)
     except Exception as exc:  # noqa: BLE001 - a failed export is a result of this benchmark, recorded as such
@@ -179,7 +180,9 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              f"- Command: `{' '.join(['.venv/bin/python', 'benchmarks/architectures.py'] + sys.argv[1:])}` ({seconds / 60:.1f} min)",
              f"- Data: Fashion-MNIST, {args.train_images} training images (10% held for validation), the full 10,000-image test set, 32 px; timm "
              "networks see the grey image repeated to 3 channels.",
-             f"- Budget per network: FP32 {args.epochs} epochs (AdamW lr {args.lr}, batch 64, flip); then per layout calibration on 512 images "
+             f"- Budget per network: FP32 {args.epochs} epochs (AdamW lr {args.lr}, batch 64, flip); then per layout calibration on 512 images (calibrator "
+             "auto: max, or when max loses more than a point on validation the best of max / MSE / percentile / entropy on validation; "
+             "the PTQ column names the one kept) "
              f"+ {args.qad_epochs} QAD epoch(s) (lr 1e-4, {QAD_LOSS[getattr(args, 'qad_teacher', 'none')]}). Pretrained: only "
              "efficientnet_lite0 (offline ImageNet weights); every other network starts from random init.",
              "- INT8 accuracy is that of the exported file, run by onnxruntime (the tensorrt-layout file with graph optimisations off, so its "
@@ -202,7 +205,7 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
         lines.append(f"| {r['student']} | {r['layout']} | yes | {r['trt_quantized_ops']}/{r['compute_ops']} | {r['residual_adds_quantized']}/{r['residual_adds']} "
                      f"| {r['trt_errors'] if r['layout'] == 'tensorrt' else '(n/a: u8 layout)'} | {r['ort_integer_ops']} / {r['ort_float_ops']} "
                      f"| {fmt_pct(r['agreement'])}% | {fmt_pct(r.get('noise_floor'))}% | {r['max_abs_diff']:.3f} | {fmt_pct(r['fp32_test_top1'])} | {fmt_pct(r['ptq_val_top1'])} "
-                     f"| {fmt_pct(r['int8_test_top1'])} | {drop:+.2f} |")
+                     f"{'(' + r['calibrator'] + ') ' if r.get('calibrator') else ''}| {fmt_pct(r['int8_test_top1'])} | {drop:+.2f} |")
     lines += ["", "## onnxruntime CPU latency (ort-cpu layout), p50 ms, 2 threads", "",
               "| student | params | FP32 b1 | edgekd INT8 b1 | quantize_static b1 | FP32 b64 | edgekd INT8 b64 | quantize_static b64 "
               "| edgekd / quantize_static b1 | b64 | INT8 speed-up vs FP32 b1 | b64 | quantize_static test % | edgekd weights |",
