@@ -60,9 +60,9 @@ class QadPass:
     fp32_val: float
     ptq_val: float
     ptq_test: float
-    calibrators: dict[str, float]  # validation top-1 of each calibrator tried
     val: float
     kept_calibrated: bool
+    calibrators: dict[str, float] = dataclasses.field(default_factory=dict)  # validation top-1 of each calibrator tried
 
 
 def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
@@ -141,7 +141,7 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
         loss_fn.close()
     kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
     best = load_quantized(result.best_path)
-    return QadPass(result, best, fp32_val, ptq_val, ptq_test, calibrators, top1_on(best, data.val, data.classes), kept)
+    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept, calibrators)
 
 
 def confirm_on_export(model: nn.Module, layers: list[str], split: Split, layout: str, workdir: Path) -> dict[str, float]:
