@@ -4,7 +4,8 @@ divergence (entropy, TensorRT's classic INT8 calibrator).
 
 MSE and entropy search the same candidates as modelopt's own ``compute_amax`` (every histogram bin
 from the 128th on), scored all at once or with numpy instead of modelopt's per-bin Python loops:
-entropy took 14 min on a MobileNetV3-Large that way; the search here gives the same amax in seconds.
+the entropy search gives modelopt's amax about 4x faster (0.3-0.5 s per 2048-bin histogram here,
+against 1.2-1.8 s; a MobileNetV3-Large has about 120 activation quantizers).
 """
 
 from __future__ import annotations
