@@ -26,7 +26,7 @@ def run_finetune(cfg: TeacherConfig, data_cfg: DataConfig, out_dir: str | Path, 
     seed_everything(seed, deterministic)
     data = data or load_data(data_cfg, seed, store_size=max(64, cfg.input_size) if data_cfg.dataset == "imagefolder" else 64)
     model = create_model(cfg.model, data.num_classes, pretrained=cfg.pretrained, input_size=cfg.input_size)
-    trainable = set_trainable(model, cfg.mode, cfg.frozen_stages if cfg.mode == "full" else 0)
+    trainable = set_trainable(model, cfg.mode, cfg.frozen_stages)  # frozen_stages applies to mode full only
     if cfg.mode == "linear-probe" and not cfg.train.freeze_bn:
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"freeze_bn": True})})  # a frozen backbone keeps its BN statistics too
     ui.log(f"teacher {cfg.model}: {count_params(model):,} params ({trainable:,} trainable, {cfg.mode}), weights {model.weights_source}, "

@@ -109,7 +109,7 @@ def calibrate(job: QadJob, float_layers: list[str], fp32_val: float) -> tuple[nn
         tried[method] = top1_on(model, data.val, data.classes)
         if best is None or tried[method] > tried[best[0]]:
             best = (method, model)
-        if method == "max" and cfg.calibrator == "auto" and 100 * (fp32_val - tried[method]) <= AUTO_TOLERANCE_POINTS:
+        if method == "max" and 100 * (fp32_val - tried[method]) <= AUTO_TOLERANCE_POINTS:
             break
     if len(tried) > 1:
         ui.log("calibrators on validation (max lost more than a point): " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {best[0]}")
