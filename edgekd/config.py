@@ -136,6 +136,8 @@ class QuantizeConfig(Strict):
     percentile: float = Field(99.99, gt=50, le=100)
     calib_images: int = Field(512, ge=16)
     fold_bn: bool = True
+    learn_ranges: bool = Field(True, description="QAD trains the activation ranges with the weights (LSQ); off: the calibrated ranges stay fixed")
+    range_lr: float = Field(0.05, gt=0, le=1, description="learning rate of the learned ranges (on log amax: a relative step)")
     layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
     weight_bits: int | None = Field(None, ge=7, le=8, description="weight grid QAD trains and the file ships: 7 cannot saturate onnxruntime's "
                                                                  "u8 x s8 kernels on x86 CPUs without VNNI (its reduce_range); unset: 7 for the "

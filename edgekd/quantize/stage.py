@@ -8,6 +8,7 @@ pass never one worse than full INT8: each choice is made on validation, and reco
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ from edgekd.data import DataSet, Split, calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import load_checkpoint
-from edgekd.quantize.qad import QUANTIZED_KIND, enabled_quantizers, for_target, load_quantized, quantize_model, save_quantized
+from edgekd.quantize.qad import QUANTIZED_KIND, activation_quantizers, enabled_quantizers, for_target, load_quantized, quantize_model, save_quantized
+from edgekd.quantize.ranges import LearnedRanges, learnable, learning_ranges
 from edgekd.quantize.sensitivity import (drop_unneeded, fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, refresh_weight_ranges,
                                          sensitivity_plot, set_float_layers)
 from edgekd.targets import host_arch
@@ -133,10 +135,14 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     extra = _checkpoint_extra(job)
     calibrated = copy.deepcopy(model.state_dict())
     loss_fn, extra_trainable = job.make_loss(model)
-    trainable = nn.ModuleDict({"student": model, "distill": extra_trainable}) if extra_trainable is not None and any(True for _ in extra_trainable.parameters()) else None
-    result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=job.augment, seed=job.seed, kind=QUANTIZED_KIND, resume=job.resume,
-                 save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, trainable=trainable,
-                 description="quantization-aware distillation")
+    ranges = LearnedRanges(learnable(activation_quantizers(model)), cfg.range_lr / cfg.train.lr) if cfg.learn_ranges else None
+    parts = {"student": model, "distill": extra_trainable, "ranges": ranges}
+    parts = {k: v for k, v in parts.items() if v is not None and (k == "student" or any(True for _ in v.parameters()))}
+    trainable = nn.ModuleDict(parts) if len(parts) > 1 else None
+    with learning_ranges(ranges) if ranges is not None else contextlib.nullcontext():
+        result = fit(model, data, cfg.train, out_dir, loss_fn, pre, augment=job.augment, seed=job.seed, kind=QUANTIZED_KIND, resume=job.resume,
+                     save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, trainable=trainable,
+                     description="quantization-aware distillation")
     if hasattr(loss_fn, "close"):
         loss_fn.close()
     kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)

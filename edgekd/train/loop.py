@@ -89,6 +89,17 @@ class _Loop:
     dev: torch.device
     env: DistEnv
     started: float
+    beside: list[nn.Parameter] = field(default_factory=list)  # trained beside the model (adapters, learned ranges): DDP does not see them
+
+
+def _average_beside(loop: _Loop) -> None:
+    """DDP averages the model's gradients over the ranks; the parameters trained beside it
+    (feature-distillation adapters, QAD's learned ranges) are averaged here, so every rank takes
+    the same step."""
+    for p in loop.beside:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= loop.env.world
 
 
 def _train_epoch(loop: _Loop, data: DataSet, epoch: int, augment: str, seed: int, prog, task) -> tuple[float, int]:
@@ -110,6 +121,8 @@ def _train_epoch(loop: _Loop, data: DataSet, epoch: int, augment: str, seed: int
             raise EdgekdError(f"training diverged (loss {loss.item()}) at epoch {epoch}", "lower the learning rate")
         loop.opt.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
+        if loop.env.world > 1:
+            _average_beside(loop)
         if cfg.grad_clip:
             loop.scaler.unscale_(loop.opt)
             nn.utils.clip_grad_norm_(loop.trainable.parameters(), cfg.grad_clip)
@@ -186,7 +199,8 @@ def _start(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Pat
     t0 = time.time()
     sched = make_scheduler(opt, cfg, steps, clock=lambda: time.time() - t0)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dev.type == "cuda")
-    loop = _Loop(net, model, trainable, loss_fn, preprocess, cfg, opt, sched, scaler, dev, env, t0)
+    in_model = {id(p) for p in model.parameters()}
+    loop = _Loop(net, model, trainable, loss_fn, preprocess, cfg, opt, sched, scaler, dev, env, t0, [p for p in trainable.parameters() if id(p) not in in_model])
     save = opts.save_fn or (lambda p, m, e: save_checkpoint(p, m, data.classes, opts.kind, e))
     run = _Run(loop, cfg, recipe_cfg, opts, out, save, steps, why)
     if opts.resume and (out / "last.pt").is_file():

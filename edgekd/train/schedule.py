@@ -13,12 +13,19 @@ from edgekd.config import TrainConfig
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """No weight decay on biases and norm parameters (1-D tensors)."""
-    decay, no_decay = [], []
+    """No weight decay on biases and norm parameters (1-D tensors). A parameter with an
+    ``lr_scale`` attribute (QAD's learned activation ranges) trains at ``cfg.lr * lr_scale``,
+    without weight decay, in a group of its own."""
+    decay, no_decay, scaled = [], [], {}
     for p in model.parameters():
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if hasattr(p, "lr_scale"):
+            scaled.setdefault(p.lr_scale, []).append(p)
+        else:
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": 0.0, "lr": cfg.lr * scale} for scale, ps in scaled.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=cfg.lr)
