@@ -183,7 +183,8 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              f"- Budget per network: FP32 {args.epochs} epochs (AdamW lr {args.lr}, batch 64, flip); then per layout calibration on 512 images (calibrator "
              "auto: max, or when max loses more than a point on validation the best of max / MSE / percentile / entropy on validation; "
              "the PTQ column names the one kept) "
-             f"+ {args.qad_epochs} QAD epoch(s) (lr 1e-4, {QAD_LOSS[getattr(args, 'qad_teacher', 'none')]}). Pretrained: only "
+             f"+ {args.qad_epochs} QAD epoch(s) (lr 1e-4, {QAD_LOSS[getattr(args, 'qad_teacher', 'none')]}; activation ranges "
+             f"{'learned with the weights (LSQ, range lr ' + str(QuantizeConfig().range_lr) + ')' if QuantizeConfig().learn_ranges else 'fixed at calibration'}). Pretrained: only "
              "efficientnet_lite0 (offline ImageNet weights); every other network starts from random init.",
              "- INT8 accuracy is that of the exported file, run by onnxruntime (the tensorrt-layout file with graph optimisations off, so its "
              "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 student QAD started from; onnxruntime's "
