@@ -121,7 +121,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
 @pytest.mark.parametrize("command, shown", [
     ("finetune", ["--epochs", "[default: 1]", "[default: 0.001]", "[default: all]", "[default: fashion-mnist]", "[default: 48]", "[default: 0]"]),
     ("distill", ["[default: nano_cnn]", "[default: 0.5]", "[default: 1]", "[default: 8]", "[default: 0.003]"]),
-    ("quantize", ["[default: auto]", "[default: 0.0001]"]),
+    ("quantize", ["[default: auto]", "[default: 0.0001]", "--learn-ranges --fixed-ranges", "[default: learn]"]),
     ("export", ["[default: the target's, else int8]", "[default: 17]"]),
     ("bench", ["[default: 200]", "[default: 10%]"]),
     ("build", ["[default: the recipe's, x86-cpu]", "[default: nano_cnn]"]),

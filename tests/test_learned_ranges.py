@@ -89,3 +89,7 @@ def test_qad_ships_the_ranges_it_trained(pico_2000_ckpt, small, tmp_path):
     assert kept == pytest.approx(calib_amax, rel=1e-6), "without learn_ranges the calibrated ranges stay"
     moved = [n for n in calib_amax if abs(shipped[n] / calib_amax[n] - 1) > 0.01]
     assert len(moved) >= len(calib_amax) // 2, f"only {moved} of {list(calib_amax)} moved"
+    record = learned["metrics"]["learned_ranges"]
+    assert record["quantizers"] == len(calib_amax)
+    assert record["lowest_ratio"] == pytest.approx(min(shipped[n] / calib_amax[n] for n in calib_amax), abs=1e-4)
+    assert fixed["metrics"]["learned_ranges"] is None

@@ -28,6 +28,8 @@ def quantize(
     calibrator: CalibratorOpt = None,
     calib_images: CalibImagesOpt = None,
     fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. \\[default: fold]")] = None,
+    learn_ranges: Annotated[Optional[bool], typer.Option("--learn-ranges/--fixed-ranges", help="Train the activation ranges with the weights (LSQ), "
+                                                          "starting from calibration; or keep the calibrated ones. \\[default: learn]")] = None,
     layout: Annotated[Optional[str], typer.Option(help="Place quantizers for this runtime's Q/DQ layout: tensorrt or ort-cpu. \\[default: the recipe target's]")] = None,
     max_accuracy_drop: MaxDropOpt = None,
     exclude: ExcludeOpt = None,
@@ -48,7 +50,7 @@ def quantize(
     from edgekd.targets import get_target
 
     recipe = run.recipe(config, set_, {"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
-                                       "quantize.layout": layout, "quantize.max_accuracy_drop": max_accuracy_drop,
+                                       "quantize.learn_ranges": learn_ranges, "quantize.layout": layout, "quantize.max_accuracy_drop": max_accuracy_drop,
                                        "quantize.exclude": layer_list(exclude), **train.overrides()}, QUICK)
     target = get_target(recipe.target)
     recipe.quantize = for_target(recipe.quantize, target.layout, target.arch)
@@ -62,7 +64,7 @@ def quantize(
     if m.get("accuracy_budget"):
         show_budget(m["accuracy_budget"])
     emit({"checkpoint": result["checkpoint"], "metrics_file": result["metrics_file"], "fp32_val_top1": m["fp32_val_top1"], "ptq_val_top1": m["ptq_val_top1"],
-          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "float_layers": m["float_layers"], "accuracy_budget": m.get("accuracy_budget")}, run.as_json)
+          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "float_layers": m["float_layers"], "learned_ranges": m.get("learned_ranges"), "accuracy_budget": m.get("accuracy_budget")}, run.as_json)
 
 
 def show_budget(budget: dict) -> None:

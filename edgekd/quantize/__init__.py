@@ -1,4 +1,4 @@
-"""INT8 quantization: the network as deployed (:mod:`.fuse`), where quantizers go (:mod:`.placement`), activation ranges (:mod:`.calibrate`), fake-quant and checkpoints (:mod:`.qad`),
+"""INT8 quantization: the network as deployed (:mod:`.fuse`), where quantizers go (:mod:`.placement`), activation ranges (:mod:`.calibrate`, learned in QAD: :mod:`.ranges`), fake-quant and checkpoints (:mod:`.qad`),
 per-layer sensitivity and mixed precision (:mod:`.sensitivity`), and the stage (:mod:`.stage`)."""
 
 from edgekd.quantize.fuse import fold_batchnorm, reparameterize

@@ -89,3 +89,17 @@ def learning_ranges(ranges: LearnedRanges) -> Iterator[None]:
         for q in ranges.quantizers:
             q.backend = None
             q.__dict__.pop(_PARAM, None)
+
+
+def amax_values(quantizers: dict[str, nn.Module]) -> dict[str, float]:
+    return {n: float(q.amax) for n, q in learnable(quantizers).items()}
+
+
+def range_changes(calibrated: dict[str, float], trained: dict[str, float]) -> dict[str, float]:
+    """How far QAD moved the activation ranges from calibration (trained / calibrated amax, over
+    the quantizers both have): the report's evidence that the ranges were learned, and how much."""
+    ratios = sorted(trained[n] / calibrated[n] for n in calibrated if n in trained and calibrated[n] > 0)
+    if not ratios:
+        return {"quantizers": 0}
+    return {"quantizers": len(ratios), "median_ratio": round(ratios[len(ratios) // 2], 4), "lowest_ratio": round(ratios[0], 4),
+            "highest_ratio": round(ratios[-1], 4)}

@@ -25,7 +25,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import load_checkpoint
 from edgekd.quantize.qad import QUANTIZED_KIND, activation_quantizers, enabled_quantizers, for_target, load_quantized, quantize_model, save_quantized
-from edgekd.quantize.ranges import LearnedRanges, learnable, learning_ranges
+from edgekd.quantize.ranges import LearnedRanges, amax_values, learnable, learning_ranges, range_changes
 from edgekd.quantize.sensitivity import (drop_unneeded, fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, refresh_weight_ranges,
                                          sensitivity_plot, set_float_layers)
 from edgekd.targets import host_arch
@@ -65,6 +65,7 @@ class QadPass:
     val: float
     kept_calibrated: bool
     calibrators: dict[str, float] = dataclasses.field(default_factory=dict)  # validation top-1 of each calibrator tried
+    ranges: dict[str, float] = dataclasses.field(default_factory=dict)  # how far QAD moved the activation ranges (ranges.range_changes)
 
 
 def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
@@ -98,7 +99,8 @@ def calibrate(job: QadJob, float_layers: list[str], fp32_val: float) -> tuple[nn
     'auto' starts with max (fast, never clips) and, when that loses more than a point of validation
     top-1, also tries MSE, percentile and entropy and keeps the best on validation: networks with a
     few outlier activations (MobileNetV3's hard-swish and SE outputs) lose most of their accuracy to
-    max ranges, and QAD does not train the ranges back. Returns the model and each method's top-1."""
+    max ranges; QAD's learned ranges start from these, and a start that far down is a long way to
+    travel in one epoch. Returns the model and each method's top-1."""
     from edgekd.models import model_from_checkpoint
 
     data, cfg = job.data, job.cfg
@@ -135,6 +137,7 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     extra = _checkpoint_extra(job)
     calibrated = copy.deepcopy(model.state_dict())
     loss_fn, extra_trainable = job.make_loss(model)
+    calibrated_ranges = amax_values(activation_quantizers(model))
     ranges = LearnedRanges(learnable(activation_quantizers(model)), cfg.range_lr / cfg.train.lr) if cfg.learn_ranges else None
     parts = {"student": model, "distill": extra_trainable, "ranges": ranges}
     parts = {k: v for k, v in parts.items() if v is not None and (k == "student" or any(True for _ in v.parameters()))}
@@ -147,7 +150,11 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
         loss_fn.close()
     kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
     best = load_quantized(result.best_path)
-    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept, calibrators)
+    moved = range_changes(calibrated_ranges, amax_values(activation_quantizers(best)))
+    if ranges is not None and moved["quantizers"]:
+        ui.log(f"activation ranges learned in QAD ({moved['quantizers']} quantizers): trained / calibrated amax median {moved['median_ratio']:.3f}, "
+               f"from {moved['lowest_ratio']:.3f} to {moved['highest_ratio']:.3f}")
+    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept, calibrators, moved)
 
 
 def confirm_on_export(model: nn.Module, layers: list[str], split: Split, layout: str, workdir: Path) -> dict[str, float]:
@@ -278,7 +285,7 @@ def run_qad(student_ckpt: str | Path, cfg: QuantizeConfig, data: DataSet, out_di
         chosen, budget = _meet_budget(job, first, out)
     best = chosen.model
     extra = {"fp32_val_top1": first.fp32_val, "ptq_val_top1": first.ptq_val, "ptq_test_top1": first.ptq_test, "calibrator": job.cfg.calibrator,
-             "calibrators_tried": first.calibrators,
+             "calibrators_tried": first.calibrators, "learned_ranges": chosen.ranges if cfg.learn_ranges else None,
              "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if chosen.kept_calibrated else "QAD",
              "float_layers": float_layers_of(best), "accuracy_budget": budget}
     if chosen is not first:
