@@ -74,6 +74,8 @@ class StudentConfig(Strict):
     model: str = Field("nano_cnn", description="edgekd student (see `edgekd models`) or a timm model name")
     input_size: int = Field(28, ge=16, le=1024)
     width: float = Field(1.0, gt=0, le=8, description="width multiplier for edgekd students")
+    pretrained: str = Field("none", description="timm students: 'none' (random init), or as teacher.pretrained: 'auto', 'timm' (download), "
+                                                "'offline', or a weights file path; grey images are then repeated to RGB")
     augment: Literal["none", "flip", "crop-flip"] = Field("flip", description="student augmentation in `build`: 'flip' lets teacher outputs be cached")
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=8, lr=3e-3, batch_size=128, weight_decay=0.05, min_steps=1000, patience=8))
     control: bool = Field(True, description="`build` also trains this student alone on hard labels with the same budget (the control), "

@@ -12,7 +12,7 @@ from pathlib import Path
 from edgekd import ui
 from edgekd.config import DataConfig, StudentConfig
 from edgekd.data import DataSet
-from edgekd.models import count_params, create_model, load_checkpoint, model_from_checkpoint
+from edgekd.models import count_params, create_student, load_checkpoint, model_from_checkpoint
 from edgekd.train import cross_entropy_loss, final_metrics, fit, seed_everything
 
 
@@ -20,7 +20,7 @@ def run_control(student_cfg: StudentConfig, data_cfg: DataConfig, out_dir: str |
                 deterministic: bool = False) -> dict:
     """Train ``student_cfg``'s model on hard labels; writes best.pt/last.pt/metrics.json into ``out_dir``."""
     seed_everything(seed, deterministic)  # the same seed as distillation: the same initial weights and batches
-    model = create_model(student_cfg.model, data.num_classes, "none", in_chans=data.channels, width=student_cfg.width, input_size=student_cfg.input_size)
+    model = create_student(student_cfg.model, data.num_classes, data.channels, student_cfg.input_size, student_cfg.width, student_cfg.pretrained)
     ui.log(f"control: {student_cfg.model} alone on hard labels, {count_params(model):,} params at {student_cfg.input_size} px")
     extra = {"config": {"student": student_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": seed, "control": True}}
     result = fit(model, data, student_cfg.train, out_dir, cross_entropy_loss(student_cfg.train.label_smoothing), model.preprocess,

@@ -105,3 +105,29 @@ def test_weights_file_for_another_architecture(tmp_path):
     torch.save(create_model("resnet18", 10).state_dict(), p)
     with pytest.raises(EdgekdError, match="another architecture"):
         create_model("efficientnet_lite0", 10, pretrained=str(p))
+
+
+def test_timm_student_from_a_weights_file_takes_rgb_and_keeps_the_backbone(tmp_path):
+    """student.pretrained: a timm student on grey data starts from the user's weights, at 3 input
+    channels (grey repeated, as the teacher does); by default it is random init at the data's channels."""
+    from edgekd.models import create_student
+
+    torch.manual_seed(0)
+    source = create_model("resnet18", 1000)
+    p = tmp_path / "resnet18.pth"
+    torch.save(source.state_dict(), p)
+    student = create_student("resnet18", 10, channels=1, input_size=32, pretrained=str(p))
+    assert student.edgekd_spec["in_chans"] == 3 and student.weights_source == f"file:{p}"
+    assert torch.equal(student.conv1.weight, source.conv1.weight) and torch.equal(student.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+    assert student.fc.weight.shape == (10, 512) and not student.fc.weight.any()  # a fresh, zeroed head
+    grey = torch.randint(0, 256, (2, 1, 28, 28), dtype=torch.uint8)
+    assert student(student.preprocess(grey)).shape == (2, 10)
+    plain = create_student("resnet18", 10, channels=1, input_size=32)
+    assert plain.edgekd_spec["in_chans"] == 1 and plain.weights_source == "random init"
+
+
+def test_edgekd_student_with_pretrained_weights_is_a_clear_error():
+    from edgekd.models import create_student
+
+    with pytest.raises(EdgekdError, match="no pretrained weights"):
+        create_student("nano_cnn", 10, channels=1, input_size=28, pretrained="timm")

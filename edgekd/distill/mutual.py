@@ -23,7 +23,7 @@ from edgekd.config import DataConfig, DistillConfig, StudentConfig
 from edgekd.data import Batch, DataSet
 from edgekd.distill.losses import MutualLoss
 from edgekd.manifest import atomic_path
-from edgekd.models import count_params, create_model, safe_torch_load, save_checkpoint
+from edgekd.models import count_params, create_student, safe_torch_load, save_checkpoint
 
 PEERS_FORMAT = "edgekd-peers"
 
@@ -76,7 +76,7 @@ def make_peers(student_cfg: StudentConfig, distill_cfg: DistillConfig, data: Dat
     models = []
     for name in peer_names(student_cfg, distill_cfg):
         check_student_name(name)
-        models.append(create_model(name, data.num_classes, "none", in_chans=data.channels, width=student_cfg.width, input_size=student_cfg.input_size))
+        models.append(create_student(name, data.num_classes, data.channels, student_cfg.input_size, student_cfg.width, student_cfg.pretrained))
     for m in models[1:]:
         m.preprocess = models[0].preprocess
     return models

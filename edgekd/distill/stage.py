@@ -39,7 +39,7 @@ from edgekd import ui
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
 from edgekd.data import DataSet
 from edgekd.errors import EdgekdError
-from edgekd.models import count_params, create_model, is_known_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
+from edgekd.models import count_params, create_model, create_student, is_known_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
 from edgekd.distill.loss import build_distill_loss, teacher_weights
 from edgekd.distill.teachers import Teacher, check_teachers_stronger, load_teacher, measure_teachers, warn_flat_soft_targets
 
@@ -61,7 +61,7 @@ def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teach
         if init == "teacher":
             model.load_state_dict(t.model.state_dict())
         return model
-    return create_model(student_cfg.model, data.num_classes, "none", in_chans=data.channels, width=student_cfg.width, input_size=student_cfg.input_size)
+    return create_student(student_cfg.model, data.num_classes, data.channels, student_cfg.input_size, student_cfg.width, student_cfg.pretrained)
 
 
 def born_again_note(self_distill: bool, init: str) -> str:

@@ -93,6 +93,16 @@ def create_model(
     return model
 
 
+def create_student(name: str, num_classes: int, channels: int, input_size: int, width: float = 1.0, pretrained: str = "none") -> nn.Module:
+    """A student as the pipeline trains it. edgekd's students take the data's channels and start
+    from random init; so does a timm student by default. With ``pretrained`` weights (timm,
+    offline, a file) a timm student keeps its 3 input channels, grey images repeated to RGB as for
+    the teacher: an ImageNet stem does not fit a 1-channel input."""
+    if pretrained != "none" and name in STUDENTS:
+        raise EdgekdError(f"edgekd student '{name}' has no pretrained weights", "set student.pretrained=none, or pick a timm student (e.g. mobilenetv3_large_100)")
+    return create_model(name, num_classes, pretrained, in_chans=3 if pretrained != "none" else channels, width=width, input_size=input_size)
+
+
 def zero_init_head(model: nn.Module) -> None:
     """A new classifier on pretrained features starts at zero (all classes equally likely, loss
     ln(C)). timm's EfficientNet init draws the head from +-1/sqrt(num_classes): for 3 classes
