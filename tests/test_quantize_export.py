@@ -438,3 +438,18 @@ def test_cli_export_fp32_checkpoint_calibrates_and_writes_record(trained_pico, t
 
     with torch.no_grad():
         assert rec["fp32_reference"] == "student" and np.abs(ort_logits(rec["fp32_path"], x.numpy()) - model.eval()(x).numpy()).max() < 1e-4
+    ptq = json.loads((tmp_path / "o" / "export.json").read_text())["ptq_calibration"]
+    assert ptq == {"calibrator": "max", "calibrators_tried": {"max": ptq["calibrators_tried"]["max"]}}  # max was within a point: the only one tried
+
+
+def test_export_of_an_fp32_checkpoint_calibrates_like_qad(trained_pico, data, tmp_path, monkeypatch):
+    """PTQ at export takes the calibrator 'auto' too: when max loses more than a point on validation,
+    the best of the four methods on validation is the one shipped."""
+    from edgekd.config import ExportConfig
+    from edgekd.export import run_export
+    from edgekd.quantize import stage
+
+    monkeypatch.setattr(stage, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
+    rec = run_export(trained_pico[1], tmp_path / "o", data, ExportConfig(precision="int8", layout="tensorrt", check_batch=64), QuantizeConfig(calib_images=64))
+    tried = rec["ptq_calibration"]["calibrators_tried"]
+    assert list(tried) == ["max", "mse", "percentile", "entropy"] and rec["ptq_calibration"]["calibrator"] == max(tried, key=tried.get)

@@ -7,7 +7,6 @@ that a later stage or a user could mistake for a good one.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
@@ -200,19 +199,21 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, expor
 
     ``export_cfg.precision`` / ``export_cfg.layout`` must already be resolved (:func:`resolve_layout`).
     """
-    from edgekd.quantize import default_weight_bits, is_quantized, quantize_model
+    from edgekd.quantize import default_weight_bits, is_quantized
+    from edgekd.quantize.stage import calibrate
     from edgekd.targets import get_target, host_arch
 
     model, ckpt = load_for_export(checkpoint)
-    fp32_model = None
+    fp32_model, ptq = None, None
     calib = calibration_images(data.train, quantize_cfg.calib_images, seed)
     precision, layout = export_cfg.precision, export_cfg.layout
     if precision == "int8" and not is_quantized(model):
         ui.warn(f"{checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {len(calib)} images (post-training quantization, no QAD); "
                 "run `edgekd quantize` first for quantization-aware distillation")
         bits = quantize_cfg.weight_bits or default_weight_bits(layout, get_target(target).arch if target else host_arch())
-        fp32_model = copy.deepcopy(model)  # quantize_model fuses and folds in place
-        model = quantize_model(model, quantize_cfg.model_copy(update={"weight_bits": bits}), calib, model.preprocess, layout)
+        fp32_model = model  # calibrate quantizes fresh copies of the checkpoint: this one stays the FP32 student
+        model, tried = calibrate(ckpt, quantize_cfg.model_copy(update={"weight_bits": bits}), data, layout, seed)
+        ptq = {"calibrator": model.edgekd_quant["calibrator"], "calibrators_tried": tried}
     if precision == "int8":
         record_budget = choose_float_layers(model, quantize_cfg, data, layout, Path(out_dir))
     check = data.test.subset(export_cfg.check_batch)
@@ -220,6 +221,8 @@ def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, expor
                         fp32_model=fp32_model)
     record = export_model(model, out_dir, req)
     record["checkpoint"] = str(checkpoint)
+    if ptq:
+        record["ptq_calibration"] = ptq
     if precision == "int8":
         record["accuracy_budget"] = record_budget
     write_json_atomic(Path(out_dir) / "export.json", record)

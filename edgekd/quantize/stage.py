@@ -94,22 +94,24 @@ def _checkpoint_extra(job: QadJob) -> dict[str, Any]:
     return {"source_checkpoint": job.source, "config": {"quantize": job.cfg.model_dump(), "seed": job.seed}}
 
 
-def calibrate(job: QadJob, float_layers: list[str], fp32_val: float) -> tuple[nn.Module, dict[str, float]]:
+def calibrate(student_ckpt: dict[str, Any], cfg: QuantizeConfig, data: DataSet, layout: str, seed: int = 0, float_layers: list[str] | None = None,
+              fp32_val: float | None = None) -> tuple[nn.Module, dict[str, float]]:
     """INT8 fake-quant of the FP32 student, its activation ranges calibrated with ``cfg.calibrator``.
     'auto' starts with max (fast, never clips) and, when that loses more than a point of validation
-    top-1, also tries MSE, percentile and entropy and keeps the best on validation: networks with a
-    few outlier activations (MobileNetV3's hard-swish and SE outputs) lose most of their accuracy to
-    max ranges; QAD's learned ranges start from these, and a start that far down is a long way to
-    travel in one epoch. Returns the model and each method's top-1."""
+    top-1 to ``fp32_val`` (measured when not given), also tries MSE, percentile and entropy and keeps
+    the best on validation: networks with a few outlier activations (MobileNetV3's hard-swish and SE
+    outputs) lose most of their accuracy to max ranges; QAD's learned ranges start from these, and a
+    start that far down is a long way to travel in one epoch. Returns the model and each method's top-1."""
     from edgekd.models import model_from_checkpoint
 
-    data, cfg = job.data, job.cfg
-    calib = calibration_images(data.train, cfg.calib_images, job.seed)
+    if fp32_val is None:
+        fp32_val = top1_on(model_from_checkpoint(student_ckpt), data.val, data.classes) if cfg.calibrator == "auto" else 0.0
+    calib = calibration_images(data.train, cfg.calib_images, seed)
     tried: dict[str, float] = {}
     best = None
     for method in AUTO_CALIBRATORS if cfg.calibrator == "auto" else (cfg.calibrator,):
-        fp32 = model_from_checkpoint(job.student_ckpt)  # quantize_model folds and rounds in place: a fresh copy each time
-        model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess, job.layout, float_layers)
+        fp32 = model_from_checkpoint(student_ckpt)  # quantize_model folds and rounds in place: a fresh copy each time
+        model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess, layout, float_layers)
         tried[method] = top1_on(model, data.val, data.classes)
         if best is None or tried[method] > tried[best[0]]:
             best = (method, model)
@@ -128,7 +130,7 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     seed_everything(job.seed)
     data, cfg = job.data, job.cfg
     fp32_val = top1_on(model_from_checkpoint(job.student_ckpt), data.val, data.classes)
-    model, calibrators = calibrate(job, float_layers, fp32_val)
+    model, calibrators = calibrate(job.student_ckpt, cfg, data, job.layout, job.seed, float_layers, fp32_val)
     pre = model.preprocess
     ptq_val, ptq_test = calibrators[model.edgekd_quant["calibrator"]], top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
     floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
