@@ -93,3 +93,36 @@ def test_qad_ships_the_ranges_it_trained(pico_2000_ckpt, small, tmp_path):
     assert record["quantizers"] == len(calib_amax)
     assert record["lowest_ratio"] == pytest.approx(min(shipped[n] / calib_amax[n] for n in calib_amax), abs=1e-4)
     assert fixed["metrics"]["learned_ranges"] is None
+
+
+def test_a_range_stops_at_its_inputs_upper_bound():
+    """Data up to 12 wants a wider range, but the quantizer reads a ReLU6: its range stops at 6,
+    where onnxruntime's file (which folds the ReLU6 into the Q after it) clips too."""
+    x = torch.linspace(0, 12, 4096)
+    q = _quantizer(5.0, unsigned=True)
+    ranges = LearnedRanges({"q": q}, lr_scale=1.0, upper_bounds={"q": 6.0})
+    opt = torch.optim.Adam(ranges.parameters(), lr=0.05)
+    with learning_ranges(ranges):
+        for _ in range(60):
+            loss = ((q(x) - x) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert float(q(x).detach().max()) == pytest.approx(6.0)
+    assert float(q.amax) == pytest.approx(6.0) and float(ranges.log_amax[0].detach().exp()) > 6.0
+
+
+def test_placement_records_the_upper_bound_of_every_relu6_and_sigmoid_input(small):
+    """EfficientNet-Lite0's inverted residuals end in ReLU6 (bound 6); MobileNetV3's SE gates are
+    hard-sigmoids (bound 1). The bounds follow the quantizer's input, through pooling."""
+    from edgekd.models import create_model
+
+    for name, bound in (("efficientnet_lite0", 6.0), ("mobilenetv3_large_100", 1.0)):
+        m = create_model(name, 10, input_size=32).eval()
+        q = quantize_model(m, QuantizeConfig(), None, m.preprocess, "ort-cpu")
+        mods = dict(q.named_modules())
+        bounds = q.edgekd_placement["upper_bounds"]
+        fed_by = {n.target: n.args[0] for n in q.graph.nodes if n.op == "call_module" and n.target.startswith("edgekd_act.")}
+        bounded = {t for t, src in fed_by.items() if src.op == "call_module" and isinstance(mods[src.target], (torch.nn.ReLU6, torch.nn.Hardsigmoid))}
+        assert bounded and all(bounds[t] == bound for t in bounded), name
+        assert all(bounds.get(t) is None for t, src in fed_by.items() if src.op == "call_module" and isinstance(mods[src.target], torch.nn.Conv2d))

@@ -246,12 +246,41 @@ def _nonnegative_nodes(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) 
     return nonneg
 
 
+def _upper_bound(node: torch.fx.Node, modules: dict[str, nn.Module], bounds: dict[torch.fx.Node, float]) -> float | None:
+    """The most an op's output can be (ReLU6 / Hardtanh: their top; sigmoids: 1; pooling and reshapes:
+    their input's), or None. A learned range never needs to reach past it, and onnxruntime's file
+    relies on it not doing so: it folds a ReLU6 into the Q after it, whose range then does the clipping."""
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is Hardtanh(0, 6)
+            return float(m.max_val)
+        if isinstance(m, (nn.Sigmoid, nn.Hardsigmoid)):
+            return 1.0
+    elif node.op == "call_function" and node.target in (F.relu6, F.hardtanh):
+        return 6.0 if node.target is F.relu6 else float(node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0))
+    elif (node.op == "call_function" and node.target in _SIGMOID_FN | {F.hardsigmoid}) or (node.op == "call_method" and node.target == "sigmoid"):
+        return 1.0
+    if (op_kind(node, modules) == "pool" or _is_passthrough(node, modules)) and node.args and isinstance(node.args[0], torch.fx.Node):
+        return bounds.get(node.args[0])
+    return None
+
+
+def _upper_bounds(gm: torch.fx.GraphModule, modules: dict[str, nn.Module]) -> dict[torch.fx.Node, float]:
+    bounds: dict[torch.fx.Node, float] = {}
+    for node in gm.graph.nodes:
+        bound = _upper_bound(node, modules, bounds)
+        if bound is not None:
+            bounds[node] = bound
+    return bounds
+
+
 def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_quantizer) -> list[str]:
     """Insert ``make_quantizer()`` modules, named ``edgekd_act.<node>``, on each activation site for
-    ``layout`` (see :func:`activation_sites`); records them in ``gm.edgekd_placement``."""
-    names, unsigned = [], []
+    ``layout`` (see :func:`activation_sites`); records them in ``gm.edgekd_placement``, with the
+    upper bound of each one whose input has one (:func:`_upper_bound`)."""
+    names, unsigned, upper = [], [], {}
     modules = dict(gm.named_modules())
-    nonneg = _nonnegative_nodes(gm, modules)
+    nonneg, bounds = _nonnegative_nodes(gm, modules), _upper_bounds(gm, modules)
     for src in activation_sites(gm, layout):
         path = f"{ACT_PREFIX}.{src.name}"
         gm.add_submodule(path, make_quantizer())
@@ -263,7 +292,9 @@ def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_qua
         names.append(src.name)
         if layout == "ort-cpu" and src in nonneg:
             unsigned.append(path)
+        if src in bounds:
+            upper[path] = bounds[src]
     gm.graph.lint()
     gm.recompile()
-    gm.edgekd_placement = {"layout": layout, "activations": names, "unsigned": unsigned}
+    gm.edgekd_placement = {"layout": layout, "activations": names, "unsigned": unsigned, "upper_bounds": upper}
     return names

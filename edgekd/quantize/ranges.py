@@ -26,6 +26,7 @@ import torch.nn as nn
 
 BACKEND = "edgekd_learned_range"
 _PARAM = "edgekd_log_amax"  # kept in the quantizer's __dict__: not a registered parameter, so state_dicts keep their keys
+_BOUND = "edgekd_amax_bound"  # the most the quantizer's input can be (a ReLU6's 6): its range stops there
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -37,6 +38,9 @@ def fake_quant_learned(x: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
     with gradients to amax as well as x (LSQ), amax from the quantizer's learned log-range."""
     log_amax = quantizer.__dict__[_PARAM]
     amax = log_amax.exp()
+    bound = quantizer.__dict__.get(_BOUND)
+    if bound is not None:
+        amax = amax.clamp(max=bound)
     with torch.no_grad():
         quantizer._amax.copy_(amax.detach().reshape(quantizer._amax.shape))
     bits, unsigned = quantizer.num_bits, quantizer.unsigned
@@ -49,22 +53,18 @@ def fake_quant_learned(x: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
 class LearnedRanges(nn.Module):
     """The log-ranges of the given (calibrated, per-tensor) activation quantizers, as parameters to
     train. ``lr_scale`` tells the optimizer to give them their own learning rate
-    (:func:`edgekd.train.make_optimizer`)."""
+    (:func:`edgekd.train.make_optimizer`). ``upper_bounds`` (quantizer name -> the most its input
+    can be, from :mod:`edgekd.quantize.placement`) caps those ranges."""
 
-    def __init__(self, quantizers: dict[str, nn.Module], lr_scale: float):
+    def __init__(self, quantizers: dict[str, nn.Module], lr_scale: float, upper_bounds: dict[str, float] | None = None):
         super().__init__()
         self.log_amax = nn.ParameterList()
         self.quantizers = list(quantizers.values())
+        self.bounds = [(upper_bounds or {}).get(name) for name in quantizers]
         for q in self.quantizers:
             p = nn.Parameter(q.amax.detach().float().clamp_min(1e-8).log().reshape(()))
             p.lr_scale = lr_scale
             self.log_amax.append(p)
-
-    def sync_from_quantizers(self) -> None:
-        """Take the ranges the quantizers hold now (e.g. loaded from a checkpoint on resume)."""
-        with torch.no_grad():
-            for p, q in zip(self.log_amax, self.quantizers):
-                p.copy_(q.amax.detach().float().clamp_min(1e-8).log().reshape(()))
 
 
 def learnable(quantizers: dict[str, nn.Module]) -> dict[str, nn.Module]:
@@ -80,8 +80,8 @@ def learning_ranges(ranges: LearnedRanges) -> Iterator[None]:
 
     if not is_registered_quant_backend(BACKEND):
         register_quant_backend(BACKEND, fake_quant_learned)
-    for p, q in zip(ranges.log_amax, ranges.quantizers):
-        q.__dict__[_PARAM] = p
+    for p, q, bound in zip(ranges.log_amax, ranges.quantizers, ranges.bounds):
+        q.__dict__[_PARAM], q.__dict__[_BOUND] = p, bound
         q.backend = BACKEND
     try:
         yield
@@ -89,6 +89,7 @@ def learning_ranges(ranges: LearnedRanges) -> Iterator[None]:
         for q in ranges.quantizers:
             q.backend = None
             q.__dict__.pop(_PARAM, None)
+            q.__dict__.pop(_BOUND, None)
 
 
 def amax_values(quantizers: dict[str, nn.Module]) -> dict[str, float]:

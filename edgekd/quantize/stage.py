@@ -140,7 +140,8 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     calibrated = copy.deepcopy(model.state_dict())
     loss_fn, extra_trainable = job.make_loss(model)
     calibrated_ranges = amax_values(activation_quantizers(model))
-    ranges = LearnedRanges(learnable(activation_quantizers(model)), cfg.range_lr / cfg.train.lr) if cfg.learn_ranges else None
+    ranges = (LearnedRanges(learnable(activation_quantizers(model)), cfg.range_lr / cfg.train.lr, model.edgekd_placement["upper_bounds"])
+              if cfg.learn_ranges else None)
     parts = {"student": model, "distill": extra_trainable, "ranges": ranges}
     parts = {k: v for k, v in parts.items() if v is not None and (k == "student" or any(True for _ in v.parameters()))}
     trainable = nn.ModuleDict(parts) if len(parts) > 1 else None
