@@ -70,7 +70,7 @@ def train_fp32(name: str, data, args) -> Path:
 
 def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     out = WORK / name / layout
-    qcfg = QuantizeConfig(layout=layout, calib_images=512,
+    qcfg = QuantizeConfig(layout=layout, calib_images=512, learn_ranges=not getattr(args, "fixed_ranges", False),
                           train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     t0 = time.time()
     reused = args.reuse_qad and (out / "qad" / "metrics.json").is_file()
@@ -184,7 +184,7 @@ def write_results(rows: list[dict], args, seconds: float, path: Path) -> None:
              "auto: max, or when max loses more than a point on validation the best of max / MSE / percentile / entropy on validation; "
              "the PTQ column names the one kept) "
              f"+ {args.qad_epochs} QAD epoch(s) (lr 1e-4, {QAD_LOSS[getattr(args, 'qad_teacher', 'none')]}; activation ranges "
-             f"{'learned with the weights (LSQ, range lr ' + str(QuantizeConfig().range_lr) + ')' if QuantizeConfig().learn_ranges else 'fixed at calibration'}). Pretrained: only "
+             f"{'fixed at calibration' if getattr(args, 'fixed_ranges', False) else 'learned with the weights (LSQ, range lr ' + str(QuantizeConfig().range_lr) + ')'}). Pretrained: only "
              "efficientnet_lite0 (offline ImageNet weights); every other network starts from random init.",
              "- INT8 accuracy is that of the exported file, run by onnxruntime (the tensorrt-layout file with graph optimisations off, so its "
              "Q/DQ run as written: TensorRT's arithmetic emulated in float). FP32 is the FP32 student QAD started from; onnxruntime's "
@@ -264,6 +264,7 @@ def main() -> None:
     ap.add_argument("--qad-epochs", type=int, default=1)
     ap.add_argument("--qad-teacher", choices=["fp32", "none"], default="fp32",
                     help="QAD learns from the FP32 student it started from (soft targets T=1 + labels, alpha 0.5), or from hard labels only")
+    ap.add_argument("--fixed-ranges", action="store_true", help="QAD keeps the calibrated activation ranges (before: it learns them)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=3)
