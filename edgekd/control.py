@@ -21,7 +21,7 @@ def run_control(student_cfg: StudentConfig, data_cfg: DataConfig, out_dir: str |
     """Train ``student_cfg``'s model on hard labels; writes best.pt/last.pt/metrics.json into ``out_dir``."""
     seed_everything(seed, deterministic)  # the same seed as distillation: the same initial weights and batches
     model = create_student(student_cfg.model, data.num_classes, data.channels, student_cfg.input_size, student_cfg.width, student_cfg.pretrained)
-    ui.log(f"control: {student_cfg.model} alone on hard labels, {count_params(model):,} params at {student_cfg.input_size} px")
+    ui.log(f"control: {student_cfg.model} alone on hard labels, {count_params(model):,} params at {student_cfg.input_size} px, weights {model.weights_source}")
     extra = {"config": {"student": student_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": seed, "control": True}}
     result = fit(model, data, student_cfg.train, out_dir, cross_entropy_loss(student_cfg.train.label_smoothing), model.preprocess,
                  augment=data_cfg.augment, seed=seed, kind="student", ckpt_extra=extra, description=f"control {student_cfg.model}")
