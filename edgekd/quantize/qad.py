@@ -138,7 +138,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
                               "export it with --precision fp16 or fp32") from exc
     if not enabled_quantizers(qmodel):
         raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
-    method = "max" if cfg.calibrator == "auto" else cfg.calibrator  # run_qad chooses for 'auto'; a plain calibration takes max
+    method = "max" if cfg.calibrator == "auto" else cfg.calibrator  # quantize.stage.calibrate chooses for 'auto'; a plain calibration takes max
     if loop is not None and method in HISTOGRAM_METHODS:
         recalibrate_activations(list(activation_quantizers(qmodel).values()), qmodel, loop, method, cfg.percentile)
     kept = set_float_layers(qmodel, cfg.exclude if float_layers is None else float_layers)

@@ -139,9 +139,9 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     extra = _checkpoint_extra(job)
     calibrated = copy.deepcopy(model.state_dict())
     loss_fn, extra_trainable = job.make_loss(model)
-    calibrated_ranges = amax_values(activation_quantizers(model))
-    ranges = (LearnedRanges(learnable(activation_quantizers(model)), cfg.range_lr / cfg.train.lr, model.edgekd_placement["upper_bounds"])
-              if cfg.learn_ranges else None)
+    per_tensor = learnable(activation_quantizers(model))
+    calibrated_ranges = amax_values(per_tensor)
+    ranges = LearnedRanges(per_tensor, cfg.range_lr / cfg.train.lr, model.edgekd_placement["upper_bounds"]) if cfg.learn_ranges else None
     parts = {"student": model, "distill": extra_trainable, "ranges": ranges}
     parts = {k: v for k, v in parts.items() if v is not None and (k == "student" or any(True for _ in v.parameters()))}
     trainable = nn.ModuleDict(parts) if len(parts) > 1 else None
