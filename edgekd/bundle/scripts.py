@@ -10,10 +10,12 @@ import shlex
 from typing import Any, Mapping
 
 from edgekd.errors import EdgekdError
+from edgekd.runtimes.shapes import engine_batches, engine_profile, tensorrt_major, trtexec_precision_flags
 
 
 DEFAULT_WARMUP_MS = 500
 DEFAULT_DURATION_S = 10
+PERCENTILES = "50,90,95,99"  # --percentile replaces trtexec's default list (90,95,99); deploy reports p50 and p90
 
 
 def onnx_input(onnx_path: str | os.PathLike) -> tuple[str, list[int | None]]:
@@ -46,30 +48,44 @@ def _shape(name: str, dims: list[int]) -> str:
 
 
 def trtexec_commands(target: Mapping[str, Any], onnx_rel: str, input_name: str, input_dims: list[int | None], primary: str) -> dict[str, list[str]]:
-    """The exact trtexec command lines (argv) to build and time the engine on the device."""
-    engine = f"engine/{primary}.plan"
+    """The exact trtexec command lines (argv) to build and time the engine(s) on the device.
+
+    Shapes come from :mod:`edgekd.runtimes.shapes`: on the GPU one engine with a 1..batch profile;
+    on the DLA (static shapes only) one engine per batch size, ``engine/<primary>.plan`` at the
+    target's batch and ``engine/<primary>.b1.plan`` at batch 1, each timed with its own shape."""
     chw = [int(d) for d in input_dims[1:]]
-    dynamic = input_dims[0] is None
-    batch = int(target.get("batch") or 1) if dynamic else int(input_dims[0])
-    precision = {"int8": ["--int8", "--fp16"], "fp16": ["--fp16"], "fp32": []}[target.get("precision", "int8")]
+    fixed = None if input_dims[0] is None else int(input_dims[0])
+    batch = int(target.get("batch") or 1)
     dla = target.get("dla") or {}
-    dla_flags = [f"--useDLACore={dla['core']}"] + (["--allowGPUFallback"] if dla.get("gpu_fallback", True) else []) if dla.get("core") is not None else []
-    shapes = [f"--minShapes={_shape(input_name, [1, *chw])}", f"--optShapes={_shape(input_name, [batch, *chw])}", f"--maxShapes={_shape(input_name, [batch, *chw])}"] if dynamic else []
-    timing = ["--noDataTransfers", f"--warmUp={DEFAULT_WARMUP_MS}", f"--duration={DEFAULT_DURATION_S}", "--useSpinWait", "--percentile=99"]
-    if dla.get("core") is None:
+    on_dla = dla.get("core") is not None
+    batches = engine_batches([batch, 1], on_dla, fixed)
+    precision = trtexec_precision_flags(target.get("precision", "int8"), target.get("tensorrt"), on_dla)
+    dla_flags = [f"--useDLACore={dla['core']}"] + (["--allowGPUFallback"] if dla.get("gpu_fallback", True) else []) if on_dla else []
+    timing = ["--noDataTransfers", f"--warmUp={DEFAULT_WARMUP_MS}", f"--duration={DEFAULT_DURATION_S}", "--useSpinWait", f"--percentile={PERCENTILES}"]
+    if not on_dla:
         timing.insert(0, "--useCudaGraph")  # CUDA graphs cannot capture DLA work
-    load = ["trtexec", f"--loadEngine={engine}", *dla_flags[:1]]
-    cmds = {
-        "build": ["trtexec", f"--onnx={onnx_rel}", f"--saveEngine={engine}", *precision, *shapes, *dla_flags,
-                  "--timingCacheFile=engine/timing.cache", "--profilingVerbosity=detailed", "--skipInference"],
-        "bench_batch1": [*load, *([f"--shapes={_shape(input_name, [1, *chw])}"] if dynamic else []), *timing],
-        "profile": [*load, *([f"--shapes={_shape(input_name, [batch, *chw])}"] if dynamic else []), "--noDataTransfers", "--separateProfileRun",
-                    "--dumpProfile", "--exportProfile=engine/profile.json", "--exportLayerInfo=engine/layers.json"],
-    }
-    if batch != 1:
-        cmds["bench_batch"] = [*load, f"--shapes={_shape(input_name, [batch, *chw])}", *timing]
-    if str(target.get("tensorrt") or "10").split(".")[0] in ("8", "9"):
-        cmds["build"][-1] = "--buildOnly"  # TensorRT < 10 spells --skipInference as --buildOnly
+    skip = "--buildOnly" if tensorrt_major(target.get("tensorrt")) < 10 else "--skipInference"  # TensorRT < 10 spells it --buildOnly
+    engines = {b: f"engine/{primary}.plan" if b == batches[0] else f"engine/{primary}.b{b}.plan" for b in batches}
+
+    def build(b: int) -> list[str]:
+        prof = engine_profile(b, batch, on_dla, fixed)
+        shapes = [] if fixed else [f"--{k}Shapes={_shape(input_name, list(s))}" for k, s in zip(("min", "opt", "max"), prof.shapes(chw))]
+        return ["trtexec", f"--onnx={onnx_rel}", f"--saveEngine={engines[b]}", *precision, *shapes, *dla_flags,
+                "--timingCacheFile=engine/timing.cache", "--profilingVerbosity=detailed", skip]
+
+    def load(b: int) -> list[str]:
+        """Time batch ``b``: on its own static engine (DLA, fixed batch), or the dynamic engine at shape ``b``."""
+        shapes = [] if fixed or on_dla else [f"--shapes={_shape(input_name, [b, *chw])}"]
+        return ["trtexec", f"--loadEngine={engines.get(b, engines[batches[0]])}", *dla_flags[:1], *shapes]
+
+    cmds: dict[str, list[str]] = {"build": build(batches[0])}
+    for b in batches[1:]:
+        cmds[f"build_batch{b}"] = build(b)
+    cmds["bench_batch1"] = [*load(1), *timing]
+    if (fixed or batch) != 1:
+        cmds["bench_batch"] = [*load(fixed or batch), *timing]
+    cmds["profile"] = [*load(fixed or batch), "--noDataTransfers", "--separateProfileRun",
+                       "--dumpProfile", "--exportProfile=engine/profile.json", "--exportLayerInfo=engine/layers.json"]
     return cmds
 
 
@@ -93,7 +109,7 @@ def build_engine_script(cmds: Mapping[str, list[str]], target: Mapping[str, Any]
             f"#   sudo nvpmodel -m {power['id']}" + ("  &&  sudo jetson_clocks" if power.get("jetson_clocks") else ""),
             "if command -v nvpmodel >/dev/null 2>&1; then nvpmodel -q > engine/nvpmodel.txt 2>&1 || true; fi",
         ]
-    for key in ("build", "bench_batch1", "bench_batch", "profile"):
+    for key in [k for k in cmds if k.startswith("build")] + ["bench_batch1", "bench_batch", "profile"]:
         if key in cmds:
             argv = ['"$TRTEXEC"', *(shlex.quote(a) for a in cmds[key][1:])]
             lines.append(f"{' '.join(argv)} > engine/{key}.log 2>&1 || {{ tail -n 30 engine/{key}.log >&2; exit 4; }}")

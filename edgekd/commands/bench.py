@@ -25,7 +25,7 @@ def _target_settings(name: str | None) -> dict[str, Any]:
     avail = accelerator_present(t)
     options: dict[str, Any] = {}
     if t.runtime == "tensorrt":
-        options = {"precision": t.precision, "batch": t.batch, "dla_core": t.dla.core, "gpu_fallback": t.dla.gpu_fallback}
+        options = {"precision": t.precision, "batch": t.batch, "dla_core": t.dla.core, "gpu_fallback": t.dla.gpu_fallback, "tensorrt": t.tensorrt}
     return {"name": t.name, "runtime": t.runtime, "batches": sorted({1, t.batch}), "threads": t.threads, "options": options,
             "budgets": {1: t.latency_budget.batch1_ms, t.batch: t.latency_budget.batch_ms}, "available": avail.ok, "why": avail.reason}
 
@@ -127,7 +127,8 @@ def _runtime_choice(tgt: dict[str, Any], runtime: str | None, batches: list[int]
                     dla_core: int | None) -> tuple[str, dict[str, Any]]:
     """The runtime to time on and its options: the target's, then --precision / --dla-core, then TensorRT's batch range."""
     runtime_name = runtime or tgt.get("runtime") or "ort-cpu"
-    options = dict(tgt.get("options", {})) if runtime_name == tgt.get("runtime") else {}
+    same = runtime_name == tgt.get("runtime") or (runtime_name == "ort-tensorrt" and tgt.get("runtime") == "tensorrt")  # the EP takes the target's options too
+    options = dict(tgt.get("options", {})) if same else {}
     if precision:
         if precision not in ("int8", "fp16", "fp32"):
             raise EdgekdError(f"unknown precision '{precision}'", "use int8, fp16 or fp32")

@@ -2,8 +2,11 @@
 
 TensorRT developer guide, "Explicit quantization": symmetric int8 (zero point 0), per-tensor
 activation scales, per-channel weight scales on the output-channel axis, Q/DQ on the inputs of
-Conv/Gemm and of element-wise Adds; then TensorRT fuses Conv + Add + ReLU in INT8. The fake-quant
-model, whose quantizers :mod:`edgekd.quantize.placement` put exactly there, is exported as is.
+Conv/Gemm and on the identity input of a residual Add (the conv-branch input comes straight from
+its Conv, so TensorRT fuses Conv + Add + ReLU in INT8: NVIDIA's layout, as Model Optimizer's ONNX
+PTQ writes it). The fake-quant model, whose quantizers :mod:`edgekd.quantize.placement` put exactly
+there, is exported as is. The check also accepts Q/DQ on both Add inputs (legal, fuses worse) and
+per-tensor weight scales (legal, less accurate), each with a warning.
 """
 
 from __future__ import annotations
@@ -52,10 +55,14 @@ def check_tensorrt_readiness(proto, float_layers: Iterable[str] = ()) -> QdqRepo
 
     Errors: no Q/DQ at all; a zero point that is not int8 0 (TensorRT is symmetric-only);
     non-positive or non-finite scales; a Conv/Gemm/MatMul whose activation or weight is not fed by
-    DQ; per-tensor weight scales (TensorRT's guide: per-channel on the output-channel axis, axis 0
-    for Conv) or a wrong axis; per-channel activation scales; a residual Add with no quantized
-    input (TensorRT then cannot fuse it into the conv and runs it in float); a Q whose output
-    feeds anything but DQ, or a Q -> DQ pair whose scales differ.
+    DQ; weight scales on the wrong axis; per-channel activation scales; a residual Add with no
+    quantized input, or whose one unquantized input does not come from a Conv (TensorRT then
+    cannot fuse it and runs the add in float); a Q whose output feeds anything but DQ, or a
+    Q -> DQ pair whose scales differ.
+
+    Warnings (legal in TensorRT, not the best layout): per-tensor weight scales; residual Adds with
+    both inputs quantized (Q/DQ on the identity only lets TensorRT fuse the add into the conv); a
+    Gemm/MatMul with no Q/DQ at all (it runs in FP16; Model Optimizer keeps the head so by default).
 
     ``float_layers`` (module paths, e.g. from the accuracy budget) are meant to run in FP16: a
     compute op of one of them with no Q/DQ at all is listed in ``kept_float``, not an error.
@@ -98,6 +105,7 @@ def check_tensorrt_readiness(proto, float_layers: Iterable[str] = ()) -> QdqRepo
             _check_compute_op(g, node, rep)
         elif node.op_type == "Add":
             _check_residual_add(g, node, rep)
+    _summarise_residual_layout(rep)
     return rep
 
 
@@ -113,7 +121,10 @@ def _check_compute_op(g: Graph, node, rep: QdqReport) -> None:
     row = {"node": node.name, "op": node.op_type, "activation": act_dq is not None, "weight": w_dq is not None, "weight_axis": None, "weight_channels": None}
     if act_dq is None and w_dq is None:
         rep.float_ops.append(node.name)
-        rep.errors.append(f"{node.name} ({node.op_type}): neither input is quantized: it runs in float")
+        if node.op_type in ("Gemm", "MatMul"):  # a float classifier head: Model Optimizer's ONNX PTQ default
+            rep.warnings.append(f"{node.name} ({node.op_type}): no Q/DQ: TensorRT runs it in FP16 (Model Optimizer's ONNX PTQ leaves it so by default)")
+        else:
+            rep.errors.append(f"{node.name} ({node.op_type}): neither input is quantized: it runs in float")
         return
     if act_dq is None:
         rep.errors.append(f"{node.name} ({node.op_type}): activation input has no Q/DQ: TensorRT cannot run it in INT8")
@@ -131,7 +142,7 @@ def _check_compute_op(g: Graph, node, rep: QdqReport) -> None:
         channels = int(weight.shape[want_axis]) if weight is not None and weight.ndim > want_axis else None
         row["weight_axis"], row["weight_channels"] = (axis if scale is not None and scale.size > 1 else None), (int(scale.size) if scale is not None else None)
         if scale is not None and scale.size == 1 and (channels or 0) > 1:
-            rep.errors.append(f"{node.name}: per-tensor weight scale where per-channel (axis {want_axis}, {channels} channels) is required")
+            rep.warnings.append(f"{node.name}: per-tensor weight scale; per-channel (axis {want_axis}, {channels} channels) keeps more accuracy")
         elif scale is not None and scale.size > 1:
             ndim = weight.ndim if weight is not None else 4
             if (axis % ndim) != want_axis:
@@ -141,13 +152,36 @@ def _check_compute_op(g: Graph, node, rep: QdqReport) -> None:
     rep.quantized_ops.append(row)
 
 
+_FUSED_INTO_CONV = {"Relu", "BatchNormalization"}  # ops between a Conv and its Add that TensorRT fuses (as Model Optimizer's rule)
+
+
+def _from_conv(g: Graph, tensor: str) -> bool:
+    """``tensor`` comes from a Conv through only ops TensorRT fuses into it (no Q/DQ in between)."""
+    node = g.skip_casts(tensor)
+    while node is not None and node.op_type in _FUSED_INTO_CONV:
+        node = g.skip_casts(node.input[0])
+    return node is not None and node.op_type in ("Conv", "ConvTranspose")
+
+
 def _check_residual_add(g: Graph, node, rep: QdqReport) -> None:
-    """An Add of two activations (a residual): both inputs must come through Q/DQ, as TensorRT's
-    explicit-quantization guide places them, or TensorRT cannot fuse it into the conv in INT8."""
+    """An Add of two activations (a residual). NVIDIA's layout quantizes the identity input only and
+    feeds the other straight from its Conv (TensorRT fuses the add into that conv); Q/DQ on both
+    inputs also runs in INT8 but fuses worse; an unquantized input that is no conv output runs in float."""
     if len(node.input) != 2 or any(g.const(i) is not None for i in node.input):
         return
     quantized = [_dq_of(g, i) is not None for i in node.input]
-    rep.residual_adds.append({"node": node.name, "inputs_quantized": quantized})
-    if not all(quantized):
-        rep.errors.append(f"{node.name}: residual Add has {quantized.count(False)} unquantized input(s): "
-                          "TensorRT cannot fuse it with the conv and runs the add in float")
+    layout = {2: "both", 0: "none"}.get(sum(quantized))
+    if layout is None:
+        layout = "identity-only" if _from_conv(g, node.input[quantized.index(False)]) else "unfusible"
+    rep.residual_adds.append({"node": node.name, "inputs_quantized": quantized, "layout": layout})
+    if layout in ("none", "unfusible"):
+        rep.errors.append(f"{node.name}: residual Add has {quantized.count(False)} unquantized input(s)"
+                          + (" and the unquantized one is no conv output" if layout == "unfusible" else "")
+                          + ": TensorRT cannot fuse it with the conv and runs the add in float")
+
+
+def _summarise_residual_layout(rep: QdqReport) -> None:
+    both = [a["node"] for a in rep.residual_adds if a["layout"] == "both"]
+    if both:
+        rep.warnings.append(f"{len(both)} residual Add(s) quantize both inputs ({', '.join(both[:3])}{' ...' if len(both) > 3 else ''}): "
+                            "TensorRT fuses better with Q/DQ on the identity input only (NVIDIA's layout; edgekd's export writes it)")

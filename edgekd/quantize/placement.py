@@ -8,8 +8,10 @@ complaint, "INT8 is no faster than FP16"), and onnxruntime's CPU provider cannot
 DQ -> op -> Q integer groups. So activations are quantized here, on the edges of the traced graph:
 
 - ``tensorrt`` (TensorRT developer guide, "Explicit quantization: Q/DQ layer placement
-  recommendations"): the activation input of every Conv / ConvTranspose / Gemm and *both* inputs
-  of every element-wise Add. TensorRT propagates Q/DQ through pooling and fuses Conv + Add + ReLU.
+  recommendations"): the activation input of every Conv / ConvTranspose / Gemm and, of a residual
+  Add, the identity input only (:mod:`edgekd.quantize.residual`, NVIDIA's own rule): TensorRT fuses
+  the Add into the conv that feeds its other input and keeps the sum INT8. An Add that is no
+  residual gets both inputs quantized. TensorRT propagates Q/DQ through pooling.
 - ``ort-cpu`` (onnxruntime's QDQ format, as its own ``quantize_static`` lays it out): every input
   *and output* tensor of the ops onnxruntime has integer kernels for (Conv, Gemm, Add, Mul, Concat,
   pooling, Sigmoid); an output followed only by a ReLU / ReLU6 is taken after it, because
@@ -39,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from edgekd.errors import EdgekdError
+from edgekd.quantize.residual import conv_branch_input
 
 LAYOUTS = ("tensorrt", "ort-cpu")
 ACT_PREFIX = "edgekd_act"
@@ -177,7 +180,11 @@ def activation_sites(gm: torch.fx.GraphModule, layout: str) -> list[torch.fx.Nod
     for node in gm.graph.nodes:
         kind = op_kind(node, modules)
         if kind in INPUT_KINDS[layout]:
-            for src in _tensor_inputs(node, kind):
+            inputs = _tensor_inputs(node, kind)
+            fused = conv_branch_input(node, inputs, modules) if kind == "add" and layout == "tensorrt" else None
+            for src in inputs:
+                if src is fused:
+                    continue  # TensorRT fuses this conv output into the Add: no Q/DQ between them
                 sites[_through_passthrough(src, modules) if OUTPUT_KINDS[layout] else src] = None
         if kind in OUTPUT_KINDS[layout] and _is_tensor(node):
             sites[_output_site(node, modules)] = None

@@ -90,6 +90,29 @@ def _cuda_ok(result: Any) -> Any:
     return rest[0] if len(rest) == 1 else rest
 
 
+def engine_batch_range(engine: Any, input_name: str) -> tuple[int, int]:
+    """(min, max) batch the engine takes: its static batch, or profile 0's range (DLA engines: min = max)."""
+    fixed = int(engine.get_tensor_shape(input_name)[0])
+    if fixed > 0:
+        return fixed, fixed
+    lo, _opt, hi = engine.get_tensor_profile_shape(input_name, 0)
+    return int(lo[0]), int(hi[0])
+
+
+def run_within_profile(x: np.ndarray, min_batch: int, max_batch: int, run_one: Any) -> np.ndarray:
+    """``run_one`` on chunks the engine accepts: a batch above ``max_batch`` is split (the selfcheck feeds
+    more reference images than the target's batch), a chunk below a static engine's ``min_batch`` is
+    zero-padded and the padding's rows dropped."""
+    outs = []
+    for start in range(0, x.shape[0], max_batch):
+        chunk = x[start : start + max_batch]
+        n = chunk.shape[0]
+        if n < min_batch:
+            chunk = np.concatenate([chunk, np.zeros((min_batch - n, *chunk.shape[1:]), chunk.dtype)])
+        outs.append(run_one(np.ascontiguousarray(chunk))[:n])
+    return np.concatenate(outs)
+
+
 class TrtModel:
     """A TensorRT engine built on this device (``engine/*.plan``), run with the TensorRT 10 tensor API."""
 
@@ -113,10 +136,13 @@ class TrtModel:
         self.stream = _cuda_ok(self.cudart.cudaStreamCreate())
         self.buffers: dict[tuple, tuple[int, int, np.ndarray]] = {}
         self.providers = ["TensorRT " + trt.__version__]
+        self.min_batch, self.max_batch = engine_batch_range(self.engine, self.input_name)
 
     def _buffers(self, shape: tuple[int, ...]) -> tuple[int, int, np.ndarray]:
         if shape not in self.buffers:
-            self.context.set_input_shape(self.input_name, shape)
+            if not self.context.set_input_shape(self.input_name, shape):  # returns False, does not raise
+                raise EdgekdError(f"TensorRT refused input shape {shape} (engine batch {self.min_batch}..{self.max_batch})",
+                                  "rebuild the engine with engine/build_engine.sh for this bundle")
             out = np.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype)
             d_in = _cuda_ok(self.cudart.cudaMalloc(int(np.prod(shape)) * 4))
             d_out = _cuda_ok(self.cudart.cudaMalloc(out.nbytes))
@@ -124,10 +150,13 @@ class TrtModel:
         return self.buffers[shape]
 
     def run(self, x: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        return run_within_profile(np.ascontiguousarray(x, dtype=np.float32), self.min_batch, self.max_batch, self._run)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         d_in, d_out, out = self._buffers(tuple(x.shape))
         cu = self.cudart
-        self.context.set_input_shape(self.input_name, x.shape)
+        if not self.context.set_input_shape(self.input_name, x.shape):
+            raise EdgekdError(f"TensorRT refused input shape {tuple(x.shape)}", "rebuild the engine with engine/build_engine.sh for this bundle")
         self.context.set_tensor_address(self.input_name, int(d_in))
         self.context.set_tensor_address(self.output_name, int(d_out))
         _cuda_ok(cu.cudaMemcpyAsync(d_in, x.ctypes.data, x.nbytes, cu.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
@@ -139,10 +168,19 @@ class TrtModel:
 
 
 def tensorrt_usable() -> str | None:
-    """None when TensorRT + a CUDA binding can be imported here, else the reason it cannot."""
+    """None when TensorRT can really run here, else the reason it cannot: ``tensorrt`` and cuda-python
+    both import and a CUDA device answers (cudaGetDeviceCount >= 1). Any of them missing or broken
+    (no driver, a CUDA-13 binding on a CUDA-12 driver) makes the ``auto`` backend use onnxruntime.
+    The host's runtime probe (``edgekd.runtimes``) asks this same function."""
+    for module, what in (("tensorrt", "TensorRT"), (None, "cuda-python")):
+        try:
+            importlib.import_module(module) if module else _cudart()
+        except Exception as exc:  # noqa: BLE001 - ImportError, or an OSError/RuntimeError from a broken native library
+            return f"{what} is not importable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else exc.__class__.__name__})"
     try:
-        importlib.import_module("tensorrt")
-        _cudart()
-    except ImportError as exc:
-        return f"{exc.name or 'tensorrt'} not importable"
+        count = _cuda_ok(_cudart().cudaGetDeviceCount())
+    except Exception as exc:  # noqa: BLE001 - EdgekdError from a CUDA error code, or the binding failing to load libcuda
+        return f"no CUDA device answers ({str(exc).splitlines()[0][:120]})"
+    if int(count) < 1:
+        return "no CUDA device answers (cudaGetDeviceCount = 0)"
     return None

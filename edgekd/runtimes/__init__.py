@@ -16,6 +16,7 @@ times it there; bench only needs its samples back. See :func:`remote_hook`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import shutil
@@ -124,10 +125,16 @@ def gpu_present() -> tuple[bool, str]:
     return True, ""
 
 
+@functools.lru_cache(maxsize=1)
 def _tensorrt_available() -> tuple[bool, str]:
+    """tensorrt and cuda-python import and a CUDA device answers: the bundle runtime's own probe,
+    so host and device agree on what "TensorRT is usable" means."""
     if importlib.util.find_spec("tensorrt") is None:
         return False, "TensorRT is not installed (pip install 'edgekd[tensorrt]' on a machine with an NVIDIA GPU)"
-    return gpu_present()
+    from edgekd.runtime.backends import tensorrt_usable  # imports tensorrt + cuda-python: only when the runtime is asked for
+
+    why = tensorrt_usable()
+    return (False, why) if why else (True, "")
 
 
 def _open_ort(providers: list[str]) -> Callable[..., Runner]:

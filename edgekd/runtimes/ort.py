@@ -23,6 +23,7 @@ import onnxruntime as ort
 from edgekd.errors import EdgekdError
 from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
 from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
+from edgekd.runtimes.shapes import tensorrt_major
 
 ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(uint8)": "uint8",
@@ -63,7 +64,7 @@ def session_options(threads: int, spinning: bool = True, profile_prefix: str | N
     return so
 
 
-def load_session(path: str | Path, providers: list[str], so: ort.SessionOptions) -> ort.InferenceSession:
+def load_session(path: str | Path, providers: list[Any], so: ort.SessionOptions) -> ort.InferenceSession:
     p = Path(path)
     if not p.is_file():
         raise EdgekdError(f"ONNX model not found: {p}", "check the path, or run `edgekd export` first")
@@ -74,21 +75,56 @@ def load_session(path: str | Path, providers: list[str], so: ort.SessionOptions)
         raise EdgekdError(f"onnxruntime cannot load {p}: {first}", "check that the file is a complete ONNX model (re-export it)") from exc
 
 
+def tensorrt_ep_options(precision: str = "int8", tensorrt: str | None = None, dla_core: int | None = None,
+                       cache_dir: str | Path | None = None, workspace_mb: int = 1024) -> dict[str, Any]:
+    """onnxruntime's TensorRT execution provider options for a target (names as in onnxruntime's
+    ``OrtTensorRTProviderOptions``). Opened without options the provider builds FP32 engines, rebuilds
+    them for every session and, on TensorRT 8.5 (JetPack 5), cannot run a Q/DQ model at all:
+
+    - ``trt_fp16_enable`` for int8 and fp16 (the layers without Q/DQ run FP16, as with trtexec ``--int8 --fp16``;
+      always on the DLA, which runs only INT8/FP16);
+    - ``trt_int8_enable`` on TensorRT < 10 only: 8.x needs the INT8 flag for explicit Q/DQ, 10 reads
+      the Q/DQ nodes without it (and the flag would make the provider look for a calibration table);
+    - ``trt_dla_enable`` / ``trt_dla_core`` on a DLA target;
+    - engine and timing caches in ``cache_dir`` (engines are built once per model, GPU and TensorRT version).
+    """
+    opts: dict[str, Any] = {"trt_fp16_enable": precision in ("int8", "fp16") or dla_core is not None,
+                            "trt_int8_enable": precision == "int8" and tensorrt_major(tensorrt) < 10,
+                            "trt_max_workspace_size": workspace_mb << 20}
+    if dla_core is not None:
+        opts |= {"trt_dla_enable": True, "trt_dla_core": int(dla_core)}
+    if cache_dir is not None:
+        opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir),
+                 "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache_dir)}
+    return opts
+
+
+def provider_list(providers: list[str], model: Path, options: dict[str, Any]) -> list[Any]:
+    """``providers`` as onnxruntime takes them: the TensorRT provider with its options (caches beside the model)."""
+    keys = ("precision", "tensorrt", "dla_core", "workspace_mb")
+    trt = tensorrt_ep_options(**{k: options[k] for k in keys if options.get(k) is not None},
+                              cache_dir=options.get("cache_dir") or model.with_suffix(".ort-trt-cache"))
+    return [(p, trt) if p == "TensorrtExecutionProvider" else p for p in providers]
+
+
 class OrtRunner:
     """Times one ONNX model with onnxruntime; see :class:`edgekd.runtimes.Runner`."""
 
-    def __init__(self, path: str | Path, providers: list[str], threads: int | None = None, spinning: bool = True, **_: Any):
+    def __init__(self, path: str | Path, providers: list[str], threads: int | None = None, spinning: bool = True, **options: Any):
         self.path = Path(path)
-        self.providers = providers
+        self.providers = provider_list(providers, self.path, options)
+        for _name, opts in (p for p in self.providers if isinstance(p, tuple)):
+            Path(opts["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
         self.threads = threads or physical_cores()
         self.spinning = spinning
-        self.session = load_session(self.path, providers, session_options(self.threads, spinning))
+        self.session = load_session(self.path, self.providers, session_options(self.threads, spinning))
         used = self.session.get_providers()
         if providers[0] not in used:
             raise EdgekdError(f"onnxruntime fell back from {providers[0]} to {used[0]}", "check the GPU driver / CUDA libraries")
         self.info = RuntimeInfo(runtime=_runtime_name(providers), threads=self.threads, providers=used,
                                 device="cpu" if used[0] == "CPUExecutionProvider" else "gpu",
-                                extra={"graph_optimization": "all", "spinning": spinning})
+                                extra={"graph_optimization": "all", "spinning": spinning,
+                                       **({"provider_options": self.providers[0][1]} if isinstance(self.providers[0], tuple) else {})})
 
     def input_specs(self) -> list[TensorSpec]:
         specs = []
