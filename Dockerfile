@@ -24,13 +24,14 @@ RUN apt-get update \
 
 WORKDIR /opt/edgekd
 COPY . /opt/edgekd
-# The README's own install command; the [tensorrt] extra adds tensorrt + cuda-python (already
-# satisfied by the container's TensorRT 10.3 bindings for tensorrt).
+# edgekd + the CUDA bindings pinned as in the [tensorrt] extra ("cuda-python>=12.6,<13": cuda-python 13
+# links CUDA 13, this image's driver stack is CUDA 12.6). TensorRT itself is the container's 10.3
+# (`tensorrt` module); pip's "tensorrt-cu12>=10.3,<11" would add a second copy, so it is not installed here.
 RUN python -m pip install --upgrade pip \
- && python -m pip install -e ".[tensorrt]"
+ && python -m pip install -e . "cuda-python>=12.6,<13"
 
-# Fail the build early if the pieces the x86-cuda target needs are missing.
-RUN python -c "import tensorrt, edgekd.runtime; print('tensorrt', tensorrt.__version__)" \
+# Fail the build early if the pieces the x86-cuda target needs are missing, or TensorRT is not the 10.x edgekd is written for.
+RUN python -c "import tensorrt, edgekd.runtime; v = tensorrt.__version__; print('tensorrt', v); assert v.split('.')[0] == '10', v" \
  && (command -v trtexec || test -x /opt/tensorrt/bin/trtexec) \
  && edgekd targets show x86-cuda
 

@@ -96,9 +96,9 @@ class Target(_Strict):
     layout: Literal["tensorrt", "ort-cpu"] = Field(description="Q/DQ layout the runtime fuses (see FACTS: the layout decides the speed)")
     input_size: int | None = Field(None, ge=16, le=1024, description="input side in pixels; None keeps the model's")
     batch: int = Field(1, ge=1, le=4096, description="the batch the engine is optimised for (optShapes/maxShapes)")
-    tensorrt: str | None = Field(None, description="TensorRT version assumed on the device")
+    tensorrt: str | None = Field(None, pattern=r"^\d+\.\d+", description="TensorRT version assumed on the device (see tensorrt_pins)")
     jetpack: str | None = Field(None, description="JetPack version assumed (Jetson only)")
-    cuda: str | None = None
+    cuda: str | None = Field(None, pattern=r"^\d+\.\d+", description="CUDA version of the device's driver/toolkit (see tensorrt_pins)")
     dla: Dla = Field(default_factory=Dla)
     power: PowerMode | None = Field(None, description="Jetson power mode; None elsewhere")
     latency_budget: LatencyBudget
@@ -115,6 +115,8 @@ class Target(_Strict):
             raise ValueError("dla.core needs runtime 'tensorrt'")
         if self.dla.core is not None and self.precision == "fp32":
             raise ValueError("the DLA runs int8 or fp16 only")
+        if self.runtime == "tensorrt" and (self.tensorrt is None or self.cuda is None):
+            raise ValueError("runtime 'tensorrt' needs the TensorRT and CUDA versions it means (tensorrt = \"10.3\", cuda = \"12.6\")")
         if self.kind == "jetson" and self.power is None:
             raise ValueError("a Jetson target needs a [power] table (nvpmodel id + name)")
         return self
@@ -125,6 +127,22 @@ class Target(_Strict):
     @property
     def uses_dla(self) -> bool:
         return self.dla.core is not None
+
+    def tensorrt_pins(self) -> dict[str, str] | None:
+        """Which TensorRT and CUDA bindings this target means, as pip requirements (None: no TensorRT).
+
+        The one place that turns a target's ``tensorrt`` / ``cuda`` into packages: a dGPU host pins
+        ``tensorrt-cu<CUDA major>`` from its TensorRT up to the next major (the API edgekd is written
+        for) and cuda-python below the next CUDA major (newer bindings link a newer CUDA runtime than the
+        driver); a Jetson uses JetPack's own TensorRT and, because Tegra drivers take no newer CUDA
+        minor, cuda-python of the device's CUDA minor. pyproject's ``[tensorrt]`` extra is x86-cuda's."""
+        if self.tensorrt is None or self.cuda is None:
+            return None
+        trt_major, (cuda_major, cuda_minor) = int(self.tensorrt.split(".")[0]), (int(v) for v in self.cuda.split(".")[:2])
+        if self.kind == "jetson":
+            return {"tensorrt": f"JetPack {self.jetpack}: TensorRT {self.tensorrt} (apt python3-libnvinfer, not pip)",
+                    "cuda-python": f"cuda-python>={self.cuda},<{cuda_major}.{cuda_minor + 1}"}
+        return {"tensorrt": f"tensorrt-cu{cuda_major}>={self.tensorrt},<{trt_major + 1}", "cuda-python": f"cuda-python>={self.cuda},<{cuda_major + 1}"}
 
 
 @dataclass(frozen=True)

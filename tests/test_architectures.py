@@ -94,7 +94,7 @@ def test_architecture_qad_and_both_layouts(name, data, tmp_path):
             assert rep.ok, rep.errors[:3]
             convs = sum(n.op_type in ("Conv", "Gemm") for n in proto.graph.node)
             assert len(rep.quantized_ops) == convs and all(op["weight_axis"] in (0, None) for op in rep.quantized_ops)
-            assert all(all(a["inputs_quantized"]) for a in rep.residual_adds)
+            assert all(a["layout"] in ("identity-only", "both") for a in rep.residual_adds)  # both: an Add with no conv branch
             got = ort_logits(tmp_path / "trt.onnx", x.numpy(), exact_qdq=True)
         else:
             path = tmp_path / "ort.onnx"
@@ -138,7 +138,7 @@ def test_readiness_gate_stops_a_tensorrt_export_with_one_line_and_writes_nothing
     with pytest.raises(EdgekdError) as err:
         export_model(q, tmp_path / "out", req)
     line = err.value.one_line()
-    assert "\n" not in line and "not ready for tensorrt" in line and "residual Add has 1 unquantized input" in line and "--allow-not-ready" in line
+    assert "\n" not in line and "not ready for tensorrt" in line and "residual Add has 2 unquantized input" in line and "--allow-not-ready" in line
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no model.onnx, no staging folder
     rec = export_model(q, tmp_path / "out", dataclasses.replace(req, allow_not_ready=True))
     gate = rec["checks"]["gate"]

@@ -16,6 +16,7 @@ import torch
 
 from edgekd import runtime as rt
 from edgekd.bundle import BundleModel, make_bundle, tar_bytes, tar_bundle, trtexec_commands
+from edgekd.bundle.scripts import build_engine_script
 from edgekd.errors import EdgekdError
 from edgekd.targets import get_target
 
@@ -269,19 +270,36 @@ def test_trtexec_commands_for_dla_and_gpu_targets(pico_model):
     cmds = trtexec_commands(nx, "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
     build = cmds["build"]
     assert build[:3] == ["trtexec", "--onnx=model/pico.onnx", "--saveEngine=engine/pico.plan"]
-    for flag in ("--int8", "--fp16", "--minShapes=input:1x1x28x28", "--optShapes=input:8x1x28x28", "--maxShapes=input:8x1x28x28",
+    # the DLA takes no dynamic dimension: one static engine per batch (min = opt = max), each timed on its own shape
+    for flag in ("--int8", "--fp16", "--minShapes=input:8x1x28x28", "--optShapes=input:8x1x28x28", "--maxShapes=input:8x1x28x28",
                  "--useDLACore=0", "--allowGPUFallback", "--timingCacheFile=engine/timing.cache"):
         assert flag in build
+    b1 = cmds["build_batch1"]
+    assert "--saveEngine=engine/pico.b1.plan" in b1 and {"--minShapes=input:1x1x28x28", "--optShapes=input:1x1x28x28", "--maxShapes=input:1x1x28x28"} <= set(b1)
+    assert "--loadEngine=engine/pico.b1.plan" in cmds["bench_batch1"] and "--loadEngine=engine/pico.plan" in cmds["bench_batch"]
+    assert not any(a.startswith("--shapes=") for key in ("bench_batch1", "bench_batch", "profile") for a in cmds[key])  # a static engine runs its own shape
     assert "--useCudaGraph" not in cmds["bench_batch1"]  # no CUDA graphs with DLA
     assert {"--separateProfileRun", "--dumpProfile"} <= set(cmds["profile"])
+    assert all("--percentile=50,90,95,99" in cmds[k] for k in ("bench_batch1", "bench_batch"))  # deploy reports p50 and p90
+    script = build_engine_script(cmds, nx)
+    assert script.index("engine/build.log") < script.index("engine/build_batch1.log") < script.index("engine/bench_batch1.log")
     nano = trtexec_commands(get_target("jetson").to_dict(), "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
     assert "--useCudaGraph" in nano["bench_batch1"] and "--noDataTransfers" in nano["bench_batch1"]
+    assert "--minShapes=input:1x1x28x28" in nano["build"] and "--maxShapes=input:8x1x28x28" in nano["build"] and "build_batch1" not in nano
+    assert "--shapes=input:1x1x28x28" in nano["bench_batch1"] and "--shapes=input:8x1x28x28" in nano["bench_batch"]  # one dynamic GPU engine
+    assert "--percentile=50,90,95,99" in nano["bench_batch1"]
     assert not any(a.startswith("--useDLACore") for a in nano["build"])
     assert any(a.startswith("--warmUp=") for a in nano["bench_batch1"]) and any(a.startswith("--duration=") for a in nano["bench_batch1"])
     xavier = trtexec_commands(get_target("jetson-xavier-nx").to_dict(), "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
-    assert xavier["build"][-1] == "--buildOnly"  # TensorRT 8.5 spelling
+    assert xavier["build"][-1] == "--buildOnly" and {"--int8", "--fp16"} <= set(xavier["build"])  # TensorRT 8.5 spelling
+    trt11 = trtexec_commands({**get_target("jetson").to_dict(), "tensorrt": "11.1"}, "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
+    assert not {"--int8", "--fp16"} & set(trt11["build"])  # trtexec 11 has no --int8/--fp16: strongly typed, the Q/DQ decide
+    fp16_dla = trtexec_commands({**nx, "precision": "fp16"}, "model/pico.onnx", "input", [None, 1, 28, 28], "pico")
+    assert "--fp16" in fp16_dla["build"] and "--int8" not in fp16_dla["build"]
     fixed = trtexec_commands(get_target("jetson").to_dict(), "model/pico.onnx", "input", [1, 1, 28, 28], "pico")
     assert not any("Shapes=" in a for a in fixed["build"])  # static graphs refuse explicit shapes
+    fixed_dla = trtexec_commands(nx, "model/pico.onnx", "input", [4, 1, 28, 28], "pico")  # a user's fixed batch of 4 on the DLA
+    assert list(k for k in fixed_dla if k.startswith("build")) == ["build"] and not any("hapes=" in a for v in fixed_dla.values() for a in v)
 
 
 def test_tensorrt_bundle_has_build_script(pico_model, tmp_path):

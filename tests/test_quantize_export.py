@@ -312,7 +312,7 @@ def test_readiness_accepts_good_tensorrt_graph(trt_resnet_proto):
     rep = check_tensorrt_readiness(trt_resnet_proto)
     assert rep.ok, rep.errors
     assert len(rep.quantized_ops) == 10 and not rep.float_ops  # 9 convs + head
-    assert len(rep.residual_adds) == 3 and all(all(a["inputs_quantized"]) for a in rep.residual_adds)
+    assert len(rep.residual_adds) == 3 and all(a["layout"] == "identity-only" and sum(a["inputs_quantized"]) == 1 for a in rep.residual_adds)
     assert all(op["weight_axis"] == 0 for op in rep.quantized_ops)
 
 
@@ -351,7 +351,7 @@ def test_readiness_rejects_missing_weight_qdq(trt_resnet_proto):
     assert not rep.ok and any("weight has no Q/DQ" in e for e in rep.errors)
 
 
-def test_readiness_rejects_per_tensor_weight_scale(trt_resnet_proto):
+def test_readiness_warns_on_per_tensor_weight_scale(trt_resnet_proto):
     p = copy.deepcopy(trt_resnet_proto)
     conv = _node(p, "Conv", "conv1")
     wdq = next(n for n in p.graph.node if n.output[0] == conv.input[1])
@@ -361,17 +361,18 @@ def test_readiness_rejects_per_tensor_weight_scale(trt_resnet_proto):
         _set_const(p, n.input[2], np.array(0, dtype=np.int8))
         del n.attribute[:]
     rep = check_tensorrt_readiness(p)
-    assert not rep.ok and any("per-tensor weight scale where per-channel" in e for e in rep.errors)
+    assert rep.ok and any("conv1" in w and "per-tensor weight scale" in w for w in rep.warnings)  # legal in TensorRT, less accurate
 
 
 def test_readiness_rejects_skipped_residual_quantizer(trt_resnet_proto):
     p = copy.deepcopy(trt_resnet_proto)
     add = _node(p, "Add")
-    dq = next(n for n in p.graph.node if n.output[0] == add.input[1])
+    slot = next(i for i, t in enumerate(add.input) if any(n.output[0] == t and n.op_type == "DequantizeLinear" for n in p.graph.node))
+    dq = next(n for n in p.graph.node if n.output[0] == add.input[slot])
     q = next(n for n in p.graph.node if n.output[0] == dq.input[0])
-    add.input[1] = q.input[0]  # one input bypasses its Q/DQ
+    add.input[slot] = q.input[0]  # the identity input bypasses its Q/DQ: neither input quantized
     rep = check_tensorrt_readiness(p)
-    assert not rep.ok and any("residual Add has 1 unquantized input" in e for e in rep.errors)
+    assert not rep.ok and any("residual Add has 2 unquantized input" in e for e in rep.errors)
 
 
 def test_readiness_rejects_float_graph_and_ort_layout(quant_pico, data, tmp_path):

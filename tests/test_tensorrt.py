@@ -112,3 +112,47 @@ def test_missing_dla_core_is_a_clear_error(tmp_path: Path) -> None:
         pytest.skip("this device has DLA cores")
     with pytest.raises(EdgekdError, match="DLA core"):
         build_engine(_qdq_conv_net(tmp_path / "m.onnx", qdq=True), tmp_path / "m.engine", EngineOptions(dla_core=0))
+
+
+def test_trt_model_splits_a_batch_above_the_engines_profile(tmp_path: Path) -> None:
+    from edgekd.runtime.backends import TrtModel
+    from edgekd.runtimes.tensorrt import EngineOptions, build_engine
+
+    onnx_path = _qdq_conv_net(tmp_path / "m.onnx", qdq=True)
+    engine = build_engine(onnx_path, tmp_path / "m.engine", EngineOptions("int8", batch=2, max_batch=4, timing_cache=str(tmp_path / "t.cache")))
+    model = TrtModel(engine)
+    x = np.random.default_rng(2).standard_normal((11, 3, 32, 32)).astype(np.float32)
+    assert (model.min_batch, model.max_batch) == (1, 4)
+    np.testing.assert_allclose(model.run(x), _ort_logits(onnx_path, x), atol=5e-2, rtol=5e-2)
+
+
+def test_a_shape_outside_the_profile_is_a_clear_error(tmp_path: Path) -> None:
+    from edgekd.errors import EdgekdError
+    from edgekd.runtimes.tensorrt import TensorRTRunner
+
+    runner = TensorRTRunner(_qdq_conv_net(tmp_path / "m.onnx", qdq=False), precision="fp32", batch=2, max_batch=4)
+    try:
+        with pytest.raises(EdgekdError, match="refused input shape"):
+            runner.prepare({"input": np.zeros((8, 3, 32, 32), np.float32)})
+    finally:
+        runner.close()
+
+
+def test_dla_builds_one_static_engine_per_batch(tmp_path: Path) -> None:
+    import tensorrt as trt
+
+    from edgekd.runtimes.tensorrt import TensorRTRunner
+
+    if trt.Builder(trt.Logger(trt.Logger.ERROR)).num_DLA_cores == 0:
+        pytest.skip("this device has no DLA core")
+    onnx_path = _qdq_conv_net(tmp_path / "m.onnx", qdq=True)
+    runner = TensorRTRunner(onnx_path, precision="int8", batch=1, max_batch=8, dla_core=0)
+    try:
+        for b in (1, 8):
+            runner.prepare({"input": np.zeros((b, 3, 32, 32), np.float32)})
+            engine = runner._engine_for(b)[0]
+            assert tuple(engine.get_tensor_shape("input"))[0] in (b, -1)
+            lo, opt, hi = engine.get_tensor_profile_shape("input", 0)
+            assert lo[0] == opt[0] == hi[0] == b and onnx_path.with_suffix(f".int8.dla0.b{b}.engine").is_file()
+    finally:
+        runner.close()

@@ -32,7 +32,7 @@ import numpy as np
 
 from edgekd.errors import EdgekdError
 from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
-from edgekd.runtimes.shapes import BatchProfile, engine_profile
+from edgekd.runtimes.shapes import engine_profile
 
 try:  # both are optional: the [tensorrt] extra
     import tensorrt as trt
