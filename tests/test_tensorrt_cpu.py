@@ -100,7 +100,7 @@ class _Recorder:
 
 
 def _fake_trt(monkeypatch, with_precision_flags=True):
-    import edgekd.runtimes.tensorrt as rt
+    import edgekd.runtimes.tensorrt_build as rt
 
     flags = {"GPU_FALLBACK": "GPU_FALLBACK", **({"FP16": "FP16", "INT8": "INT8"} if with_precision_flags else {})}
     fake = SimpleNamespace(BuilderFlag=SimpleNamespace(**flags), MemoryPoolType=SimpleNamespace(WORKSPACE=0),
