@@ -1,7 +1,8 @@
 """The parts of benchmarks/gpu_check.sh (read its header); one results JSON, each part ok / skipped (why) / failed (error).
 
 Runs without edgekd's dependencies too: then only the environment and a plain-PyTorch CUDA/AMP
-training smoke run, and every edgekd part says it was skipped and why.
+training smoke run, and every edgekd part says it was skipped and why. That is why every edgekd
+import here is inside the part that needs it.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from architectures import STUDENTS  # noqa: E402
 
 from edgekd.config import QuantizeConfig  # noqa: E402
 from edgekd.data import load_dataset  # noqa: E402
-from edgekd.export.modelopt_reference import placement, placement_differences, quantize_with_modelopt  # noqa: E402
+from edgekd.export.modelopt_reference import modelopt_python, placement, placement_differences, quantize_with_modelopt  # noqa: E402
 from edgekd.export.onnx import torch_to_onnx, without_quantizers  # noqa: E402
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness, export_int8_tensorrt  # noqa: E402
 from edgekd.models import create_model  # noqa: E402
@@ -112,10 +113,6 @@ def _adds(counts: dict) -> str:
 
 
 def _modelopt_version() -> str:
-    import subprocess
-
-    from edgekd.export.modelopt_reference import modelopt_python
-
     py, _ = modelopt_python()
     run = subprocess.run([str(py), "-c", "import modelopt; print(modelopt.__version__)"], capture_output=True, text=True) if py else None
     return run.stdout.strip() if run and run.returncode == 0 else "?"

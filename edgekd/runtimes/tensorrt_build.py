@@ -104,7 +104,7 @@ def _timing_cache(config: Any, opts: EngineOptions) -> tuple[Any, str | None]:
     if config.set_timing_cache(cache, ignore_mismatch=False):
         return cache, None
     note = f"timing cache {path} was refused (made on another GPU or TensorRT version); building with a new one"
-    from edgekd import ui
+    from edgekd import ui  # rich, only when there is something to say (as build_engine's DLA note)
 
     ui.warn(note)
     cache = config.create_timing_cache(b"")
