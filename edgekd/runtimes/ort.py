@@ -87,6 +87,9 @@ def tensorrt_ep_options(precision: str = "int8", tensorrt: str | None = None, dl
       the Q/DQ nodes without it (and the flag would make the provider look for a calibration table);
     - ``trt_dla_enable`` / ``trt_dla_core`` on a DLA target;
     - engine and timing caches in ``cache_dir`` (engines are built once per model, GPU and TensorRT version).
+
+    No ``trt_profile_*_shapes``: without them the provider builds each engine for the shape it is fed
+    (static, as the DLA needs; edgekd.runtimes.shapes decides shapes where edgekd builds engines itself).
     """
     opts: dict[str, Any] = {"trt_fp16_enable": precision in ("int8", "fp16") or dla_core is not None,
                             "trt_int8_enable": precision == "int8" and tensorrt_major(tensorrt) < 10,
