@@ -93,15 +93,17 @@ def table(rows: list[dict], command: str, seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-EXPLANATION = """What the remaining differences are, and why none of them is a layer TensorRT would run in float in edgekd's file:
+EXPLANATION = """What the remaining differences are, and why none of them should leave a layer in float in edgekd's file:
 
 - **Classifier Gemm (only edgekd)**: edgekd quantizes the head's input and weight, so TensorRT runs it in INT8; Model Optimizer
   leaves the final Gemm in float by default (TensorRT runs it in FP16). edgekd's accuracy budget keeps the head in float when INT8
   costs accuracy there (then it is listed in the model's `float_layers`).
 - **MaxPool / GlobalAveragePool inputs (only ModelOpt)**: Model Optimizer quantizes the pooling input; edgekd quantizes the pooling
-  output (the next Conv's or the head's input). TensorRT propagates Q/DQ across pooling (it commutes a DequantizeLinear with
-  MaxPool/AveragePool, "Q/DQ propagation" in its developer guide), so the pooling runs in INT8 either way; max-pooling of
-  quantized values equals quantizing the max.
+  output (the next Conv's or the head's input). TensorRT's Q/DQ propagation moves a Q backward across max pooling (max of
+  quantized values = quantized max), so MaxPool runs in INT8 either way. For the global average pool before the head this
+  is expected too (TensorRT lists average pooling among the ops Q/DQ commute with) but has not been seen on a device: the
+  one difference left to confirm with `trtexec --exportLayerInfo` (benchmarks/gpu_check.sh, docs/jetson.md).
+- **Squeeze-excite Muls**: both quantize both inputs (edgekd since issue 27; before, the gating Mul ran in FP16).
 - **Residual Adds**: both put Q/DQ on the identity input only (the conv-branch input comes straight from its Conv, which TensorRT
   fuses with the Add); an Add that is no residual (no conv branch) gets both inputs quantized by both.
 - **Per-tensor weight scales (ModelOpt)**: Model Optimizer picks per-tensor weight scales for some Convs; legal in TensorRT (edgekd's

@@ -11,7 +11,9 @@ DQ -> op -> Q integer groups. So activations are quantized here, on the edges of
   recommendations"): the activation input of every Conv / ConvTranspose / Gemm and, of a residual
   Add, the identity input only (:mod:`edgekd.quantize.residual`, NVIDIA's own rule): TensorRT fuses
   the Add into the conv that feeds its other input and keeps the sum INT8. An Add that is no
-  residual gets both inputs quantized. TensorRT propagates Q/DQ through pooling.
+  residual gets both inputs quantized, as do both inputs of a two-tensor Mul (squeeze-excite gating),
+  so TensorRT runs it in INT8 (both as Model Optimizer's ONNX PTQ places them). TensorRT propagates
+  Q/DQ through pooling.
 - ``ort-cpu`` (onnxruntime's QDQ format, as its own ``quantize_static`` lays it out): every input
   *and output* tensor of the ops onnxruntime has integer kernels for (Conv, Gemm, Add, Mul, Concat,
   pooling, Sigmoid); an output followed only by a ReLU / ReLU6 is taken after it, because
@@ -64,7 +66,7 @@ _PASSTHROUGH_FN = {torch.flatten, torch.reshape, F.dropout}
 _PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
 
 # kinds whose activation inputs (and, for ort-cpu, outputs) are quantized
-INPUT_KINDS = {"tensorrt": {"conv", "linear", "add"}, "ort-cpu": {"conv", "linear", "add", "mul", "cat", "pool", "sigmoid"}}
+INPUT_KINDS = {"tensorrt": {"conv", "linear", "add", "mul"}, "ort-cpu": {"conv", "linear", "add", "mul", "cat", "pool", "sigmoid"}}
 OUTPUT_KINDS = {"tensorrt": set(), "ort-cpu": INPUT_KINDS["ort-cpu"]}
 
 
