@@ -87,8 +87,11 @@ def test_quantize_inserts_per_channel_weights_and_residual_quantizers(data):
     assert input_quantizers(m)["stem.0"].amax.numel() == 1
     adds = [n for n in m.graph.nodes if n.op == "call_function" and n.target.__name__ == "add"]
     assert len(adds) == 3
-    for add in adds:  # both inputs of every residual add come through a quantizer (TensorRT placement)
-        assert all(a.op == "call_module" and a.target.startswith(ACT_PREFIX + ".") for a in add.args), add.args
+    for add in adds:  # TensorRT placement: the identity input comes through a quantizer, the conv branch straight from its conv
+        quantized = [a.op == "call_module" and a.target.startswith(ACT_PREFIX + ".") for a in add.args]
+        assert quantized.count(True) == 1, add.args
+        branch = add.args[quantized.index(False)]
+        assert branch.op == "call_module" and isinstance(m.get_submodule(branch.target), nn.Conv2d), add.args
     assert all(q.amax.numel() == 1 for n, q in qs.items() if n.startswith(ACT_PREFIX))
 
 
