@@ -24,6 +24,7 @@ import mmap
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +38,16 @@ STORE_VERSION = 1
 CACHE_ENV = "EDGEKD_DATA_CACHE"
 RELEASE_BYTES = 256 << 20  # give mapped pages back after this many bytes read
 CHUNK = 256  # images per task in the decode pool
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an image folder is stored once decoded: side S, resize mode, where, with how many processes."""
+
+    size: int = 64
+    resize: str = "crop"
+    cache_dir: str | None = None
+    workers: int | None = None
 
 
 def default_cache_dir() -> Path:
@@ -120,13 +131,13 @@ def _decode_all(files: Sequence[tuple[Path, int]], tmp: Path, store_size: int, r
     return failed
 
 
-def decoded_folder(files: Sequence[tuple[Path, int]], base: Path, store_size: int, resize: str, channels: int, cache_dir: Path | None = None,
-                   workers: int | None = None) -> tuple[ImageStore, np.ndarray, list[str], dict]:
-    """(store, labels of the rows, skipped files, info) for ``files`` (path, class) at S x S.
+def decoded_folder(files: Sequence[tuple[Path, int]], base: Path, storage: Storage, channels: int) -> tuple[ImageStore, np.ndarray, np.ndarray, list[str], dict]:
+    """(store, rows that decoded, their labels, skipped files, info) for ``files`` (path, class) at S x S.
 
     Decodes at most once per content: a later call with the same files and settings only maps the
     array (``info['cache'] == 'hit'``)."""
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    store_size, resize, workers = storage.size, storage.resize, storage.workers
+    cache = Path(storage.cache_dir).expanduser() if storage.cache_dir else default_cache_dir()
     key = folder_key(files, base, store_size, resize, channels)
     data, meta_path = cache / f"{key}.u8", cache / f"{key}.json"
     try:

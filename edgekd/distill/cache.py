@@ -86,7 +86,7 @@ def compute_teacher_tables(teacher: Teacher, split: Split, views: int, device: t
     with ui.progress() as prog:
         task = prog.add_task(f"teacher {teacher.name} -> cache", total=n * views, rate="", info="")
         for start in range(0, n, batch_size):
-            images = split.images[start : start + batch_size]
+            images = split.take(slice(start, start + batch_size))
             for v in range(views):
                 out = teacher_forward(teacher, images.flip(-1) if v == 1 else images, device)
                 for k, val in out.items():
@@ -102,7 +102,7 @@ def feature_cache_bytes(teacher: Teacher, split: Split, views: int, device: torc
     """Bytes the hooked feature maps of every image/view would take in float16 (one probe batch)."""
     if teacher.hook is None or len(split) == 0:
         return 0
-    out = teacher_forward(teacher, split.images[:1], device)
+    out = teacher_forward(teacher, split.take(slice(0, 1)), device)
     return int(out["feature"].numel()) * 2 * len(split) * views
 
 

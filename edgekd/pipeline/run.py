@@ -55,7 +55,8 @@ def _inputs(stage: str) -> list[tuple[str, str]]:
 def stage_config(recipe: Recipe, target, stage: str) -> dict:
     """The part of the recipe a stage depends on (so editing bench settings never retrains a teacher)."""
     rc = recipe.model_dump(mode="json")
-    common = {"seed": rc["seed"], "deterministic": rc["deterministic"], "data": rc["data"]}
+    data = {k: v for k, v in rc["data"].items() if k not in ("cache_dir", "decode_workers")}  # where and how fast images decode changes no result
+    common = {"seed": rc["seed"], "deterministic": rc["deterministic"], "data": data}
     return {
         "teacher": {**common, "teacher": rc["teacher"]},
         "control": {**common, "student": rc["student"]},
