@@ -15,7 +15,7 @@ import torch
 from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.data.batches import DataSet, Split, stratified_split
-from edgekd.data.store import Storage, decoded_folder
+from edgekd.data.store import Storage, decoded_folder, stored_array
 
 
 FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -63,6 +63,16 @@ def load_fashion_mnist_split(root: Path, which: str) -> Split:
     if images.ndim != 3 or images.shape[0] != labels.shape[0]:
         raise EdgekdError(f"Fashion-MNIST files in {root} disagree in shape", "reinstall the dataset")
     return Split(images.unsqueeze(1).contiguous(), labels)
+
+
+def _stored_fashion_mnist(base: Path, which: str, storage: Storage) -> Split:
+    """One split's images decompressed once into the image cache and memory-mapped (labels: 60 KB, read each time)."""
+    img_file, lbl_file = FASHION_MNIST_FILES[which]
+    store, _ = stored_array(f"fashion-mnist:{which}", [base / img_file], lambda: load_fashion_mnist_split(base, which).images.numpy(), storage)
+    labels = _read_idx(base / lbl_file).long()
+    if store.shape[0] != labels.shape[0]:
+        raise EdgekdError(f"Fashion-MNIST files in {base} disagree in shape", "reinstall the dataset")
+    return Split(store, labels)
 
 
 # ----------------------------------------------------------------------------- ImageFolder
@@ -159,12 +169,13 @@ def load_dataset(
     test set that training and model selection never see."""
     info: dict = {}
     key = dataset.lower()
+    storage = store_size if isinstance(store_size, Storage) else Storage(store_size)
     if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
         base = fashion_mnist_root(root)
-        splits = {"train": load_fashion_mnist_split(base, "train"), "test": load_fashion_mnist_split(base, "test")}
+        splits = {which: _stored_fashion_mnist(base, which, storage) for which in ("train", "test")}
         classes, source, name = list(FASHION_MNIST_CLASSES), str(base), "fashion-mnist"
     elif key == "imagefolder":
-        splits, classes, info = load_imagefolder(root, store_size)
+        splits, classes, info = load_imagefolder(root, storage)
         source, name = str(root), f"imagefolder:{Path(root).name}"
         if info["skipped_files"]:
             ui.warn(f"skipped {len(info['skipped_files'])} unreadable image(s) in {root}, e.g. {info['skipped_files'][0]}")

@@ -1,5 +1,6 @@
 """Images decoded once: an image folder decoded in parallel into one uint8 array on disk, then
-memory-mapped by every later run (and every rank) instead of decoded again.
+memory-mapped by every later run (and every rank) instead of decoded again; Fashion-MNIST's
+gzipped IDX files are decompressed into the same cache once (:func:`stored_array`).
 
 The array (N, C, S, S) lives in ``data.cache_dir`` (default ``$EDGEKD_DATA_CACHE`` or
 ``~/.cache/edgekd/images``), named by a key over what decides its bytes: every file's path, size
@@ -26,7 +27,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -131,14 +132,14 @@ def _decode_all(files: Sequence[tuple[Path, int]], tmp: Path, store_size: int, r
     return failed
 
 
-def decoded_folder(files: Sequence[tuple[Path, int]], base: Path, storage: Storage, channels: int) -> tuple[ImageStore, np.ndarray, np.ndarray, list[str], dict]:
-    """(store, rows that decoded, their labels, skipped files, info) for ``files`` (path, class) at S x S.
+def _cache_folder(storage: Storage) -> Path:
+    return Path(storage.cache_dir).expanduser() if storage.cache_dir else default_cache_dir()
 
-    Decodes at most once per content: a later call with the same files and settings only maps the
-    array (``info['cache'] == 'hit'``)."""
-    store_size, resize, workers = storage.size, storage.resize, storage.workers
-    cache = Path(storage.cache_dir).expanduser() if storage.cache_dir else default_cache_dir()
-    key = folder_key(files, base, store_size, resize, channels)
+
+def _cached(cache: Path, key: str, build: Callable[[Path], dict]) -> tuple[dict, bool, Path]:
+    """(meta, hit, array file) of the cache entry ``key``. ``build(tmp)`` writes the array into ``tmp``
+    and returns its meta, once: the array is renamed into place complete, then its meta; a file
+    lock makes the other processes (ranks, a second build) wait for it and then read it."""
     data, meta_path = cache / f"{key}.u8", cache / f"{key}.json"
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -146,27 +147,57 @@ def decoded_folder(files: Sequence[tuple[Path, int]], base: Path, storage: Stora
     except OSError as exc:
         raise EdgekdError(f"cannot write the image cache {cache}: {exc.strerror}", "set data.cache_dir (or $EDGEKD_DATA_CACHE) to a writable folder") from exc
     with lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # one decoder; the others wait here, then read what it wrote
-        t0 = time.time()
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         hit = meta_path.is_file() and data.is_file()
         if not hit:
-            workers = workers or len(os.sched_getaffinity(0))
-            tmp = cache / f".{key}.u8.tmp"
+            tmp, meta_tmp = cache / f".{key}.u8.tmp", cache / f".{key}.json.tmp"
             try:
-                failed = _decode_all(files, tmp, store_size, resize, channels, workers)
+                meta = build(tmp)
                 os.replace(tmp, data)
             finally:
                 tmp.unlink(missing_ok=True)
-            meta = {"version": STORE_VERSION, "shape": [len(files), channels, store_size, store_size], "failed": failed, "resize": resize,
-                    "source": str(base), "decode_seconds": round(time.time() - t0, 2), "workers": workers}
-            meta_tmp = cache / f".{key}.json.tmp"
             meta_tmp.write_text(json.dumps(meta))
             os.replace(meta_tmp, meta_path)
-            ui.log(f"decoded {len(files):,} images from {base} in {meta['decode_seconds']:.1f} s ({workers} process(es)) -> {data}")
         meta = json.loads(meta_path.read_text())
+    return meta, hit, data
+
+
+def decoded_folder(files: Sequence[tuple[Path, int]], base: Path, storage: Storage, channels: int) -> tuple[ImageStore, np.ndarray, np.ndarray, list[str], dict]:
+    """(store, rows that decoded, their labels, skipped files, info) for ``files`` (path, class) at S x S.
+
+    Decodes at most once per content: a later call with the same files and settings only maps the
+    array (``info['cache'] == 'hit'``)."""
+    t0 = time.time()
+    workers = storage.workers or len(os.sched_getaffinity(0))
+
+    def build(tmp: Path) -> dict:
+        failed = _decode_all(files, tmp, storage.size, storage.resize, channels, workers)
+        ui.log(f"decoded {len(files):,} images from {base} in {time.time() - t0:.1f} s ({workers} process(es))")
+        return {"version": STORE_VERSION, "shape": [len(files), channels, storage.size, storage.size], "failed": failed, "resize": storage.resize,
+                "source": str(base), "decode_seconds": round(time.time() - t0, 2), "workers": workers}
+
+    meta, hit, data = _cached(_cache_folder(storage), folder_key(files, base, storage.size, storage.resize, channels), build)
     store = ImageStore(data, tuple(meta["shape"]))
     failed = set(meta["failed"])
     keep = np.array([i for i in range(len(files)) if i not in failed], dtype=np.int64)
     labels = np.array([files[i][1] for i in keep], dtype=np.int64)
     info = {"cache": "hit" if hit else "decoded", "cache_file": str(data), "decode_seconds": meta["decode_seconds"], "ready_seconds": round(time.time() - t0, 3)}
     return store, keep, labels, [str(files[i][0]) for i in sorted(failed)], info
+
+
+def stored_array(name: str, sources: Sequence[Path], make: Callable[[], np.ndarray], storage: Storage) -> tuple[ImageStore, bool]:
+    """(store, hit) for a data set that arrives as one uint8 array (Fashion-MNIST's gzipped IDX
+    files): decompressed once into the cache, keyed by its files' paths, sizes and mtimes."""
+    h = hashlib.sha256(json.dumps({"v": STORE_VERSION, "name": name}).encode())
+    for p in sources:
+        st = Path(p).stat()
+        h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+
+    def build(tmp: Path) -> dict:
+        t0 = time.time()
+        arr = np.ascontiguousarray(make(), dtype=np.uint8)
+        arr.tofile(tmp)
+        return {"version": STORE_VERSION, "shape": list(arr.shape), "failed": [], "source": name, "decode_seconds": round(time.time() - t0, 2)}
+
+    meta, hit, data = _cached(_cache_folder(storage), h.hexdigest()[:24], build)
+    return ImageStore(data, tuple(meta["shape"])), hit

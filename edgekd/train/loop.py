@@ -3,11 +3,10 @@ interruption, stop on the budget; and the metrics written beside the checkpoints
 
 Under torchrun every rank runs the same steps: after each forward pass one all-reduce of two
 numbers gives every rank the mean loss over the ranks (divergence is judged on it) and rank 0's
-clock (the time limit); after each epoch rank 0 validates, saves, decides whether to stop and
-broadcasts its record. Validation runs on rank 0 alone: the record (top-1, loss, per-class
-accuracy, confusion matrix) is then exactly what one process computes, and on the validation
-sets edgekd holds out (10% of the training set, forward passes only) it cost 3-8% of an epoch at
-2 ranks in tests/test_ddp.py (``val_seconds`` against ``seconds`` in each history record).
+clock (the time limit). After each epoch validation is shared out over the ranks and the logits
+gathered (:func:`edgekd.train.evaluation.evaluate` with ``env``), so the record (top-1, loss,
+per-class accuracy, confusion matrix) is the one a single process computes, in 1/world of its
+time; rank 0 then saves, decides whether to stop and broadcasts its record. VAL_MEASURED
 """
 
 from __future__ import annotations
@@ -248,7 +247,10 @@ def _epochs(run: _Run, data: DataSet) -> tuple[str, int]:
             ep_t = time.time()
             train_loss, n = _train_epoch(loop, data, epoch, opts.augment, opts.seed, prog, task)
             seen += n * loop.env.world
-            record, stopped = on_main(lambda: _close_epoch(run, data, epoch, train_loss, ep_t))  # rank 0 decides; every rank gets its record
+            t_val = time.time()
+            val = evaluate(loop.model, data.val, loop.preprocess, data.classes, env=loop.env)  # shared out over the ranks
+            val_s = time.time() - t_val
+            record, stopped = on_main(lambda: _close_epoch(run, val, epoch, train_loss, (ep_t, val_s)))  # rank 0 decides; every rank gets its record
             if not loop.env.is_main:
                 run.history.append(record)
             prog.update(task, info=f"ep {epoch + 1}/{cfg.epochs} val {record.get('val_top1') or 0:.4f}")
@@ -259,13 +261,11 @@ def _epochs(run: _Run, data: DataSet) -> tuple[str, int]:
     return stopped, seen
 
 
-def _close_epoch(run: _Run, data: DataSet, epoch: int, train_loss: float, ep_t: float) -> tuple[dict, str]:
-    """Rank 0's end of an epoch: validate, keep ``best.pt``/``last.pt``, and say whether to stop."""
+def _close_epoch(run: _Run, val: dict, epoch: int, train_loss: float, times: tuple[float, float]) -> tuple[dict, str]:
+    """Rank 0's end of an epoch: record it, keep ``best.pt``/``last.pt``, and say whether to stop."""
     loop, extra = run.loop, dict(run.opts.ckpt_extra or {})
-    t_val = time.time()
-    val = evaluate(loop.model, data.val, loop.preprocess, data.classes)
     record = {"epoch": epoch, "train_loss": train_loss, "val_top1": val.get("top1"), "val_loss": val.get("loss"),
-              "lr": loop.sched.get_last_lr()[0], "seconds": round(time.time() - ep_t, 2), "val_seconds": round(time.time() - t_val, 3)}
+              "lr": loop.sched.get_last_lr()[0], "seconds": round(time.time() - times[0], 2), "val_seconds": round(times[1], 3)}
     run.history.append(record)
     if run.best is None or score(record) > run.best:
         run.best = score(record)
