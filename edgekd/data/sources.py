@@ -80,6 +80,12 @@ def _list_classes(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted; os.walk reads each directory once (no stat per file)."""
+    found = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return [Path(p) for p in sorted(found)]
+
+
 def _load_folder(folder: Path, classes: Sequence[str], storage: Storage, channels: int | None) -> tuple[Split, int, list[str], dict]:
     """Every image as (channels, S, S) uint8, decoded once into the cache (:mod:`edgekd.data.store`) and
     memory-mapped; returns the split, channel count, skipped files and how the data was made ready."""
@@ -89,7 +95,7 @@ def _load_folder(folder: Path, classes: Sequence[str], storage: Storage, channel
     for ci, cname in enumerate(classes):
         cdir = folder / cname
         if cdir.is_dir():
-            files += [(p, ci) for p in sorted(cdir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+            files += [(p, ci) for p in _image_files(cdir)]
     if not files:
         raise EdgekdError(f"no images found in {folder}", f"put images in {folder}/<class name>/ (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if channels is None:

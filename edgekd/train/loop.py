@@ -28,7 +28,7 @@ from edgekd.data import Batch, DataSet, Preprocess, iterate, num_batches
 from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import safe_torch_load, save_checkpoint
-from edgekd.train.env import DistEnv, device, init_distributed, memory_format, on_main, rng_state, wrap_for_ranks
+from edgekd.train.env import DistEnv, device, init_distributed, memory_format, on_main, rng_state, share, wrap_for_ranks
 from edgekd.train.evaluation import evaluate
 from edgekd.train.schedule import fit_to_data, make_optimizer, make_scheduler, score, stop_reason
 
@@ -230,7 +230,7 @@ def _start(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Pat
             dist.broadcast(p.data, src=0)
     save = opts.save_fn or (lambda p, m, e: save_checkpoint(p, m, data.classes, opts.kind, e))
     run = _Run(loop, cfg, recipe_cfg, opts, out, save, steps, why)
-    if opts.resume and (out / "last.pt").is_file():
+    if share(opts.resume and (out / "last.pt").is_file()):  # rank 0's folder decides; every rank resumes from the same file
         run.start_epoch, run.history, run.resumed = _resume(out / "last.pt", cfg, model, trainable, opt, sched, opts.description)
     return run
 
