@@ -154,3 +154,22 @@ def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path):
     assert any(ln.startswith("error: rank 0 of 2 stopped: rank 1 failed: cannot read IDX file") for ln in errors), proc.stderr[-3000:]
     assert len(errors) == 2 and "exitcode: 1" in proc.stderr
     _no_edgekd_traceback(proc.stderr)
+
+
+def test_library_text_is_printed_as_text_never_as_markup(capsys):
+    """gloo's error text holds ``[/__w/pytorch/...]``, which rich read as a closing tag (MarkupError);
+    every printer (log, warning, error line, table cell) now prints such text as it is."""
+    from edgekd import ui
+
+    gloo = "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:29500"
+    was = ui.is_quiet()
+    ui.set_quiet(False)
+    try:
+        ui.log(f"rank 1: {gloo}")
+        ui.warn(gloo)
+        ui.error(f"rank 0 of 2 stopped: {gloo} [bold]not a style[/bold]")
+        ui.show(ui.table("t", ["cell"], [["[/__w/gloo/pair.cc:561]"]]))
+    finally:
+        ui.set_quiet(was)
+    err = capsys.readouterr().err
+    assert err.count("pair.cc:561]") == 4 and "[bold]not a style[/bold]" in err
