@@ -93,6 +93,10 @@ def main() -> None:
     try:
         try:
             code = app(standalone_mode=False)
+            if STATE["world"] > 1:
+                from edgekd.train.env import leave_distributed  # only under torchrun
+
+                leave_distributed()
         except BaseException as exc:  # noqa: BLE001 - under torchrun every failure becomes one line on every rank
             if STATE["world"] > 1 and not STATE["debug"] and not isinstance(exc, (SystemExit, KeyboardInterrupt)) and not _is_exit(exc):
                 _rank_failure(exc)

@@ -84,6 +84,16 @@ def init_distributed() -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size())
 
 
+def leave_distributed() -> None:
+    """At the end of a command: wait for every rank, then leave the process group, so no rank exits
+    while another still works and gloo's threads never outlive the interpreter (that aborted with
+    "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _STORE.clear()
+
+
 def current() -> DistEnv:
     """This process's rank and the world size (rank 0 of 1 outside torchrun or before joining)."""
     if dist.is_available() and dist.is_initialized():
