@@ -154,7 +154,11 @@ def _rank_failure(exc: BaseException) -> None:
     else:
         announce_failure(f"{_unexpected(exc)} (rerun with --debug for the traceback and report it)")
         ui.error(f"{me}: {_unexpected(exc)} (rerun with --debug for the traceback and report it)")
-    sys.exit(1)
+    # Leave at once: the process group cannot be destroyed cleanly with a rank gone (torchtitan#1342), and
+    # left to the interpreter's shutdown, gloo's threads abort the process (pytorch#190489): exit code 1, not SIGABRT.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def _is_exit(exc: BaseException) -> bool:

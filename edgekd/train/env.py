@@ -86,8 +86,8 @@ def init_distributed() -> DistEnv:
 
 def leave_distributed() -> None:
     """At the end of a command: wait for every rank, then leave the process group, so no rank exits
-    while another still works and gloo's threads never outlive the interpreter (that aborted with
-    "terminate called without an active exception")."""
+    while another still works and gloo's threads never outlive the interpreter (that aborted rank 0
+    with "terminate called without an active exception" after a build; pytorch/pytorch#190489)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
