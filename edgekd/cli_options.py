@@ -79,7 +79,8 @@ def layer_list(text: str | None) -> list[str] | None:
 
 
 def emit(result: dict, as_json: bool) -> None:
-    if as_json:
+    """The ``--json`` object on stdout (under torchrun from rank 0 only: one object, not one per rank)."""
+    if as_json and os.environ.get("RANK", "0") == "0":
         sys.stdout.write(json.dumps(result, default=str) + "\n")
 
 

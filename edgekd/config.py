@@ -34,6 +34,11 @@ class DataConfig(Strict):
     train_subset: int | None = Field(None, gt=0, description="use only this many training images (quick runs)")
     test_subset: int | None = Field(None, gt=0, description="use only this many test images (quick runs)")
     augment: Literal["none", "flip", "crop-flip"] = Field("crop-flip", description="train-time augmentation")
+    resize: Literal["crop", "pad", "stretch"] = Field("crop", description="how an image folder's pictures become squares once, when decoded: "
+                                                      "shorter side resized then centre crop (timm/torchvision eval), pad to square, or stretch")
+    cache_dir: str | None = Field(None, description="where image folders are decoded once (uint8, memory-mapped); default $EDGEKD_DATA_CACHE "
+                                                    "or ~/.cache/edgekd/images")
+    decode_workers: int | None = Field(None, ge=1, description="processes decoding an image folder the first time (default: one per core)")
 
 
 class TrainConfig(Strict):

@@ -13,12 +13,15 @@ from pathlib import Path
 from edgekd import ui
 from edgekd.config import DataConfig, TeacherConfig
 from edgekd.data import DataSet, load_dataset
+from edgekd.data.store import Storage
 from edgekd.models import count_params, create_model, load_checkpoint, model_from_checkpoint, set_trainable
 from edgekd.train import cross_entropy_loss, final_metrics, fit, seed_everything
 
 
 def load_data(cfg: DataConfig, seed: int, store_size: int = 64) -> DataSet:
-    return load_dataset(cfg.dataset, cfg.root, cfg.val_fraction, seed, cfg.train_subset, cfg.test_subset, store_size, cfg.test_fraction)
+    """The recipe's data set; an image folder stored at ``store_size`` px as ``cfg`` says (decoded once, cached)."""
+    storage = Storage(store_size, cfg.resize, cfg.cache_dir, cfg.decode_workers)
+    return load_dataset(cfg.dataset, cfg.root, cfg.val_fraction, seed, cfg.train_subset, cfg.test_subset, storage, cfg.test_fraction)
 
 
 def run_finetune(cfg: TeacherConfig, data_cfg: DataConfig, out_dir: str | Path, seed: int = 0, deterministic: bool = False, resume: bool = True, data: DataSet | None = None) -> dict:

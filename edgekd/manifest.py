@@ -35,7 +35,11 @@ def _current_umask() -> int:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+    Under torchrun only rank 0 writes artifacts (``edgekd.train.env.on_main``): a write on another
+    rank is a bug, refused here before two ranks race on one file."""
+    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"rank {os.environ['RANK']} tried to write {path}: under torchrun only rank 0 writes artifacts")
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)

@@ -10,16 +10,21 @@ import time
 from typing import Any, Iterable
 
 from rich.console import Console
+from rich.errors import MarkupError
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=True)
-_QUIET = {"on": os.environ.get("EDGEKD_QUIET") == "1"}
+_QUIET = {"on": os.environ.get("EDGEKD_QUIET") == "1", "warnings": True}
 _DEBUG = {"on": os.environ.get("EDGEKD_DEBUG") == "1"}
 
 
-def set_quiet(quiet: bool) -> None:
+def set_quiet(quiet: bool, warnings: bool = True) -> None:
+    """``warnings=False`` silences warnings too (the ranks other than 0 under torchrun: rank 0 says it once)."""
     _QUIET["on"] = quiet
+    _QUIET["warnings"] = warnings
 
 
 def is_quiet() -> bool:
@@ -45,17 +50,32 @@ _ACTIVITY: dict[str, Any] = {"status": "", "printed": time.time()}
 HEARTBEAT_S = float(os.environ.get("EDGEKD_HEARTBEAT_S", "25"))  # a non-interactive log gets a line at least this often (plus the poll: under 30 s)
 
 
+def _print(msg: str, prefix: str = "") -> None:
+    """``prefix + msg`` as rich markup (edgekd's own [bold]/[dim]); where text from a library or a
+    path in ``msg`` is not valid markup (gloo's ``[/__w/pytorch/.../pair.cc:561]`` reads as a closing
+    tag), ``msg`` is printed as text."""
+    try:
+        console.print(prefix + msg, soft_wrap=True)
+    except MarkupError:
+        console.print(prefix + escape(msg), soft_wrap=True)
+    _ACTIVITY["printed"] = time.time()
+
+
 def log(msg: str) -> None:
     if not is_quiet():
-        console.print(msg, soft_wrap=True)
-        _ACTIVITY["printed"] = time.time()
+        _print(msg)
 
 
 def warn(msg: str) -> None:
     """Warnings are shown even when quiet: a slower or less accurate INT8 model must be loud. One
     line, never wrapped by us: a path cut in two cannot be found with grep or copied from a CI log."""
-    console.print(f"[bold yellow]WARNING[/]: {msg}", soft_wrap=True)
-    _ACTIVITY["printed"] = time.time()
+    if _QUIET["warnings"]:
+        _print(msg, "[bold yellow]WARNING[/]: ")
+
+
+def error(text: str) -> None:
+    """``error: <text>``, the text printed as text (an error message is never markup), on one line."""
+    console.print(f"[bold red]error[/]: {escape(text)}", soft_wrap=True)
 
 
 class _Progress(Progress):
@@ -118,7 +138,7 @@ def table(title: str, columns: list[str], rows: Iterable[Iterable[Any]]) -> Tabl
     for c in columns:
         t.add_column(c)
     for r in rows:
-        t.add_row(*[fmt(v) for v in r])
+        t.add_row(*[Text(fmt(v)) for v in r])  # cells are values (paths, names, library text), never markup
     return t
 
 

@@ -26,7 +26,14 @@ SSHD = "/usr/sbin/sshd"
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2``, the default in pyproject.toml) each worker gets one thread, and
     so do the edgekd processes it starts: two workers with two OpenMP threads each on two cores
-    spin against each other and are slower than one worker."""
+    spin against each other and are slower than one worker. Image folders are decoded into a
+    temporary cache, never into the user's ~/.cache/edgekd."""
+    import atexit
+    import tempfile
+
+    cache = tempfile.mkdtemp(prefix="edgekd-test-images-")
+    os.environ["EDGEKD_DATA_CACHE"] = cache
+    atexit.register(shutil.rmtree, cache, True)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = "1"
         import torch

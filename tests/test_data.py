@@ -113,3 +113,56 @@ def test_a_tiny_split_still_holds_out_what_the_fraction_asks():
     assert (len(rest), len(held)) == (9, 1)
     rest, held = stratified_split(Split(split.images[:3], torch.tensor([0, 1, 2])), 0.9, seed=0)
     assert (len(rest), len(held)) == (0, 3)
+
+
+def _thirds(path, w=90, h=30):
+    """A 90x30 picture: red, green and blue thirds (so a crop, a pad and a stretch all look different)."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 3, 0] = arr[:, w // 3 : 2 * w // 3, 1] = arr[:, 2 * w // 3 :, 2] = 200
+    Image.fromarray(arr).save(path)
+
+
+def _folder_of_thirds(root):
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(4):
+            _thirds(root / c / f"{i}.png")
+
+
+def test_image_folder_is_decoded_once_and_again_when_a_file_changes(tmp_path):
+    from edgekd.data.store import Storage
+
+    _folder_of_thirds(tmp_path / "d")
+    storage = Storage(30, "crop", str(tmp_path / "cache"), workers=2)
+    first = load_dataset("imagefolder", root=str(tmp_path / "d"), store_size=storage)
+    assert first.info["cache"]["cache"] == "decoded" and len(list((tmp_path / "cache").glob("*.u8"))) == 1
+    again = load_dataset("imagefolder", root=str(tmp_path / "d"), store_size=storage)
+    assert again.info["cache"]["cache"] == "hit" and torch.equal(again.train.images, first.train.images)
+    one_process = load_dataset("imagefolder", root=str(tmp_path / "d"), store_size=Storage(30, "crop", str(tmp_path / "c1"), workers=1))
+    assert torch.equal(one_process.train.images, first.train.images)  # the pool writes the same bytes as one process
+    Image.fromarray(np.full((30, 90, 3), 7, np.uint8)).save(tmp_path / "d" / "a" / "0.png")  # same name, new content (size and mtime)
+    changed = load_dataset("imagefolder", root=str(tmp_path / "d"), store_size=storage)
+    assert changed.info["cache"]["cache"] == "decoded" and len(list((tmp_path / "cache").glob("*.u8"))) == 2
+    assert load_dataset("imagefolder", root=str(tmp_path / "d"), store_size=Storage(24, "crop", str(tmp_path / "cache"))).info["cache"]["cache"] == "decoded"
+
+
+@pytest.mark.parametrize("mode", ["crop", "pad", "stretch"])
+def test_non_square_image_keeps_its_aspect_and_the_bundle_runtime_sees_the_same_pixels(tmp_path, mode):
+    from edgekd.data.store import Storage
+    from edgekd.runtime import preprocessing as rt
+
+    _folder_of_thirds(tmp_path / "d")
+    ds = load_dataset("imagefolder", root=str(tmp_path / "d"), store_size=Storage(30, mode, str(tmp_path / "cache")), val_fraction=0.25)
+    stored = ds.train.images[0].numpy()  # (3, 30, 30)
+    red, green, blue = (stored[k] > 100 for k in range(3))
+    if mode == "crop":  # the centre third: all green, no red or blue left
+        assert green.all() and not red.any() and not blue.any()
+    elif mode == "pad":  # the whole picture, 30x10, on black bars above and below
+        assert not stored[:, :10].any() and not stored[:, 20:].any() and red[10:20, :10].all() and blue[10:20, 20:].all()
+    else:
+        assert red[:, :9].all() and green[:, 11:19].all() and blue[:, 21:].all()
+    pre = {**Preprocess(48, 3, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)).to_dict(), "store_size": 30, "resize": mode}
+    on_device = rt.load_image(tmp_path / "d" / "a" / "0.png", pre)
+    assert np.array_equal(on_device, stored)  # the same uint8 pixels as the build's stored image
+    built = Preprocess.from_dict(pre)(torch.from_numpy(stored)[None]).numpy()
+    assert np.allclose(rt.preprocess(on_device[None], pre), built, atol=1e-5)  # and the same model input

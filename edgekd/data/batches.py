@@ -13,18 +13,42 @@ import torch.nn.functional as F
 from edgekd.errors import EdgekdError
 
 
-@dataclass
 class Split:
-    """Images (N, C, H, W) uint8 and labels (N,) int64."""
+    """Labels (N,) int64 and their uint8 images: rows of ``source``, a (M, C, H, W) tensor in memory
+    or a memory-mapped :class:`edgekd.data.store.ImageStore` (``rows`` None: row i is image i).
+    Splitting and subsetting select rows and copy no image; ``take`` copies out only a batch."""
 
-    images: torch.Tensor
-    labels: torch.Tensor
+    def __init__(self, images, labels: torch.Tensor, rows: torch.Tensor | None = None):
+        self.source, self.labels, self.rows = images, labels, rows
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.source.shape[1:])
+
+    def take(self, idx) -> torch.Tensor:
+        """uint8 images (B, C, H, W) at positions ``idx`` (a slice, a list or an index tensor) of this split."""
+        idx = torch.arange(len(self))[idx] if isinstance(idx, slice) else torch.as_tensor(idx, dtype=torch.long)
+        rows = self.rows[idx] if self.rows is not None else idx
+        if isinstance(self.source, torch.Tensor):
+            return self.source[rows]
+        return torch.from_numpy(self.source.take(rows.numpy()))
+
+    @property
+    def images(self) -> torch.Tensor:
+        """Every image of the split, in memory (for small splits: a probe, a check batch)."""
+        if self.rows is None and isinstance(self.source, torch.Tensor):
+            return self.source
+        return self.take(slice(None))
+
+    def select(self, positions: torch.Tensor) -> "Split":
+        rows = self.rows[positions] if self.rows is not None else positions
+        return Split(self.source, self.labels[positions], rows)
+
     def subset(self, n: int | None) -> "Split":
-        return self if n is None or n >= len(self) else Split(self.images[:n], self.labels[:n])
+        return self if n is None or n >= len(self) else self.select(torch.arange(n))
 
 
 @dataclass
@@ -48,7 +72,7 @@ class DataSet:
 
     @property
     def channels(self) -> int:
-        return int(self.train.images.shape[1])
+        return int(self.train.image_shape[0])
 
     @property
     def num_classes(self) -> int:
@@ -60,8 +84,8 @@ class DataSet:
 
         h = hashlib.sha256(self.name.encode())
         for split in (self.train, self.val, self.test):
-            h.update(str(tuple(split.images.shape)).encode())
-            h.update(split.images[:: max(1, len(split) // 64)].numpy().tobytes())
+            h.update(str((len(split), *split.image_shape)).encode())
+            h.update(split.take(slice(None, None, max(1, len(split) // 64))).numpy().tobytes())
             h.update(split.labels.numpy().tobytes())
         return h.hexdigest()[:16]
 
@@ -148,7 +172,7 @@ def iterate(
     aug_gen = torch.Generator().manual_seed(seed * 7_919 + epoch * 31 + rank)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        images, flipped = augment_batch(split.images[idx], augment, aug_gen)
+        images, flipped = augment_batch(split.take(idx), augment, aug_gen)
         yield Batch(images, split.labels[idx], idx, flipped, augment == "crop-flip")
 
 
@@ -174,7 +198,7 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     keeps each class in both parts (a plain random split of 300 images can leave a class out)."""
     total = round(len(split) * fraction)
     if total == 0:
-        return split, Split(split.images[:0], split.labels[:0])
+        return split, split.select(torch.arange(0))
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(split.labels).tolist()
     members = [torch.nonzero(split.labels == c).flatten() for c in classes]
@@ -184,11 +208,11 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
         held.append(idx[:n])
         rest.append(idx[n:])
     h, r = torch.cat(held).sort().values, torch.cat(rest).sort().values
-    return Split(split.images[r], split.labels[r]), Split(split.images[h], split.labels[h])
+    return split.select(r), split.select(h)
 
 
 def calibration_images(split: Split, n: int, seed: int = 0) -> torch.Tensor:
     """A fixed random subset of uint8 images for INT8 calibration."""
     n = min(n, len(split))
     idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-    return split.images[idx]
+    return split.take(idx)

@@ -15,6 +15,7 @@ import torch
 from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.data.batches import DataSet, Split, stratified_split
+from edgekd.data.store import Storage, decoded_folder, stored_array
 
 
 FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -64,20 +65,37 @@ def load_fashion_mnist_split(root: Path, which: str) -> Split:
     return Split(images.unsqueeze(1).contiguous(), labels)
 
 
+def _stored_fashion_mnist(base: Path, which: str, storage: Storage) -> Split:
+    """One split's images decompressed once into the image cache and memory-mapped (labels: 60 KB, read each time)."""
+    img_file, lbl_file = FASHION_MNIST_FILES[which]
+    store, _ = stored_array(f"fashion-mnist:{which}", [base / img_file], lambda: load_fashion_mnist_split(base, which).images.numpy(), storage)
+    labels = _read_idx(base / lbl_file).long()
+    if store.shape[0] != labels.shape[0]:
+        raise EdgekdError(f"Fashion-MNIST files in {base} disagree in shape", "reinstall the dataset")
+    return Split(store, labels)
+
+
 # ----------------------------------------------------------------------------- ImageFolder
 def _list_classes(folder: Path) -> list[str]:
     return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _load_folder(folder: Path, classes: Sequence[str], store_size: int, channels: int | None) -> tuple[Split, int, list[str]]:
-    """Decode every image once to (channels, store_size, store_size) uint8; returns the split, channel count and skipped files."""
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively), sorted; os.walk reads each directory once (no stat per file)."""
+    found = [os.path.join(d, f) for d, _, names in os.walk(folder) for f in names if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return [Path(p) for p in sorted(found)]
+
+
+def _load_folder(folder: Path, classes: Sequence[str], storage: Storage, channels: int | None) -> tuple[Split, int, list[str], dict]:
+    """Every image as (channels, S, S) uint8, decoded once into the cache (:mod:`edgekd.data.store`) and
+    memory-mapped; returns the split, channel count, skipped files and how the data was made ready."""
     from PIL import Image, UnidentifiedImageError
 
     files: list[tuple[Path, int]] = []
     for ci, cname in enumerate(classes):
         cdir = folder / cname
         if cdir.is_dir():
-            files += [(p, ci) for p in sorted(cdir.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+            files += [(p, ci) for p in _image_files(cdir)]
     if not files:
         raise EdgekdError(f"no images found in {folder}", f"put images in {folder}/<class name>/ (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     if channels is None:
@@ -89,24 +107,14 @@ def _load_folder(folder: Path, classes: Sequence[str], store_size: int, channels
             except (OSError, UnidentifiedImageError):
                 continue
         channels = 1 if modes and all(m in ("L", "1", "I;16", "I") for m in modes) else 3
-    pil_mode = "L" if channels == 1 else "RGB"
-    images, labels, skipped = [], [], []
-    for p, ci in files:
-        try:
-            with Image.open(p) as im:
-                im = im.convert(pil_mode).resize((store_size, store_size), Image.BILINEAR)
-                t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(store_size, store_size, channels)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-            skipped.append(str(p))
-            continue
-        images.append(t.permute(2, 0, 1))
-        labels.append(ci)
-    if not images:
+    store, rows, labels, skipped, info = decoded_folder(files, folder, storage, channels)
+    if not len(rows):
         raise EdgekdError(f"none of the {len(files)} images in {folder} could be read", "check the files are valid images")
-    return Split(torch.stack(images).contiguous(), torch.tensor(labels, dtype=torch.long)), channels, skipped
+    return Split(store, torch.from_numpy(labels), torch.from_numpy(rows)), channels, skipped, info
 
 
-def load_imagefolder(root: str | None, store_size: int = 64) -> tuple[dict[str, Split], list[str], dict]:
+def load_imagefolder(root: str | None, store_size: int | Storage = 64) -> tuple[dict[str, Split], list[str], dict]:
+    storage = store_size if isinstance(store_size, Storage) else Storage(store_size)
     if not root:
         raise EdgekdError("dataset 'imagefolder' needs a folder", "pass --data-root DIR (DIR/<class>/<image>)")
     base = Path(root)
@@ -120,14 +128,14 @@ def load_imagefolder(root: str | None, store_size: int = 64) -> tuple[dict[str, 
     if len(classes) < 2:
         raise EdgekdError(f"{train_dir} has only one class ({classes[0]})", "a classifier needs at least two class folders")
     splits: dict[str, Split] = {}
-    train, channels, skipped = _load_folder(train_dir, classes, store_size, None)
+    train, channels, skipped, ready = _load_folder(train_dir, classes, storage, None)
     splits["train"] = train
     for name in ("val", "test"):
         if has_splits and (base / name).is_dir():
-            split, _, sk = _load_folder(base / name, classes, store_size, channels)
+            split, _, sk, _ = _load_folder(base / name, classes, storage, channels)
             splits[name] = split
             skipped += sk
-    return splits, classes, {"skipped_files": skipped, "store_size": store_size}
+    return splits, classes, {"skipped_files": skipped, "store_size": storage.size, "resize": storage.resize, "cache": ready}
 
 
 # ----------------------------------------------------------------------------- torchvision
@@ -159,7 +167,7 @@ def load_dataset(
     seed: int = 0,
     train_subset: int | None = None,
     test_subset: int | None = None,
-    store_size: int = 64,
+    store_size: int | Storage = 64,
     test_fraction: float = 0.2,
 ) -> DataSet:
     """Load a dataset with deterministic stratified splits (same seed, same split). A data set
@@ -167,12 +175,13 @@ def load_dataset(
     test set that training and model selection never see."""
     info: dict = {}
     key = dataset.lower()
+    storage = store_size if isinstance(store_size, Storage) else Storage(store_size)
     if key in ("fashion-mnist", "fashion_mnist", "fmnist"):
         base = fashion_mnist_root(root)
-        splits = {"train": load_fashion_mnist_split(base, "train"), "test": load_fashion_mnist_split(base, "test")}
+        splits = {which: _stored_fashion_mnist(base, which, storage) for which in ("train", "test")}
         classes, source, name = list(FASHION_MNIST_CLASSES), str(base), "fashion-mnist"
     elif key == "imagefolder":
-        splits, classes, info = load_imagefolder(root, store_size)
+        splits, classes, info = load_imagefolder(root, storage)
         source, name = str(root), f"imagefolder:{Path(root).name}"
         if info["skipped_files"]:
             ui.warn(f"skipped {len(info['skipped_files'])} unreadable image(s) in {root}, e.g. {info['skipped_files'][0]}")

@@ -19,6 +19,7 @@ from edgekd import ui
 from edgekd.config import DataConfig, DistillConfig, StudentConfig
 from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
+from edgekd.train.env import on_main
 
 
 def _limited(student_cfg: StudentConfig, share: float, started: float) -> StudentConfig:
@@ -51,5 +52,5 @@ def run_assistant_chain(teachers: list[str | Path], student_cfg: StudentConfig, 
                              "val_top1": r["metrics"]["val"]["top1"], "test_top1": r["metrics"]["test"]["top1"], "train_seconds": r["metrics"]["train_seconds"]}
     result = run_distill([assistant_ckpt], _limited(student_cfg, 1.0, started), link, data_cfg, out_dir, **options)
     result["metrics"].update({"mode": "assistant", "assistant": assistant_metrics})
-    write_json_atomic(result["metrics_file"], result["metrics"])
+    on_main(lambda: write_json_atomic(result["metrics_file"], result["metrics"]))
     return result

@@ -18,6 +18,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import atomic_path, sha256_json
 from edgekd.models import safe_torch_load
 from edgekd.distill.teachers import Teacher, teacher_forward
+from edgekd.train.env import current as current_ranks, on_main, share
 
 CACHE_ENV = "EDGEKD_CACHE_DIR"
 CACHE_FORMAT = "edgekd-teacher-cache"
@@ -85,7 +86,7 @@ def compute_teacher_tables(teacher: Teacher, split: Split, views: int, device: t
     with ui.progress() as prog:
         task = prog.add_task(f"teacher {teacher.name} -> cache", total=n * views, rate="", info="")
         for start in range(0, n, batch_size):
-            images = split.images[start : start + batch_size]
+            images = split.take(slice(start, start + batch_size))
             for v in range(views):
                 out = teacher_forward(teacher, images.flip(-1) if v == 1 else images, device)
                 for k, val in out.items():
@@ -101,7 +102,7 @@ def feature_cache_bytes(teacher: Teacher, split: Split, views: int, device: torc
     """Bytes the hooked feature maps of every image/view would take in float16 (one probe batch)."""
     if teacher.hook is None or len(split) == 0:
         return 0
-    out = teacher_forward(teacher, split.images[:1], device)
+    out = teacher_forward(teacher, split.take(slice(0, 1)), device)
     return int(out["feature"].numel()) * 2 * len(split) * views
 
 
@@ -120,14 +121,24 @@ def teacher_cache(teacher: Teacher, data: DataSet, augment: str, cache_dir: Path
     paths = {name: Path(cache_dir) / f"{cache_key(teacher, data, augment, layer)}.pt" for name, layer in layers.items()}
     t0 = time.time()
     tables = {name: _read_table(p, len(data.train), views) for name, p in paths.items()}
-    if all(t is not None for t in tables.values()):
+    if share(all(t is not None for t in tables.values())):  # rank 0's view decides: under torchrun it alone writes the cache
+        if any(t is None for t in tables.values()):
+            raise EdgekdError(f"rank {current_ranks().rank} cannot read the teacher cache {', '.join(str(p) for p in paths.values())} that rank 0 read",
+                              "put the run folder on storage every rank sees")
         ui.log(f"teacher {teacher.name}: cache hit {', '.join(str(p) for p in paths.values())} ({time.time() - t0:.1f} s to load)")
         return TeacherCache(paths, tables, hit=True, seconds=time.time() - t0)
-    tables, seconds = compute_teacher_tables(teacher, data.train, views, device)
-    for name, p in paths.items():
-        with atomic_path(p) as tmp:
-            torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": p.stem, "teacher": teacher.describe(), "augment": augment,
-                        "layer": layers[name], "table": tables[name]}, tmp)
+
+    def compute_and_write() -> float:
+        tables.update(compute_teacher_tables(teacher, data.train, views, device)[0])
+        for name, p in paths.items():
+            with atomic_path(p) as tmp:
+                torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": p.stem, "teacher": teacher.describe(), "augment": augment,
+                            "layer": layers[name], "table": tables[name]}, tmp)
+        return time.time() - t0
+
+    seconds = on_main(compute_and_write)  # one rank runs the teacher; the others read its files (the same tables)
+    if not current_ranks().is_main:
+        tables = {name: _read_table(p, len(data.train), views) for name, p in paths.items()}
     n = len(data.train) * views
     ui.log(f"teacher {teacher.name}: cached {n:,} outputs in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} img/s) -> {', '.join(str(p) for p in paths.values())}")
     return TeacherCache(paths, tables, hit=False, seconds=seconds)

@@ -145,7 +145,7 @@ def build_distill_loss(student: nn.Module, teachers: list[Teacher], cfg: Distill
                 t.hook.remove()
             t.hook = FeatureHook(t.model, cfg.teacher_layer or getattr(t.model, "feature_layer", None) or "features", "teacher")
             t.model.to(device)
-        probe = data.train.images[:2]
+        probe = data.train.take(slice(0, 2))
         student_channels = _probe_channels(student, loss.hook, student.preprocess, probe, device)
         teacher_channels = [_probe_channels(t.model, t.hook, t.preprocess, probe, device) for t in teachers]
         if "fitnet" in cfg.losses:

@@ -24,6 +24,7 @@ from edgekd.data import Batch, DataSet
 from edgekd.distill.losses import MutualLoss
 from edgekd.manifest import atomic_path
 from edgekd.models import count_params, create_student, safe_torch_load, save_checkpoint
+from edgekd.train.env import on_main
 
 PEERS_FORMAT = "edgekd-peers"
 
@@ -114,7 +115,7 @@ def run_mutual(student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg:
     ui.log(f"mutual learning: validation top-1 per peer {', '.join(f'{n} {s:.4f}' for n, s in zip(names, scores))}; keeping peer {best}")
     student = peers.peers[best]
     out = Path(out_dir)
-    save_checkpoint(out / "best.pt", student, data.classes, "student", {**extra, "metrics": {"val": {"top1": scores[best]}}, "peer": best})
+    on_main(lambda: save_checkpoint(out / "best.pt", student, data.classes, "student", {**extra, "metrics": {"val": {"top1": scores[best]}}, "peer": best}))
     result = dataclasses.replace(result, best_path=out / "best.pt", metrics_path=out / "metrics.json")
     metrics = final_metrics(student, data, pre, result, {
         "params": count_params(student), "model": names[best], "losses": ["mutual"], "loss_parts": loss_fn.parts(), "mode": "mutual",

@@ -60,8 +60,20 @@ class BuildContext:
         if self._data is None:
             from edgekd.finetune import load_data
 
-            self._data = load_data(self.recipe.data, self.recipe.seed, store_size=max(64, self.recipe.teacher.input_size))
+            self._data = load_data(self.recipe.data, self.recipe.seed, store_size=self.store_size)
         return self._data
+
+    @property
+    def store_size(self) -> int:
+        """The side an image folder is stored at (decoded once): the teacher's input, at least 64 px."""
+        return max(64, self.recipe.teacher.input_size)
+
+    def device_preprocess(self, pre: dict) -> dict:
+        """A checkpoint's preprocessing plus how an image folder's pictures were made square, so the
+        bundle's runtime brings a photo to the same pixels the build trained and measured on."""
+        if self.recipe.data.dataset.lower() != "imagefolder":
+            return dict(pre)  # Fashion-MNIST and torchvision sets are stored as they come (square already)
+        return {**pre, "store_size": self.store_size, "resize": self.recipe.data.resize}
 
     def path(self, stage: str, key: str) -> Path:
         return self.manifest.artifact_path(stage, key)

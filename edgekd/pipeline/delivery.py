@@ -45,7 +45,7 @@ def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = Fals
     sess = ort_session(onnx_path, exact_qdq=exact_qdq)
     preds = []
     for start in range(0, len(data.test), 500):
-        x = preprocess(data.test.images[start : start + 500]).numpy()
+        x = preprocess(data.test.take(slice(start, start + 500))).numpy()
         preds.append(ort_logits(sess, x).argmax(1))
     return classification_metrics(np.concatenate(preds), data.test.labels.numpy(), data.classes)
 
@@ -138,7 +138,7 @@ def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
     report = {f"report/report.{k}": ctx.path("report", k) for k in ("md", "png", "json")}
     qad = ctx.manifest.data["stages"].get("qad", {}).get("artifacts", {})
     report.update({f"report/sensitivity.{k}": ctx.path("qad", f"sensitivity_{k}") for k in ("json", "png") if f"sensitivity_{k}" in qad})
-    bundle_dir = make_bundle(ctx.out / "bundle", BundleModel(onnx_files, "model", ck["classes"], ck["preprocess"]), ctx.target.to_dict(), metrics, extra,
+    bundle_dir = make_bundle(ctx.out / "bundle", BundleModel(onnx_files, "model", ck["classes"], ctx.device_preprocess(ck["preprocess"])), ctx.target.to_dict(), metrics, extra,
                              attachments=report)
     tar = Path(str(bundle_dir) + ".tar.gz")
     arts = {"bundle_json": bundle_dir / "bundle.json"}

@@ -16,6 +16,7 @@ from edgekd.pipeline.context import BuildContext
 from edgekd.pipeline.delivery import export_precision, stage_bench, stage_bundle, stage_evaluate, stage_export, stage_report
 from edgekd.pipeline.summary import summary
 from edgekd.pipeline.training import stage_control, stage_distill, stage_qad, stage_teacher
+from edgekd.train.env import current as current_ranks, on_main
 
 
 STAGES = ("teacher", "control", "distill", "qad", "export", "evaluate", "bench", "report", "bundle")
@@ -54,7 +55,8 @@ def _inputs(stage: str) -> list[tuple[str, str]]:
 def stage_config(recipe: Recipe, target, stage: str) -> dict:
     """The part of the recipe a stage depends on (so editing bench settings never retrains a teacher)."""
     rc = recipe.model_dump(mode="json")
-    common = {"seed": rc["seed"], "deterministic": rc["deterministic"], "data": rc["data"]}
+    data = {k: v for k, v in rc["data"].items() if k not in ("cache_dir", "decode_workers")}  # where and how fast images decode changes no result
+    common = {"seed": rc["seed"], "deterministic": rc["deterministic"], "data": data}
     return {
         "teacher": {**common, "teacher": rc["teacher"]},
         "control": {**common, "student": rc["student"]},
@@ -99,32 +101,50 @@ def drop_stale_training(ctx: BuildContext, stage: str, config_hash: str) -> None
         ui.log(f"[dim]{stage}: its settings or inputs changed since the last run; training starts over[/]")
 
 
-def run_stage(ctx: BuildContext, stage: str) -> dict:
+def _open_stage(ctx: BuildContext, stage: str) -> dict:
+    """Rank 0's start of a stage: skip it when up to date, else record it as running and give it its time limit."""
     h = stage_hash(ctx, stage)
     if ctx.manifest.is_done(stage, h):
-        entry = ctx.manifest.stage(stage)
         ui.log(f"[dim]{stage}: up to date, skipped[/]")
-        return {"status": "skipped", "seconds": 0.0, "metrics": entry.get("metrics", {})}
+        return {"skip": True, "manifest": ctx.manifest.data}
     drop_stale_training(ctx, stage, h)
-    limit = ctx.stage_limit = ctx.time_limit(stage)
+    limit = ctx.time_limit(stage)
     ui.log(f"[bold]{stage}[/] ..." + (f" (time budget share: {limit:.0f} s)" if limit else ""))
     ctx.manifest.start(stage, h)
+    return {"skip": False, "limit": limit, "manifest": ctx.manifest.data}
+
+
+def run_stage(ctx: BuildContext, stage: str) -> dict:
+    """Run one stage (or skip it when up to date). Under torchrun rank 0 decides, and keeps the
+    manifest; the training stages run on every rank, the others on rank 0 while the rest wait."""
+    opened = on_main(lambda: _open_stage(ctx, stage))
+    ctx.manifest.data = opened["manifest"]  # rank 0's manifest, on every rank (only rank 0 writes it)
+    if opened["skip"]:
+        return {"status": "skipped", "seconds": 0.0, "metrics": ctx.manifest.stage(stage).get("metrics", {})}
+    limit = ctx.stage_limit = opened["limit"]
     t0 = time.time()
-    with ui.heartbeat(stage):
-        artifacts, metrics = STAGE_FUNCS[stage](ctx)
-    entry = ctx.manifest.finish(stage, artifacts, metrics)
+    ranks = current_ranks()
+    artifacts: dict = {}
+    metrics: dict = {}
+    if stage in TRAINING_FOLDERS or ranks.is_main:
+        with ui.heartbeat(stage):
+            artifacts, metrics = STAGE_FUNCS[stage](ctx)
+    entry, ctx.manifest.data = on_main(lambda: (ctx.manifest.finish(stage, artifacts, metrics), ctx.manifest.data))
     return {"status": "done", "seconds": round(time.time() - t0, 2), "metrics": entry["metrics"], "budget_s": limit}
 
 
 def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targets_dir: str | None = None,
           teacher_checkpoint: str | Path | None = None, until: str | None = None) -> dict:
-    """Run every stage for ``target_name`` into ``out``; returns the machine-readable summary."""
+    """Run every stage for ``target_name`` into ``out``; returns the machine-readable summary.
+    Under torchrun every rank calls this; only rank 0 locks and writes ``out``."""
     from edgekd.targets import resolve
 
     loaded = resolve(target_name or recipe.target, targets_dir)
     target = loaded.target
     check_model_names(recipe, Path(teacher_checkpoint) if teacher_checkpoint else None)
     out = Path(out).resolve()  # stage functions return absolute paths; the manifest stores them relative to the run folder
+    if not current_ranks().is_main:
+        return _build_locked(recipe, out, target, teacher_checkpoint, until)
     out.mkdir(parents=True, exist_ok=True)
     with hold_run_folder(out) as stale:
         if stale:
@@ -133,10 +153,12 @@ def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targe
 
 
 def _build_locked(recipe: Recipe, out: Path, target, teacher_checkpoint: str | Path | None, until: str | None) -> dict:
+    main = current_ranks().is_main
     ctx = BuildContext(recipe, out, target, Manifest(out), Path(teacher_checkpoint).resolve() if teacher_checkpoint else None)
-    ctx.manifest.data["recipe"] = recipe.model_dump(mode="json")
-    ctx.manifest.data["target"] = target.to_dict()
-    ctx.manifest.save()
+    if main:  # the other ranks only read: rank 0's manifest reaches them at every stage (run_stage)
+        ctx.manifest.data["recipe"] = recipe.model_dump(mode="json")
+        ctx.manifest.data["target"] = target.to_dict()
+        ctx.manifest.save()
     order = stages_for(recipe, target)
     ctx.order = order
     if until is not None and until not in order:
@@ -147,7 +169,11 @@ def _build_locked(recipe: Recipe, out: Path, target, teacher_checkpoint: str | P
         stages[stage] = run_stage(ctx, stage)
         if stage == until:
             break
+    return on_main(lambda: _verified_summary(ctx, stages, time.time() - t0))
+
+
+def _verified_summary(ctx: BuildContext, stages: dict[str, dict], seconds: float) -> dict:
     problems = ctx.manifest.verify()
     if problems:
         raise EdgekdError(f"manifest check failed after build: {problems[0]}", "rerun the build; a file was changed while it ran")
-    return summary(ctx, stages, time.time() - t0)
+    return summary(ctx, stages, seconds)

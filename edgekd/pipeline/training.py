@@ -6,6 +6,7 @@ from __future__ import annotations
 from edgekd import ui
 from edgekd.manifest import write_bytes_atomic
 from edgekd.pipeline.context import BuildContext
+from edgekd.train.env import on_main
 
 
 def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
@@ -14,7 +15,7 @@ def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
 
         ck = load_checkpoint(ctx.teacher_checkpoint)  # validates it before anything builds on it
         # A copy inside the run folder: the manifest only records (and trusts) files under --out.
-        copy = write_bytes_atomic(ctx.out / "teacher" / "provided.pt", ctx.teacher_checkpoint.read_bytes())
+        copy = on_main(lambda: write_bytes_atomic(ctx.out / "teacher" / "provided.pt", ctx.teacher_checkpoint.read_bytes()))
         return {"checkpoint": copy}, {"provided": True, "model": ck["model"]["name"], "source": str(ctx.teacher_checkpoint)}
     from edgekd.finetune import run_finetune
 

@@ -58,6 +58,12 @@ def _tensor_quantizer_cls() -> type:
     return TensorQuantizer
 
 
+# Max calibration without modelopt's all-reduce of amax over the ranks: under torchrun every rank
+# calibrates on the same images (the same ranges), and export runs on rank 0 alone (a collective
+# there would wait forever for the other ranks).
+LOCAL_MAX = {"method": "max", "distributed_sync": False}
+
+
 def weight_config(bits: int = 8) -> dict:
     """modelopt config: per-channel (axis 0) symmetric ``bits``-bit weights on every Conv/Linear, max calibration.
 
@@ -67,7 +73,7 @@ def weight_config(bits: int = 8) -> dict:
     """
     return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
                           {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": bits, "axis": 0}}],
-            "algorithm": "max"}
+            "algorithm": LOCAL_MAX}
 
 
 def default_weight_bits(layout: str, arch: str) -> int:
@@ -132,7 +138,7 @@ def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor
             mtq.set_quantizer_by_cfg(qmodel, ACTIVATION_CFG + [{"quantizer_name": name, "cfg": {"num_bits": 8, "axis": None, "unsigned": True}}
                                                                for name in qmodel.edgekd_placement["unsigned"]])
             if loop is not None:
-                mtq.calibrate(qmodel, algorithm="max", forward_loop=loop)
+                mtq.calibrate(qmodel, algorithm=LOCAL_MAX, forward_loop=loop)
         except RuntimeError as exc:
             raise EdgekdError(f"modelopt could not quantize {type(model).__name__}: {str(exc).splitlines()[0][:200]}",
                               "export it with --precision fp16 or fp32") from exc

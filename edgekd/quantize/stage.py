@@ -29,6 +29,7 @@ from edgekd.quantize.ranges import LearnedRanges, amax_values, learnable, learni
 from edgekd.quantize.sensitivity import (drop_unneeded, fit_accuracy_budget, float_layers_of, load_sensitivity, measure_sensitivity, refresh_weight_ranges,
                                          sensitivity_plot, set_float_layers)
 from edgekd.targets import host_arch
+from edgekd.train.env import on_main
 
 LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
 AUTO_CALIBRATORS = ("max", "mse", "percentile", "entropy")  # 'auto' tries the histogram ones only when max loses more than:
@@ -78,7 +79,7 @@ def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tens
     if qad_val >= ptq_val:
         return False
     model.load_state_dict(calibrated)
-    save_quantized(result.best_path, model, classes, {**extra, "metrics": {"val": {"top1": ptq_val}, "epoch": -1}})
+    on_main(lambda: save_quantized(result.best_path, model, classes, {**extra, "metrics": {"val": {"top1": ptq_val}, "epoch": -1}}))
     ui.warn(f"quantization-aware distillation did not beat the calibrated INT8 model on validation ({qad_val:.4f} vs {ptq_val:.4f}); "
             "keeping the calibrated one. More data or epochs, a lower quantize.train.lr, or a stronger teacher may help")
     return True
@@ -202,9 +203,8 @@ def search_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, la
             next(r for r in sens.layers if r.layer == layer).exported_gain = gain
     helpful = [r.layer for r in sens.layers if r.float_gain > 0]  # layers whose float copy lost nothing alone are not worth a try
     search = fit_accuracy_budget(model, helpful, lambda m: top1_on(m, data.val, data.classes), fp32_val, cfg.max_accuracy_drop, cfg.exclude)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "sensitivity.json", {"sensitivity": sens.to_dict(), "search": search.to_dict()})
-    sensitivity_plot(sens, out_dir / "sensitivity.png")
+    on_main(lambda: (write_json_atomic(out_dir / "sensitivity.json", {"sensitivity": sens.to_dict(), "search": search.to_dict()}),
+                     sensitivity_plot(sens, out_dir / "sensitivity.png")))
     drop = round(100 * (fp32_val - search.top1), 3)
     return {"budget_points": cfg.max_accuracy_drop, "met": search.met, "val_drop_points": drop, "float_layers": search.float_layers,
             "sensitivity": [r.__dict__ for r in sens.layers[:20]], "search_steps": search.steps, "sensitivity_file": str(out_dir / "sensitivity.json")}
@@ -230,7 +230,7 @@ def _retry_in_int8(job: QadJob, mixed: QadPass) -> tuple[QadPass, list[dict[str,
         return mixed, steps
     ui.log(f"after retraining, {len(before) - len(kept)} of the {len(before)} float layer(s) went back to INT8 within the budget "
            f"(val top-1 {mixed.val:.4f} -> {top1:.4f}); {len(kept)} stay in higher precision")
-    save_quantized(mixed.result.best_path, model, data.classes, {**_checkpoint_extra(job), "metrics": {"val": {"top1": top1}, "epoch": -1}})
+    on_main(lambda: save_quantized(mixed.result.best_path, model, data.classes, {**_checkpoint_extra(job), "metrics": {"val": {"top1": top1}, "epoch": -1}}))
     return dataclasses.replace(mixed, val=top1), steps
 
 

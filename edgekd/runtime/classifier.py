@@ -78,4 +78,4 @@ class Classifier:
         return out
 
     def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5) -> list[list[tuple[str, float]]]:
-        return self.classify([load_image(p) for p in paths], top_k)
+        return self.classify([load_image(p, self.pre) for p in paths], top_k)

@@ -65,13 +65,46 @@ def preprocess(images_u8: np.ndarray, pre: dict[str, Any]) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file to uint8 (C, H, W): grey stays 1 channel, anything else becomes RGB."""
+RESIZE_MODES = ("crop", "pad", "stretch")
+
+
+def fit_to_square(im: Any, size: int, mode: str = "crop") -> Any:
+    """A PIL image -> ``size`` x ``size``, as the build stores its training images (``data.resize``):
+    'crop' resizes the shorter side to ``size`` and cuts the centre (timm's and torchvision's eval
+    transform), 'pad' fits the longer side and pads with black, 'stretch' ignores the aspect ratio.
+    Bilinear (PIL's, with its antialiasing), the same call on the host and on the device."""
+    from PIL import Image
+
+    w, h = im.size
+    if (w, h) == (size, size):
+        return im
+    if mode == "stretch":
+        return im.resize((size, size), Image.BILINEAR)
+    if mode not in RESIZE_MODES:
+        raise EdgekdError(f"unknown resize mode '{mode}'", f"use one of {', '.join(RESIZE_MODES)}")
+    scale = size / (min(w, h) if mode == "crop" else max(w, h))
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    if mode == "crop":
+        nw, nh = max(size, nw), max(size, nh)
+        left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+        return im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
+    canvas = Image.new(im.mode, (size, size))
+    canvas.paste(im.resize((nw, nh), Image.BILINEAR), (int(round((size - nw) / 2.0)), int(round((size - nh) / 2.0))))
+    return canvas
+
+
+def load_image(path: str | os.PathLike, pre: dict[str, Any] | None = None) -> np.ndarray:
+    """Decode an image file to uint8 (C, H, W): grey stays 1 channel, anything else becomes RGB.
+    With a bundle's ``pre`` that records how the build stored its images (``store_size``,
+    ``resize``), the image is brought to that square the same way, so the model sees the pixels
+    it was trained and measured on."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im = im.convert("L") if im.mode in ("L", "1", "I;16", "I", "F") else im.convert("RGB")
+            if pre and pre.get("store_size"):
+                im = fit_to_square(im, int(pre["store_size"]), pre.get("resize", "crop"))
             arr = np.asarray(im, dtype=np.uint8)
     except (FileNotFoundError, UnidentifiedImageError, OSError) as exc:
         raise EdgekdError(f"cannot read image {path}: {exc}", "pass PNG/JPEG files") from exc

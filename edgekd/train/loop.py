@@ -1,8 +1,21 @@
 """The epoch loop: train, validate, keep ``best.pt`` and ``last.pt``, resume after an
-interruption, stop on the budget; and the metrics written beside the checkpoints."""
+interruption, stop on the budget; and the metrics written beside the checkpoints.
+
+Under torchrun every rank runs the same steps: after each forward pass one all-reduce of two
+numbers gives every rank the mean loss over the ranks (divergence is judged on it) and rank 0's
+clock (the time limit). After each epoch validation is shared out over the ranks and the logits
+gathered (:func:`edgekd.train.evaluation.evaluate` with ``env``), so the record (top-1, loss,
+per-class accuracy, confusion matrix) is the one a single process computes, in 1/world of its
+time; rank 0 then saves, decides whether to stop and broadcasts its record. Measured with 2 gloo
+ranks on Fashion-MNIST (54,000 training / 6,000 validation images, pico_cnn, 2-core AMD EPYC host
+with AVX-512 VNNI): validating on rank 0 alone took 0.86-1.49 s of an 18-20 s epoch (4.8-7.5%),
+shared out 0.63-0.64 s of 16-17 s (3.7-4.1%); the gap grows with the ranks, as an epoch shrinks
+with them and rank 0's share of validation would not.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +32,7 @@ from edgekd.data import Batch, DataSet, Preprocess, iterate, num_batches
 from edgekd.errors import EdgekdError
 from edgekd.manifest import write_json_atomic
 from edgekd.models import safe_torch_load, save_checkpoint
-from edgekd.train.env import DistEnv, device, init_distributed, memory_format, rng_state, wrap_for_ranks
+from edgekd.train.env import DistEnv, device, init_distributed, memory_format, on_main, rng_state, share, wrap_for_ranks
 from edgekd.train.evaluation import evaluate
 from edgekd.train.schedule import fit_to_data, make_optimizer, make_scheduler, score, stop_reason
 
@@ -117,8 +130,11 @@ def _train_epoch(loop: _Loop, data: DataSet, epoch: int, augment: str, seed: int
         x = batch_input(batch, loop.preprocess, loop.dev)
         with torch.autocast(loop.dev.type, enabled=loop.scaler.is_enabled()):
             loss, _ = loop.loss_fn(loop.net, batch, x)
-        if not torch.isfinite(loss):
-            raise EdgekdError(f"training diverged (loss {loss.item()}) at epoch {epoch}", "lower the learning rate")
+        mean_loss, time_up = _step_decision(loop, loss)
+        if not math.isfinite(mean_loss):
+            raise EdgekdError(f"training diverged (loss {mean_loss}) at epoch {epoch}", "lower the learning rate")
+        if time_up:
+            break
         loop.opt.zero_grad(set_to_none=True)
         loop.scaler.scale(loss).backward()
         if loop.env.world > 1:
@@ -129,12 +145,22 @@ def _train_epoch(loop: _Loop, data: DataSet, epoch: int, augment: str, seed: int
         loop.scaler.step(loop.opt)
         loop.scaler.update()
         loop.sched.step()
-        ep_loss += loss.item() * len(batch.labels)
+        ep_loss += mean_loss * len(batch.labels)
         ep_n += len(batch.labels)
         prog.update(task, advance=1, rate=f"{ep_n * loop.env.world / max(1e-9, time.time() - ep_t):.0f} img/s", info=f"ep {epoch + 1}/{cfg.epochs} loss {ep_loss / ep_n:.3f}")
-        if cfg.time_limit_s and time.time() - loop.started >= cfg.time_limit_s:
-            break
     return ep_loss / max(1, ep_n), ep_n
+
+
+def _step_decision(loop: _Loop, loss: torch.Tensor) -> tuple[float, bool]:
+    """(mean loss over the ranks, whether rank 0's clock says the time limit is reached): the same
+    two numbers on every rank, so all ranks diverge, or stop, at the same step."""
+    time_up = bool(loop.cfg.time_limit_s and time.time() - loop.started >= loop.cfg.time_limit_s)
+    if loop.env.world <= 1:
+        return loss.item(), time_up
+    both = torch.stack([loss.detach().float(), torch.tensor(float(time_up and loop.env.is_main), device=loss.device)])
+    dist.all_reduce(both)
+    total, up = both.tolist()
+    return total / loop.env.world, up > 0
 
 
 def batch_input(batch: Batch, preprocess: Preprocess, dev: torch.device) -> torch.Tensor:
@@ -171,6 +197,7 @@ class _Run:
     history: list[dict] = field(default_factory=list)
     start_epoch: int = 0
     resumed: int | None = None
+    best: tuple[float, float] | None = None  # the best score so far (rank 0's)
 
     def train_state(self, epoch: int) -> dict[str, Any]:
         loop = self.loop
@@ -189,7 +216,8 @@ def _start(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Pat
     if why:
         ui.log(f"{opts.description}: {why}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     model.to(dev, memory_format=memory_format(dev))
     trainable = opts.trainable if opts.trainable is not None else model
     trainable.to(dev)
@@ -201,9 +229,12 @@ def _start(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Pat
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dev.type == "cuda")
     in_model = {id(p) for p in model.parameters()}
     loop = _Loop(net, model, trainable, loss_fn, preprocess, cfg, opt, sched, scaler, dev, env, t0, [p for p in trainable.parameters() if id(p) not in in_model])
+    if env.world > 1:
+        for p in loop.beside:  # DDP gave every rank rank 0's model weights; the parameters beside it start equal too
+            dist.broadcast(p.data, src=0)
     save = opts.save_fn or (lambda p, m, e: save_checkpoint(p, m, data.classes, opts.kind, e))
     run = _Run(loop, cfg, recipe_cfg, opts, out, save, steps, why)
-    if opts.resume and (out / "last.pt").is_file():
+    if share(opts.resume and (out / "last.pt").is_file()):  # rank 0's folder decides; every rank resumes from the same file
         run.start_epoch, run.history, run.resumed = _resume(out / "last.pt", cfg, model, trainable, opt, sched, opts.description)
     return run
 
@@ -212,8 +243,7 @@ def _epochs(run: _Run, data: DataSet) -> tuple[str, int]:
     """Train epoch after epoch, keeping ``best.pt`` (by :func:`score`) and ``last.pt``, until the
     epochs run out or :func:`stop_reason` says stop. Returns (why it stopped, images seen)."""
     loop, cfg, opts = run.loop, run.cfg, run.opts
-    extra = dict(opts.ckpt_extra or {})
-    best = max((score(h) for h in run.history), default=None)
+    run.best = max((score(h) for h in run.history), default=None)
     seen, stopped = 0, "epochs"
     with ui.progress() as prog:
         task = prog.add_task(opts.description, total=max(0, cfg.epochs - run.start_epoch) * run.steps, rate="", info="")
@@ -221,24 +251,31 @@ def _epochs(run: _Run, data: DataSet) -> tuple[str, int]:
             ep_t = time.time()
             train_loss, n = _train_epoch(loop, data, epoch, opts.augment, opts.seed, prog, task)
             seen += n * loop.env.world
-            val = evaluate(loop.model, data.val, loop.preprocess, data.classes) if loop.env.is_main else {}
-            record = {"epoch": epoch, "train_loss": train_loss, "val_top1": val.get("top1"), "val_loss": val.get("loss"),
-                      "lr": loop.sched.get_last_lr()[0], "seconds": round(time.time() - ep_t, 2)}
-            run.history.append(record)
-            prog.update(task, info=f"ep {epoch + 1}/{cfg.epochs} val {val.get('top1') or 0:.4f}")
-            if loop.env.is_main:
-                if best is None or score(record) > best:
-                    best = score(record)
-                    run.save(run.out / "best.pt", loop.model, {**extra, "metrics": {"val": val, "epoch": epoch}})
-                run.save(run.out / "last.pt", loop.model, {**extra, "train_state": run.train_state(epoch)})
-            if loop.env.world > 1:
-                dist.barrier()
-            stopped = stop_reason(run.history, cfg, time.time() - loop.started) or "epochs"
+            t_val = time.time()
+            val = evaluate(loop.model, data.val, loop.preprocess, data.classes, env=loop.env)  # shared out over the ranks
+            val_s = time.time() - t_val
+            record, stopped = on_main(lambda: _close_epoch(run, val, epoch, train_loss, (ep_t, val_s)))  # rank 0 decides; every rank gets its record
+            if not loop.env.is_main:
+                run.history.append(record)
+            prog.update(task, info=f"ep {epoch + 1}/{cfg.epochs} val {record.get('val_top1') or 0:.4f}")
             if stopped != "epochs":
                 ui.log(f"{opts.description}: stopped after epoch {epoch + 1}/{cfg.epochs}: "
                        + ("time limit reached" if stopped == "time" else f"no better validation top-1 for {cfg.patience} epochs"))
                 break
     return stopped, seen
+
+
+def _close_epoch(run: _Run, val: dict, epoch: int, train_loss: float, times: tuple[float, float]) -> tuple[dict, str]:
+    """Rank 0's end of an epoch: record it, keep ``best.pt``/``last.pt``, and say whether to stop."""
+    loop, extra = run.loop, dict(run.opts.ckpt_extra or {})
+    record = {"epoch": epoch, "train_loss": train_loss, "val_top1": val.get("top1"), "val_loss": val.get("loss"),
+              "lr": loop.sched.get_last_lr()[0], "seconds": round(time.time() - times[0], 2), "val_seconds": round(times[1], 3)}
+    run.history.append(record)
+    if run.best is None or score(record) > run.best:
+        run.best = score(record)
+        run.save(run.out / "best.pt", loop.model, {**extra, "metrics": {"val": val, "epoch": epoch}})
+    run.save(run.out / "last.pt", loop.model, {**extra, "train_state": run.train_state(epoch)})
+    return record, stop_reason(run.history, run.cfg, time.time() - loop.started) or "epochs"
 
 
 def fit(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Path, loss_fn: LossFn, preprocess: Preprocess, **options: Any) -> FitResult:
@@ -254,28 +291,37 @@ def fit(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Path, 
     loop, cfg = run.loop, run.cfg
     seconds = time.time() - loop.started
     best_path, last_path = run.out / "best.pt", run.out / "last.pt"
-    if loop.env.is_main and (cfg.epochs == 0 or not best_path.exists()):  # zero epochs: the initial model is the result (never a stale best.pt)
-        extra = dict(opts.ckpt_extra or {})
-        run.save(best_path, loop.model, {**extra, "metrics": {}})
-        run.save(last_path, loop.model, {**extra, "train_state": run.train_state(cfg.epochs - 1)})
+
+    def initial_is_result() -> None:  # zero epochs: the initial model is the result (never a stale best.pt)
+        if cfg.epochs == 0 or not best_path.exists():
+            extra = dict(opts.ckpt_extra or {})
+            run.save(best_path, loop.model, {**extra, "metrics": {}})
+            run.save(last_path, loop.model, {**extra, "train_state": run.train_state(cfg.epochs - 1)})
+
+    on_main(initial_is_result)  # and every rank reads best.pt only once rank 0 has written it
     plan = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "recipe_epochs": run.recipe_cfg.epochs, "recipe_batch_size": run.recipe_cfg.batch_size,
             "epochs_run": len(run.history), "steps": run.steps * len(run.history), "why": run.why, "time_limit_s": cfg.time_limit_s}
     return FitResult(best_path, last_path, run.out / "metrics.json", {}, run.history, seconds, seen / seconds if seconds > 0 else 0.0, run.resumed, stopped, plan)
 
 
 def final_metrics(model: nn.Module, data: DataSet, preprocess: Preprocess, result: FitResult, extra: dict[str, Any] | None = None) -> dict:
-    """Evaluate the best checkpoint's model on val and test and write metrics.json atomically."""
-    metrics = {
-        "val": evaluate(model, data.val, preprocess, data.classes),
-        "test": evaluate(model, data.test, preprocess, data.classes),
-        "history": result.history,
-        "train_seconds": round(result.seconds, 2),
-        "images_per_second": round(result.images_per_second, 1),
-        "resumed_from_epoch": result.resumed_from_epoch,
-        "stopped": result.stopped,
-        "plan": result.plan,
-        **(extra or {}),
-    }
-    write_json_atomic(result.metrics_path, metrics)
-    result.metrics = metrics
-    return metrics
+    """Evaluate the best checkpoint's model on val and test and write metrics.json atomically
+    (on rank 0; every rank gets the same metrics)."""
+
+    def measure_and_write() -> dict:
+        metrics = {
+            "val": evaluate(model, data.val, preprocess, data.classes),
+            "test": evaluate(model, data.test, preprocess, data.classes),
+            "history": result.history,
+            "train_seconds": round(result.seconds, 2),
+            "images_per_second": round(result.images_per_second, 1),
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "stopped": result.stopped,
+            "plan": result.plan,
+            **(extra or {}),
+        }
+        write_json_atomic(result.metrics_path, metrics)
+        return metrics
+
+    result.metrics = on_main(measure_and_write)
+    return result.metrics
