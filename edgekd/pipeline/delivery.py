@@ -103,6 +103,12 @@ def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
                     + ", ".join(f"{b} ({metrics['speedup_vs_fp32'][b]:.2f}x FP32's speed)" for b in slower))
     if avail.ok:
         metrics["within_budget"] = {"1": metrics["latency_ms"]["1"]["p50_ms"] <= t.latency_budget.batch1_ms}
+    if t.kind == "cpu" and t.arch == "x86_64" and "fp32_onnx" in results:  # an x86 CPU build: the same files on every CPU runtime here
+        from edgekd.bench.cpu_runtimes import compare_cpu_runtimes
+
+        files = {"int8": str(ctx.path("export", "onnx")), "fp32": str(ctx.path("export", "fp32_onnx"))}
+        metrics["cpu_runtimes"] = compare_cpu_runtimes(files, batches, plan, threads, t.name, {runtime: {"int8": shipped, "fp32": results["fp32_onnx"]}})
+        ui.log(f"CPU runtimes: {metrics['cpu_runtimes']['verdict']}")
     out = ctx.out / "bench.json"
     write_json_atomic(out, {"metrics": metrics, "results": results})
     return {"record": out}, metrics
