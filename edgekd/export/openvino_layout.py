@@ -75,17 +75,14 @@ def compiled_layers(path: str | Path, device: str = "CPU") -> list[dict[str, str
 def check_openvino_int8(path: str | Path, float_layers: Iterable[str] = ()) -> QdqReport:
     """Compile ``path`` with OpenVINO's CPU plugin and count the Convolutions / FullyConnected it runs in
     integer kernels; any compute layer left in f32 (other than ``float_layers``, kept so on purpose) is an error."""
-    import onnx
-
     rep = QdqReport(runtime="openvino-cpu")
     why = openvino_missing()
     if why:
         rep.errors.append(f"cannot check: {why}")
         return rep
-    g = Graph(onnx.load(str(path)))
-    layer_of = {n.name: g.layer_name(n) for n in g.nodes if n.op_type in ONNX_COMPUTE_OPS}
+    layer_of, quantizers = _source_layers(Path(path))
     kept = set(float_layers)
-    has_qdq = any(n.op_type == "QuantizeLinear" for n in g.nodes)
+    has_qdq = quantizers > 0
     integer, floating = [], []
     for row in compiled_layers(path):
         if row["layerType"] not in COMPUTE_LAYER_TYPES:
@@ -99,13 +96,26 @@ def check_openvino_int8(path: str | Path, float_layers: Iterable[str] = ()) -> Q
         else:
             floating.append(f"{row['name']} ({row['layerType']}, {row['runtimePrecision']})")
     rep.quantized_ops, rep.float_ops = integer, floating
-    rep.counts = {"integer_ops": len(integer), "float_compute_ops": len(floating), "QuantizeLinear": sum(n.op_type == "QuantizeLinear" for n in g.nodes)}
+    rep.counts = {"integer_ops": len(integer), "float_compute_ops": len(floating), "quantizers": quantizers}
     if has_qdq and floating:
         rep.errors.append(f"{len(floating)} of {len(floating) + len(integer)} compute layers run in float on OpenVINO's CPU plugin "
                           f"(first: {floating[0]}): quantize for the openvino layout")
     elif not has_qdq:
         rep.errors.append("no QuantizeLinear/DequantizeLinear nodes: not an INT8 graph")
     return rep
+
+
+def _source_layers(path: Path) -> tuple[dict[str, str | None], int]:
+    """{ONNX compute node: its layer (module path)} and the number of quantizers in the file: QuantizeLinear
+    nodes of an ONNX file, FakeQuantize ops of an OpenVINO IR (e.g. NNCF's output, whose nodes have no edgekd layer names)."""
+    if path.suffix == ".onnx":
+        import onnx
+
+        g = Graph(onnx.load(str(path)))
+        return {n.name: g.layer_name(n) for n in g.nodes if n.op_type in ONNX_COMPUTE_OPS}, sum(n.op_type == "QuantizeLinear" for n in g.nodes)
+    import openvino as ov
+
+    return {}, sum(op.get_type_name() == "FakeQuantize" for op in ov.Core().read_model(str(path)).get_ops())
 
 
 def openvino_logits(path: str | Path, x, batch_size: int = 64):
