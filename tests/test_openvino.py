@@ -87,7 +87,7 @@ def test_openvino_runner_bench_sweep_and_profile(ov_files):
 
 
 def test_bench_cli_takes_runtime_openvino(ov_files):
-    proc = subprocess.run([sys.executable, "-m", "edgekd", "bench", str(ov_files["int8"]), "--runtime", "openvino", "--runs", "5", "--warmup", "1",
+    proc = subprocess.run([sys.executable, "-m", "edgekd", "bench", str(ov_files["int8"]), "--runtime", "openvino", "--runs", "10", "--warmup", "1",
                            "--threads", "1", "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-1500:]
     assert json.loads(proc.stdout)["runtime"] == "openvino"
