@@ -138,7 +138,7 @@ def run_checks(model: nn.Module, path: Path, x: torch.Tensor, labels: np.ndarray
     checks["agreement"]["onnxruntime"] = ("not used: OpenVINO CPU, integer kernels" if on_openvino else
                                           "Q/DQ run as written (the target runtime's arithmetic)" if exact else "optimized, integer kernels")
     if checks["agreement"]["top1_agreement"] < 0.99:
-        ui.warn(f"{path.name}: onnxruntime agrees with the PyTorch model on only {checks['agreement']['top1_agreement']:.2%} of top-1 predictions "
+        ui.warn(f"{path.name}: {'OpenVINO' if on_openvino else 'onnxruntime'} agrees with the PyTorch model on only {checks['agreement']['top1_agreement']:.2%} of top-1 predictions "
                 f"(max |diff| {checks['agreement']['max_abs_diff']:.3g}): the shipped artifact drifts from what was trained")
     if precision == "int8":
         proto = onnx.load(str(path))
