@@ -17,6 +17,8 @@ stage with its readiness gate). Recorded per row:
 
     .venv/bin/python benchmarks/architectures.py                  # ~45 min on 2 idle cores
     .venv/bin/python benchmarks/architectures.py --quick          # a check that it runs (labelled)
+    .venv/bin/python benchmarks/architectures.py --latency-only --sizes 224 160 --students resnet18   # deployment resolution,
+        # every runtime (random init: latency does not depend on the weights); rows added to architectures_latency_results.json
 """
 
 from __future__ import annotations
@@ -255,6 +257,29 @@ def goals(rows: list[dict]) -> list[str]:
     return out
 
 
+def latency_only(args) -> None:
+    """FP32 / INT8 p50 on onnxruntime and OpenVINO at deployment resolution (``_deploy_latency.py``); rows accumulate across invocations."""
+    from _deploy_latency import cpu_flags, latency_row, latency_table
+
+    out = args.out.with_name("architectures_latency_results.md")
+    store = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {"rows": [], "runs": []}
+    t0 = time.time()
+    for name in args.students:
+        for size in args.sizes:
+            row = latency_row(name, size, WORK / "latency", {1: args.runs, 64: max(4, args.runs // 8)}, args.rounds)
+            store["rows"] = [r for r in store["rows"] if (r["network"], r["size"]) != (name, size)] + [row]
+            out.with_suffix(".json").write_text(json.dumps(store, indent=1))
+    store["runs"].append({"argv": sys.argv[1:], "date": str(datetime.date.today()), "machine": f"{machine()}; flags {cpu_flags()}", "minutes": round((time.time() - t0) / 60, 1)})
+    out.with_suffix(".json").write_text(json.dumps(store, indent=1))
+    order = {n: i for i, n in enumerate(STUDENTS)}
+    lines = ["# Every network at deployment resolution: FP32 and INT8 on onnxruntime and OpenVINO, p50 ms, 2 threads", "",
+             *[f"- {r['date']} `{' '.join(['benchmarks/architectures.py'] + r['argv'])}` ({r['minutes']} min): {r['machine']}" for r in store["runs"]],
+             "- Random-init networks (3 channels, 10 classes); files as `benchmarks/_deploy_latency.py` describes; timm nets and edgekd's students alike.", ""]
+    lines += latency_table(sorted(store["rows"], key=lambda r: (-r["size"], order.get(r["network"], len(order)))))
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", nargs="+", default=STUDENTS)
@@ -277,7 +302,12 @@ def main() -> None:
                     help="keep the rows of students not in --students from the results JSON (continue a stopped run); all rows are timed together")
     ap.add_argument("--time-only", action="store_true",
                     help="only time the rows already in the results JSON (a run stopped before its timing phase) and rewrite the results")
+    ap.add_argument("--latency-only", action="store_true", help="no training: time every network at --sizes on every CPU runtime")
+    ap.add_argument("--sizes", nargs="+", type=int, default=[224, 160])
     args = ap.parse_args()
+    if args.latency_only:
+        latency_only(args)
+        return
     if args.time_only:
         t0 = time.time()
         rows = json.loads(args.out.with_suffix(".json").read_text())

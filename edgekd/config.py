@@ -142,10 +142,12 @@ class QuantizeConfig(Strict):
         "validation kept. Weights always take their max"))
     percentile: float = Field(99.99, gt=50, le=100)
     calib_images: int = Field(512, ge=16)
+    select_images: int = Field(1000, ge=50, description="'auto' scores each calibrator on at most this many validation images (a "
+                                                        "fixed random subset; 1,000 tell a lost point from noise and keep a 224 px export to minutes)")
     fold_bn: bool = True
     learn_ranges: bool = Field(True, description="QAD trains the activation ranges with the weights (LSQ); off: the calibrated ranges stay fixed")
     range_lr: float = Field(0.05, gt=0, le=1, description="learning rate of the learned ranges (on log amax: a relative step)")
-    layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
+    layout: Literal["auto", "tensorrt", "ort-cpu", "openvino"] = Field("auto", description="where activation quantizers go: the runtime's Q/DQ layout; 'auto' takes the target's")
     weight_bits: int | None = Field(None, ge=7, le=8, description="weight grid QAD trains and the file ships: 7 cannot saturate onnxruntime's "
                                                                  "u8 x s8 kernels on x86 CPUs without VNNI (its reduce_range); unset: 7 for the "
                                                                  "ort-cpu layout on an x86-64 target, else 8")
@@ -161,7 +163,7 @@ class QuantizeConfig(Strict):
 
 class ExportConfig(Strict):
     precision: Literal["int8", "fp16", "fp32"] = "int8"
-    layout: Literal["auto", "tensorrt", "ort-cpu"] = Field("auto", description="Q/DQ layout; 'auto' takes the target's")
+    layout: Literal["auto", "tensorrt", "ort-cpu", "openvino"] = Field("auto", description="Q/DQ layout; 'auto' takes the target's")
     opset: int = Field(17, ge=17, le=23)
     check_batch: int = Field(256, ge=1, description="held images for the ORT-vs-PyTorch agreement check")
     allow_not_ready: bool = Field(False, description="ship an INT8 graph the target's runtime cannot fully run in INT8 (recorded)")

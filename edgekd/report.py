@@ -16,6 +16,8 @@ from typing import Any
 
 from rich.table import Table
 
+from edgekd.bench.cpu_runtimes import runtime_lines
+
 Z95 = 1.96
 
 
@@ -108,6 +110,7 @@ def build_report(stages: dict[str, dict], target: dict, summary: dict) -> dict[s
     report = {"accuracy": acc, "latency": lat, "runtime": bench.get("runtime"), "on_target_runtime": bench.get("on_target_runtime"),
               "test_images": n, "notes": notes(stages, n), "per_class": ev.get("per_class") or {}}
     report["mixed_precision"] = (stages.get("export") or {}).get("mixed_precision")
+    report["cpu_runtimes"] = bench.get("cpu_runtimes")  # x86 builds: FP32 / INT8 on each CPU runtime (edgekd.bench.cpu_runtimes)
     report["verdict"] = verdict(acc, lat, stages, target)
     report["next"] = next_command(target, summary)
     return report
@@ -204,6 +207,7 @@ def markdown(report: dict, title: str) -> str:
     lines += ["", f"Latency p50 on {report.get('runtime')} ({where}):", "", "| batch | FP32 ms | shipped ms | speed-up |", "|---|---|---|---|"]
     for r in report["latency"]:
         lines.append(f"| {r['batch']} | {_num(r['fp32_ms'], '.3f')} | {r['shipped_ms']:.3f} | {_num(r['speedup'], '.2f', 'x')} |")
+    lines += runtime_lines(report.get("cpu_runtimes"))
     lines += _mixed_precision_lines(report.get("mixed_precision"))
     if report["notes"]:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]

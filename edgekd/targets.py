@@ -89,11 +89,11 @@ class Target(_Strict):
     name: str = Field(min_length=1, description="defaults to the file name without .toml")
     description: str = ""
     aliases: list[str] = Field(default_factory=list, description="other names, e.g. 'jetson'")
-    kind: Literal["jetson", "dgpu", "cpu"] = Field(description="hardware class; decides how accelerator_present() looks")
+    kind: Literal["jetson", "dgpu", "cpu", "intel-gpu", "intel-npu"] = Field(description="hardware class; decides how accelerator_present() looks")
     arch: Literal["x86_64", "aarch64"]
-    runtime: Literal["tensorrt", "ort-cpu", "ort-cuda"]
+    runtime: Literal["tensorrt", "ort-cpu", "ort-cuda", "openvino"]
     precision: Literal["int8", "fp16", "fp32"] = "int8"
-    layout: Literal["tensorrt", "ort-cpu"] = Field(description="Q/DQ layout the runtime fuses (see FACTS: the layout decides the speed)")
+    layout: Literal["tensorrt", "ort-cpu", "openvino"] = Field(description="Q/DQ layout the runtime fuses (see FACTS: the layout decides the speed)")
     input_size: int | None = Field(None, ge=16, le=1024, description="input side in pixels; None keeps the model's")
     batch: int = Field(1, ge=1, le=4096, description="the batch the engine is optimised for (optShapes/maxShapes)")
     tensorrt: str | None = Field(None, pattern=r"^\d+\.\d+", description="TensorRT version assumed on the device (see tensorrt_pins)")
@@ -104,6 +104,7 @@ class Target(_Strict):
     latency_budget: LatencyBudget
     engine_build: Literal["host", "device", "none"] = Field(description="where the TensorRT engine is built; engines are not portable across GPUs/TRT versions")
     threads: int | None = Field(None, ge=1, description="onnxruntime intra-op threads (CPU targets)")
+    openvino_device: Literal["CPU", "GPU", "NPU"] | None = Field(None, description="OpenVINO device the model is compiled for (runtime 'openvino')")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Target":
@@ -117,6 +118,8 @@ class Target(_Strict):
             raise ValueError("the DLA runs int8 or fp16 only")
         if self.runtime == "tensorrt" and (self.tensorrt is None or self.cuda is None):
             raise ValueError("runtime 'tensorrt' needs the TensorRT and CUDA versions it means (tensorrt = \"10.3\", cuda = \"12.6\")")
+        if (self.runtime == "openvino") != (self.openvino_device is not None):
+            raise ValueError("runtime 'openvino' needs openvino_device (CPU, GPU or NPU), and only it takes one")
         if self.kind == "jetson" and self.power is None:
             raise ValueError("a Jetson target needs a [power] table (nvpmodel id + name)")
         return self
@@ -277,6 +280,8 @@ def accelerator_present(target: Target) -> Availability:
         return Availability(False, f"target is {target.arch}, this machine is {arch}; measure on the device (edgekd deploy)")
     if target.kind == "jetson" and not is_jetson():
         return Availability(False, f"not a Jetson ({JETSON_RELEASE_FILE} missing); deploy the bundle to the device")
+    if target.runtime == "openvino":
+        return _openvino_available(target.openvino_device or "CPU")
     if target.runtime == "ort-cpu":
         ok = _module_present("onnxruntime")
         return Availability(ok, "onnxruntime CPU provider" if ok else "onnxruntime is not installed (pip install onnxruntime)")
@@ -297,3 +302,15 @@ def _ort_cuda_available() -> Availability:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         return Availability(True, "onnxruntime CUDAExecutionProvider")
     return Availability(False, "onnxruntime has no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+
+
+def _openvino_available(device: str) -> Availability:
+    """OpenVINO installed and the target's device (CPU, GPU, NPU) visible to it."""
+    if not _module_present("openvino"):
+        return Availability(False, "OpenVINO is not installed (pip install 'edgekd[openvino]')")
+    import openvino as ov  # an optional extra: imported only for an OpenVINO target
+
+    devices = ov.Core().available_devices
+    if not any(d.split(".")[0] == device for d in devices):
+        return Availability(False, f"OpenVINO sees no {device} here (devices: {', '.join(devices)}); measure on the device")
+    return Availability(True, f"OpenVINO {device}")

@@ -50,6 +50,19 @@ def test_build_json_has_the_promised_fields(built):
     assert Manifest(out).verify() == []
 
 
+def test_x86_build_benches_every_cpu_runtime_and_says_which_is_faster(built):
+    """`build --target x86-cpu` times the shipped INT8 and the FP32 file on onnxruntime and (installed in dev) OpenVINO; the report shows both."""
+    pytest.importorskip("openvino")
+    out, _ = built
+    cpu = json.loads((out / "bench.json").read_text())["metrics"]["cpu_runtimes"]
+    assert set(cpu["runtimes"]) == {"ort-cpu", "openvino"}
+    for rows in cpu["runtimes"].values():
+        assert set(rows) == {"1", "8", "64"} and all(r["int8_ms"] > 0 and r["fp32_ms"] > 0 for r in rows.values())  # 64: the target's batch
+    md = (out / "report" / "report.md").read_text()
+    assert cpu["verdict"].startswith("INT8 is fastest on ") and cpu["verdict"] in md
+    assert "| ort-cpu | 8 |" in md and "| openvino | 8 |" in md
+
+
 def test_accuracy_is_measured_on_the_exported_file(built):
     """The build's accuracy is the ONNX file's own test top-1, recomputed here independently."""
     import onnxruntime as ort

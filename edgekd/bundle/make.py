@@ -135,12 +135,14 @@ def _fill(root: Path, name: str, model: BundleModel, tgt: dict, metrics: dict, e
         raise EdgekdError(f"sample_images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}", "pass raw test images, not preprocessed tensors")
     (root / "reference").mkdir()
     np.save(root / rt.REFERENCE_INPUTS, np.ascontiguousarray(images), allow_pickle=False)
-    logits = rt.OrtModel(root / models[primary]).run(rt.preprocess(images, pre))
+    on_openvino = tgt.get("runtime") == "openvino" and rt.openvino_usable() is None  # the device's arithmetic: OpenVINO's integer kernels
+    backend = rt.OvModel(root / models[primary]) if on_openvino else rt.OrtModel(root / models[primary])
+    logits = backend.run(rt.preprocess(images, pre))
     meta: dict[str, Any] = {
         "format": rt.BUNDLE_FORMAT, "version": rt.BUNDLE_VERSION, "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "primary": primary, "models": models, "input": {"name": input_name, "shape": dims}, "classes": list(classes), "preprocess": pre,
         "target": tgt, "metrics": metrics, "extra": extra, "versions": versions(),
-        "reference": {"inputs": rt.REFERENCE_INPUTS, "logits": np.round(logits.astype(np.float64), 6).tolist(), "computed_with": "onnxruntime CPU on the host"},
+        "reference": {"inputs": rt.REFERENCE_INPUTS, "logits": np.round(logits.astype(np.float64), 6).tolist(), "computed_with": ("OpenVINO" if on_openvino else "onnxruntime") + " CPU on the host"},
     }
     meta["float_layers"] = float_layers_in(root / models[primary])
     if tgt.get("runtime") == "tensorrt":

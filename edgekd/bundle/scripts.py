@@ -144,7 +144,7 @@ Classes: {len(meta['classes'])} (labels.txt). Measured on the host: {json.dumps(
 
 ## On the device (no torch needed)
 
-    pip install numpy pillow onnxruntime       # on a Jetson: JetPack's python3 + tensorrt work too
+    pip install numpy pillow onnxruntime       # on a Jetson: JetPack's python3 + tensorrt work too; openvino instead of onnxruntime works too
     sha256sum -c SHA256SUMS                   # every file is checked again when the runtime loads
     ./run.sh selfcheck                        # checksums, load, same top-1 as the host on reference/inputs.npy
     ./run.sh image.png                        # top-5 labels and probabilities

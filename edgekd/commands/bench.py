@@ -26,6 +26,8 @@ def _target_settings(name: str | None) -> dict[str, Any]:
     options: dict[str, Any] = {}
     if t.runtime == "tensorrt":
         options = {"precision": t.precision, "batch": t.batch, "dla_core": t.dla.core, "gpu_fallback": t.dla.gpu_fallback, "tensorrt": t.tensorrt}
+    elif t.runtime == "openvino":
+        options = {"device": t.openvino_device}
     return {"name": t.name, "runtime": t.runtime, "batches": sorted({1, t.batch}), "threads": t.threads, "options": options,
             "budgets": {1: t.latency_budget.batch1_ms, t.batch: t.latency_budget.batch_ms}, "available": avail.ok, "why": avail.reason}
 
@@ -58,15 +60,15 @@ def _show(result: dict[str, Any], budgets: dict[int, float]) -> None:
 def bench(
     model: Annotated[str, typer.Argument(help="An .onnx / .engine file, or a bundle directory (model.onnx or bundle.json naming the model).")],
     target: Annotated[Optional[str], typer.Option(help="Target name (targets/*.toml): picks runtime, batch, threads and latency budgets.")] = None,
-    runtime: Annotated[Optional[str], typer.Option(help="ort-cpu, ort-cuda, ort-tensorrt or tensorrt (overrides the target's). \\[default: ort-cpu]")] = None,
+    runtime: Annotated[Optional[str], typer.Option(help="ort-cpu, openvino, ort-cuda, ort-tensorrt or tensorrt (overrides the target's). \\[default: ort-cpu]")] = None,
     batch: Annotated[Optional[list[int]], typer.Option("--batch", "-b", help="Batch size; repeat for a sweep (the first is the primary). \\[default: 1 and the target's batch]")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="Untimed runs first. \\[default: 20]")] = None,
     runs: Annotated[Optional[int], typer.Option(help="Timed runs per batch size. \\[default: 200]")] = None,
     duration: Annotated[Optional[float], typer.Option(help="Time for this many seconds per batch size instead of a fixed --runs.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op threads. \\[default: physical cores]")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="onnxruntime intra-op / OpenVINO inference threads. \\[default: physical cores]")] = None,
     input_source: Annotated[str, typer.Option("--input", help="'random', 'fashion-mnist' (real test images) or a .npy of preprocessed samples.")] = "random",
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the input samples and the bootstrap.")] = 0,
-    profile: Annotated[bool, typer.Option("--profile", help="Per-layer profile (onnxruntime profiler / TensorRT IProfiler) in a separate pass.")] = False,
+    profile: Annotated[bool, typer.Option("--profile", help="Per-layer profile (onnxruntime profiler / OpenVINO performance counters / TensorRT IProfiler) in a separate pass.")] = False,
     top: Annotated[int, typer.Option(min=1, help="Layers shown by --profile.")] = 10,
     reference: Annotated[Optional[str], typer.Option(help="A second model timed interleaved with MODEL; regressions are judged on the ratio, so a slower machine does not count.")] = None,
     baseline: Annotated[Optional[Path], typer.Option(help="Baseline JSON to compare against; exits 1 on a regression.")] = None,
@@ -92,6 +94,7 @@ def bench(
     Examples:
       edgekd bench runs/x/model.onnx --target x86-cpu
       edgekd bench model.onnx --runtime ort-cpu -b 1 -b 64 --profile --json
+      edgekd bench model.onnx --runtime openvino -b 1 -b 64 --profile
       edgekd bench model.onnx --reference ref.onnx --save-baseline benchmarks/baselines/nano.json
       edgekd bench model.onnx --reference ref.onnx --baseline benchmarks/baselines/nano.json --max-regression 10%
     """

@@ -81,6 +81,12 @@ def show_summary(result: dict) -> None:
         ui.show(accuracy_table(report))
         if report["latency"]:
             ui.show(latency_table(report))
+        cpu = report.get("cpu_runtimes") or {}
+        if cpu.get("runtimes"):
+            from edgekd.bench.cpu_runtimes import runtime_rows
+
+            ui.show(ui.table("CPU runtimes here, p50 ms (same files)", ["runtime", "batch", "FP32 ms", "INT8 ms", "speed-up"], runtime_rows(cpu)))
+            ui.log(f"[bold]runtimes[/]: {cpu['verdict']}")
         for note in report["notes"]:
             ui.log(f"[dim]note: {note}[/]")
         ui.log(f"[bold]verdict[/]: {report['verdict']}")

@@ -22,7 +22,7 @@ def export(
     checkpoint: CheckpointArg,
     target: Annotated[Optional[str], typer.Option("--target", help="Deployment target (see `edgekd targets list`); picks layout and precision.")] = None,
     precision: Annotated[Optional[str], typer.Option(help="int8, fp16 or fp32. \\[default: the target's, else int8]")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="INT8 Q/DQ layout: tensorrt or ort-cpu. \\[default: the target's]")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="INT8 Q/DQ layout: tensorrt, ort-cpu or openvino. \\[default: the target's]")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     calibrator: CalibratorOpt = None,
@@ -47,7 +47,7 @@ def export(
     from edgekd.finetune import load_data
 
     if target is None and layout is None and precision in (None, "int8"):
-        raise EdgekdError("no target or layout given", "pass --target NAME (see `edgekd targets list`) or --layout tensorrt|ort-cpu")
+        raise EdgekdError("no target or layout given", "pass --target NAME (see `edgekd targets list`) or --layout tensorrt|ort-cpu|openvino")
     layout, precision = resolve_layout(target, layout, precision)
     recipe = run.recipe(config, set_, {"target": target, "export.precision": precision, "export.layout": layout if layout != "none" else None,
                                        "export.opset": opset, "export.check_batch": check_batch, "quantize.calibrator": calibrator,

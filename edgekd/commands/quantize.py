@@ -30,7 +30,7 @@ def quantize(
     fold_bn: Annotated[Optional[bool], typer.Option("--fold-bn/--no-fold-bn", help="Fold BatchNorm into convs before fake-quant. \\[default: fold]")] = None,
     learn_ranges: Annotated[Optional[bool], typer.Option("--learn-ranges/--fixed-ranges", help="Train the activation ranges with the weights (LSQ), "
                                                           "starting from calibration; or keep the calibrated ones. \\[default: learn]")] = None,
-    layout: Annotated[Optional[str], typer.Option(help="Place quantizers for this runtime's Q/DQ layout: tensorrt or ort-cpu. \\[default: the recipe target's]")] = None,
+    layout: Annotated[Optional[str], typer.Option(help="Place quantizers for this runtime's Q/DQ layout: tensorrt, ort-cpu or openvino. \\[default: the recipe target's]")] = None,
     max_accuracy_drop: MaxDropOpt = None,
     exclude: ExcludeOpt = None,
     *,

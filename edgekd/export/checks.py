@@ -23,6 +23,7 @@ from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import QdqReport, show_report
 from edgekd.export.onnx import INPUT_NAME, has_fake_quant, without_quantizers
+from edgekd.export.openvino_layout import check_openvino_int8, openvino_logits, openvino_missing
 from edgekd.export.ort_layout import check_ort_cpu_fusion
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness
 from edgekd.quantize.sensitivity import float_layers_of
@@ -31,7 +32,9 @@ from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
 K = TypeVar("K")
 
 FIXES = {"tensorrt": "quantize the model for this target (edgekd quantize --layout tensorrt, or build --target with a TensorRT target)",
-         "ort-cpu": "quantize the model for this target (edgekd quantize --layout ort-cpu)"}
+         "ort-cpu": "quantize the model for this target (edgekd quantize --layout ort-cpu)",
+         "openvino": "quantize the model for this target (edgekd quantize --layout openvino) with OpenVINO installed (pip install 'edgekd[openvino]')"}
+READINESS_TITLES = {"tensorrt": "TensorRT readiness", "ort-cpu": "onnxruntime CPU integer kernels", "openvino": "OpenVINO CPU integer kernels"}
 
 
 def ort_session(path: str | Path, threads: int | None = None, exact_qdq: bool = False):
@@ -128,11 +131,14 @@ def run_checks(model: nn.Module, path: Path, x: torch.Tensor, labels: np.ndarray
     except Exception as exc:  # noqa: BLE001 - checker raises several types
         raise EdgekdError(f"exported ONNX fails onnx.checker: {str(exc).splitlines()[0][:200]}", "report this as an edgekd bug") from exc
     ref_model = without_quantizers(model) if precision != "int8" and has_fake_quant(model) else model
-    exact = precision == "int8" and layout == "tensorrt"
-    checks["agreement"] = agreement(reference_logits(ref_model, x), ort_logits(path, x.numpy(), exact_qdq=exact), labels)
-    checks["agreement"]["onnxruntime"] = "Q/DQ run as written (TensorRT's arithmetic)" if exact else "optimized, integer kernels"
+    exact = precision == "int8" and layout in ("tensorrt", "openvino")
+    on_openvino = precision == "int8" and layout == "openvino" and openvino_missing() is None
+    logits = openvino_logits(path, x.numpy()) if on_openvino else ort_logits(path, x.numpy(), exact_qdq=exact)
+    checks["agreement"] = agreement(reference_logits(ref_model, x), logits, labels)
+    checks["agreement"]["onnxruntime"] = ("not used: OpenVINO CPU, integer kernels" if on_openvino else
+                                          "Q/DQ run as written (the target runtime's arithmetic)" if exact else "optimized, integer kernels")
     if checks["agreement"]["top1_agreement"] < 0.99:
-        ui.warn(f"{path.name}: onnxruntime agrees with the PyTorch model on only {checks['agreement']['top1_agreement']:.2%} of top-1 predictions "
+        ui.warn(f"{path.name}: {'OpenVINO' if on_openvino else 'onnxruntime'} agrees with the PyTorch model on only {checks['agreement']['top1_agreement']:.2%} of top-1 predictions "
                 f"(max |diff| {checks['agreement']['max_abs_diff']:.3g}): the shipped artifact drifts from what was trained")
     if precision == "int8":
         proto = onnx.load(str(path))
@@ -141,7 +147,11 @@ def run_checks(model: nn.Module, path: Path, x: torch.Tensor, labels: np.ndarray
         ortc = check_ort_cpu_fusion(path, floats)
         checks["tensorrt_readiness"] = trt.to_dict()
         checks["ort_cpu_fusion"] = ortc.to_dict()
-        mine = trt if layout == "tensorrt" else ortc
-        show_report(mine, f"{'TensorRT readiness' if layout == 'tensorrt' else 'onnxruntime CPU integer kernels'}: {path.name}")
+        reports = {"tensorrt": trt, "ort-cpu": ortc}
+        if layout == "openvino":  # a real OpenVINO compile: only where it is the target's runtime
+            reports["openvino"] = check_openvino_int8(path, floats)
+            checks["openvino_int8"] = reports["openvino"].to_dict()
+        mine = reports[layout]
+        show_report(mine, f"{READINESS_TITLES[layout]}: {path.name}")
         checks["gate"] = readiness_gate(mine, layout, path, allow_not_ready)
     return checks

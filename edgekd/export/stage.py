@@ -26,6 +26,7 @@ from edgekd.export.checks import ort_latency_ms, ort_logits, run_checks
 from edgekd.export.onnx import export_fp16, export_fp32, stamp_metadata
 from edgekd.export.mixed import float_layer_costs
 from edgekd.export.ort_layout import export_int8_ort_closest
+from edgekd.export.openvino_layout import export_int8_openvino, openvino_latency_ms, openvino_logits, openvino_missing
 from edgekd.export.tensorrt_layout import export_int8_tensorrt
 from edgekd.manifest import versions, write_json_atomic
 from edgekd.quantize.placement import LAYOUTS
@@ -44,7 +45,7 @@ def resolve_layout(target: str | None, layout: str | None, precision: str | None
     if precision not in PRECISIONS:
         raise EdgekdError(f"unknown precision '{precision}'", f"use one of {', '.join(PRECISIONS)}")
     if precision == "int8" and layout not in LAYOUTS:
-        raise EdgekdError("INT8 export needs a Q/DQ layout", "pass --target NAME or --layout tensorrt|ort-cpu")
+        raise EdgekdError("INT8 export needs a Q/DQ layout", "pass --target NAME or --layout tensorrt|ort-cpu|openvino")
     return layout or "none", precision
 
 
@@ -93,6 +94,8 @@ def _write_onnx(model: nn.Module, req: ExportRequest, stage_dir: Path, x: torch.
         record["fp32_reference"] = "student" if req.fp32_model is not None else "int8 weights, float activations"
         if req.layout == "tensorrt":
             export_int8_tensorrt(model, path, pre, req.opset)
+        elif req.layout == "openvino":
+            export_int8_openvino(model, path, pre, req.opset)
         else:
             if req.calib_u8 is None:
                 raise EdgekdError("the ort-cpu layout needs calibration images for tensors without a trained scale", "pass calib_u8")
@@ -142,20 +145,24 @@ def export_model(model: nn.Module, out_dir: str | Path, req: ExportRequest) -> d
 
 
 def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.ndarray | None, req: ExportRequest, pre: Preprocess) -> dict[str, Any]:
-    """INT8 vs FP32 export: accuracy on the check images, and onnxruntime-CPU latency for the ort-cpu layout."""
+    """INT8 vs FP32 export: accuracy on the check images, and CPU latency on the layout's runtime (onnxruntime for ort-cpu, OpenVINO for openvino)."""
     out: dict[str, Any] = {}
+    on_openvino = req.layout == "openvino" and openvino_missing() is None
     if labels is not None:
-        out["int8_top1"] = float((ort_logits(path, x, exact_qdq=req.layout == "tensorrt").argmax(1) == labels).mean())
+        int8_logits = openvino_logits(path, x) if on_openvino else ort_logits(path, x, exact_qdq=req.layout in ("tensorrt", "openvino"))
+        out["int8_top1"] = float((int8_logits.argmax(1) == labels).mean())
         out["fp32_top1"] = float((ort_logits(fp32_path, x).argmax(1) == labels).mean())
         out["n"] = int(len(labels))
         if out["int8_top1"] < out["fp32_top1"] - max(req.accuracy_tolerance, 1.5 / len(labels)):  # one image is not evidence
             ui.warn(f"INT8 is less accurate than FP32 on {len(labels)} held images: {out['int8_top1']:.4f} vs {out['fp32_top1']:.4f}")
-    if req.layout != "ort-cpu":
-        out["latency"] = "TensorRT layout: time it on the target (edgekd bench); onnxruntime CPU would run it in float"
+    if req.layout not in ("ort-cpu", "openvino") or (req.layout == "openvino" and not on_openvino):
+        out["latency"] = f"{req.layout} layout: time it on the target (edgekd bench); onnxruntime CPU does not run it in its integer kernels"
         return out
     shape = (pre.channels, pre.input_size, pre.input_size)
+    latency = openvino_latency_ms if on_openvino else ort_latency_ms
+    out["latency_runtime"] = "openvino" if on_openvino else "ort-cpu"
     for batch in (1, 64):
-        i8, f32 = ort_latency_ms(path, batch, shape, req.time_runs), ort_latency_ms(fp32_path, batch, shape, req.time_runs)
+        i8, f32 = latency(path, batch, shape, req.time_runs), latency(fp32_path, batch, shape, req.time_runs)
         out[f"batch{batch}"] = {"int8_ms": i8, "fp32_ms": f32, "speedup": f32 / i8 if i8 > 0 else None}
     slower = [b for b in (1, 64) if out[f"batch{b}"]["int8_ms"] > out[f"batch{b}"]["fp32_ms"]]
     if slower:

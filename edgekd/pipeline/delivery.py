@@ -34,19 +34,22 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
                        "relu_codes": r.get("relu_codes"), "mixed_precision": r.get("mixed_precision"), "accuracy_budget": r.get("accuracy_budget")}
 
 
-def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False) -> dict:
+def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False, layout: str | None = None) -> dict:
     """Top-1 of the exported file itself on the whole test set (what ships is what is measured).
 
     ``exact_qdq`` for a TensorRT-layout file: its Q/DQ run as written, TensorRT's arithmetic
-    (see :func:`edgekd.export.ort_session`)."""
+    (see :func:`edgekd.export.ort_session`). An ``openvino``-layout file runs on OpenVINO where it is installed."""
     from edgekd.export import ort_logits, ort_session
     from edgekd.metrics import classification_metrics
 
-    sess = ort_session(onnx_path, exact_qdq=exact_qdq)
+    from edgekd.export.openvino_layout import openvino_logits, openvino_missing
+
+    on_openvino = layout == "openvino" and openvino_missing() is None  # the runtime the file was laid out for
+    sess = None if on_openvino else ort_session(onnx_path, exact_qdq=exact_qdq or layout == "openvino")
     preds = []
     for start in range(0, len(data.test), 500):
         x = preprocess(data.test.take(slice(start, start + 500))).numpy()
-        preds.append(ort_logits(sess, x).argmax(1))
+        preds.append((openvino_logits(onnx_path, x) if on_openvino else ort_logits(sess, x)).argmax(1))
     return classification_metrics(np.concatenate(preds), data.test.labels.numpy(), data.classes)
 
 
@@ -56,7 +59,9 @@ def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
 
     pre = Preprocess.from_dict(load_checkpoint(ctx.path("distill", "checkpoint"))["preprocess"])
     export = ctx.manifest.stage("export")["metrics"]
-    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=export.get("precision") == "int8" and export.get("layout") == "tensorrt")
+    int8 = export.get("precision") == "int8"
+    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=int8 and export.get("layout") == "tensorrt",
+                                 layout=export.get("layout") if int8 else None)
     metrics = {"test_top1": shipped["top1"], "per_class": shipped["per_class"], "n": shipped["n"], "precision": export.get("precision", "").upper()}
     if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
         fp32 = onnx_test_accuracy(ctx.path("export", "fp32_onnx"), ctx.data, pre)
@@ -103,6 +108,12 @@ def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
                     + ", ".join(f"{b} ({metrics['speedup_vs_fp32'][b]:.2f}x FP32's speed)" for b in slower))
     if avail.ok:
         metrics["within_budget"] = {"1": metrics["latency_ms"]["1"]["p50_ms"] <= t.latency_budget.batch1_ms}
+    if t.kind == "cpu" and t.arch == "x86_64" and "fp32_onnx" in results:  # an x86 CPU build: the same files on every CPU runtime here
+        from edgekd.bench.cpu_runtimes import compare_cpu_runtimes
+
+        files = {"int8": str(ctx.path("export", "onnx")), "fp32": str(ctx.path("export", "fp32_onnx"))}
+        metrics["cpu_runtimes"] = compare_cpu_runtimes(files, batches, plan, threads, t.name, {runtime: {"int8": shipped, "fp32": results["fp32_onnx"]}})
+        ui.log(f"CPU runtimes: {metrics['cpu_runtimes']['verdict']}")
     out = ctx.out / "bench.json"
     write_json_atomic(out, {"metrics": metrics, "results": results})
     return {"record": out}, metrics

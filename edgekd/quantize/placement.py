@@ -20,6 +20,11 @@ DQ -> op -> Q integer groups. So activations are quantized here, on the edges of
   onnxruntime folds that activation into the quantized op. Those outputs (and Sigmoid's) are
   quantized *unsigned* (codes 0..255 over [0, amax]), exactly the u8 grid onnxruntime runs: it
   drops a ReLU6 into the Q after it, so the Q's range must end where the clip does.
+- ``openvino`` (what NNCF's ``nncf.quantize`` emits for OpenVINO's CPU plugin, and its
+  low-precision transformations' rules): TensorRT's sites (Conv / Gemm inputs, both inputs of a
+  residual Add; not the squeeze-excite Multiply, which NNCF ignores), per-tensor, and *unsigned*
+  where the tensor is non-negative: the CPU plugin's Convolution takes only u8 activations (signed
+  ones only on AMX / AVX2-VNNI-2 CPUs), a signed one costs a zero-point shift.
 
 One quantizer per tensor, shared by all its consumers: a tensor has one scale in the ONNX file,
 so it has one in training too, and what QAD trains is what ships. Quantizer names follow the
@@ -45,7 +50,7 @@ from torch.nn.modules.conv import _ConvNd
 from edgekd.errors import EdgekdError
 from edgekd.quantize.residual import conv_branch_input
 
-LAYOUTS = ("tensorrt", "ort-cpu")
+LAYOUTS = ("tensorrt", "ort-cpu", "openvino")
 ACT_PREFIX = "edgekd_act"
 FEATURE_TAP = "edgekd_feature_tap"
 CARRIED_ATTRS = ("edgekd_spec", "preprocess", "feature_layer", "weights_source", "pretrained_cfg", "edgekd_bn_folded", "edgekd_reparameterized")
@@ -66,8 +71,10 @@ _PASSTHROUGH_FN = {torch.flatten, torch.reshape, F.dropout}
 _PASSTHROUGH_METHODS = {"flatten", "view", "reshape", "contiguous"}
 
 # kinds whose activation inputs (and, for ort-cpu, outputs) are quantized
-INPUT_KINDS = {"tensorrt": {"conv", "linear", "add", "mul"}, "ort-cpu": {"conv", "linear", "add", "mul", "cat", "pool", "sigmoid"}}
-OUTPUT_KINDS = {"tensorrt": set(), "ort-cpu": INPUT_KINDS["ort-cpu"]}
+INPUT_KINDS = {"tensorrt": {"conv", "linear", "add", "mul"}, "ort-cpu": {"conv", "linear", "add", "mul", "cat", "pool", "sigmoid"},
+               "openvino": {"conv", "linear", "add"}}
+OUTPUT_KINDS = {"tensorrt": set(), "ort-cpu": INPUT_KINDS["ort-cpu"], "openvino": set()}
+UNSIGNED_LAYOUTS = {"ort-cpu", "openvino"}  # non-negative tensors get a u8 grid (OpenVINO's CPU convs take only u8 activations)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -299,7 +306,7 @@ def insert_activation_quantizers(gm: torch.fx.GraphModule, layout: str, make_qua
             q.meta["tensor_meta"] = src.meta["tensor_meta"]
         src.replace_all_uses_with(q, delete_user_cb=lambda u, q=q: u is not q)
         names.append(src.name)
-        if layout == "ort-cpu" and src in nonneg:
+        if layout in UNSIGNED_LAYOUTS and src in nonneg:
             unsigned.append(path)
         if src in bounds:
             upper[path] = bounds[src]

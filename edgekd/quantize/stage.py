@@ -102,18 +102,23 @@ def calibrate(student_ckpt: dict[str, Any], cfg: QuantizeConfig, data: DataSet, 
     top-1 to ``fp32_val`` (measured when not given), also tries MSE, percentile and entropy and keeps
     the best on validation: networks with a few outlier activations (MobileNetV3's hard-swish and SE
     outputs) lose most of their accuracy to max ranges; QAD's learned ranges start from these, and a
-    start that far down is a long way to travel in one epoch. Returns the model and each method's top-1."""
+    start that far down is a long way to travel in one epoch. Returns the model and each method's top-1.
+
+    'auto' scores on ``cfg.select_images`` validation images (:func:`selection_split`):
+    at 224 px each score on 6,000 images took minutes, four of them most of a quarter of an hour.
+    ``fp32_val`` counts only when it was measured on that same split."""
     from edgekd.models import model_from_checkpoint
 
-    if fp32_val is None:
-        fp32_val = top1_on(model_from_checkpoint(student_ckpt), data.val, data.classes) if cfg.calibrator == "auto" else 0.0
+    split = selection_split(data.val, cfg)
+    if fp32_val is None or len(split) < len(data.val):
+        fp32_val = top1_on(model_from_checkpoint(student_ckpt), split, data.classes) if cfg.calibrator == "auto" else 0.0
     calib = calibration_images(data.train, cfg.calib_images, seed)
     tried: dict[str, float] = {}
     best = None
     for method in AUTO_CALIBRATORS if cfg.calibrator == "auto" else (cfg.calibrator,):
         fp32 = model_from_checkpoint(student_ckpt)  # quantize_model folds and rounds in place: a fresh copy each time
         model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess, layout, float_layers)
-        tried[method] = top1_on(model, data.val, data.classes)
+        tried[method] = top1_on(model, split, data.classes)
         if best is None or tried[method] > tried[best[0]]:
             best = (method, model)
         if method == "max" and 100 * (fp32_val - tried[method]) <= AUTO_TOLERANCE_POINTS:
@@ -121,6 +126,15 @@ def calibrate(student_ckpt: dict[str, Any], cfg: QuantizeConfig, data: DataSet, 
     if len(tried) > 1:
         ui.log("calibrators on validation (max lost more than a point): " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {best[0]}")
     return best[1], tried
+
+
+def selection_split(val: Split, cfg: QuantizeConfig) -> Split:
+    """The validation images calibrator selection scores on: all of them for a single calibrator; for 'auto',
+    a fixed random ``cfg.select_images`` of them (not the first ones: an image folder's split is sorted by class)."""
+    if cfg.calibrator != "auto" or len(val) <= cfg.select_images:
+        return val
+    idx = torch.randperm(len(val), generator=torch.Generator().manual_seed(0))[: cfg.select_images].sort().values
+    return Split(val.images[idx], val.labels[idx])
 
 
 def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
@@ -133,7 +147,9 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     fp32_val = top1_on(model_from_checkpoint(job.student_ckpt), data.val, data.classes)
     model, calibrators = calibrate(job.student_ckpt, cfg, data, job.layout, job.seed, float_layers, fp32_val)
     pre = model.preprocess
-    ptq_val, ptq_test = calibrators[model.edgekd_quant["calibrator"]], top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
+    scored_all = len(selection_split(data.val, cfg)) == len(data.val)  # QAD is compared with PTQ on the whole validation split
+    ptq_val = calibrators[model.edgekd_quant["calibrator"]] if scored_all else top1_on(model, data.val, data.classes)
+    ptq_test = top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
     floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
     ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {model.edgekd_quant['calibrator']} on {min(cfg.calib_images, len(data.train))} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")

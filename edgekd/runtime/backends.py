@@ -1,8 +1,10 @@
-"""Inference backends: onnxruntime (any device) and TensorRT (an engine built on the device).
+"""Inference backends: onnxruntime (any device), OpenVINO (Intel / AMD x86 CPUs, Intel GPUs and
+NPUs) and TensorRT (an engine built on the device).
 
-Both expose the same small surface (``name``, ``providers``, ``run(x) -> logits``), so the
-classifier can prefer TensorRT where an engine exists and fall back to onnxruntime otherwise.
-TensorRT and the CUDA bindings are imported only when used: a plain device needs neither.
+All expose the same small surface (``name``, ``providers``, ``run(x) -> logits``), so the
+classifier can prefer TensorRT where an engine exists, OpenVINO where the target says so, and fall
+back to whichever runtime is installed. TensorRT, the CUDA bindings and OpenVINO are imported only
+when used: a plain device needs none of them.
 """
 
 from __future__ import annotations
@@ -72,6 +74,59 @@ class OrtModel:
                 chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
             outs.append(self.session.run(None, {self.input_name: chunk})[0][: self.fixed_batch - pad])
         return np.concatenate(outs)
+
+
+class OvModel:
+    """An OpenVINO compiled model (``pip install openvino``; no torch). The bundle's ONNX file is read
+    directly; one static-shape compile per batch size, as the CPU plugin's fastest kernels need.
+    A small copy of the host's runner (:mod:`edgekd.runtimes.openvino`): the bundle stays torch-free."""
+
+    name = "openvino"
+
+    def __init__(self, onnx_path: str | os.PathLike, threads: int | None = None, device: str = "CPU"):
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise EdgekdError("OpenVINO is not installed on this machine", "pip install openvino numpy pillow") from exc
+        self.ov, self.device, self.core = ov, device.upper(), ov.Core()
+        try:
+            self.model = self.core.read_model(str(onnx_path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError with a multi-line message
+            raise EdgekdError(f"OpenVINO cannot load {onnx_path}: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}",
+                              "the file is truncated or not an ONNX model; copy the bundle again") from exc
+        shape = self.model.inputs[0].get_partial_shape()
+        if shape.rank.is_dynamic or shape.rank.get_length() != 4:
+            raise EdgekdError(f"{onnx_path} takes a rank-{shape.rank} input, the runtime feeds images as (N, C, H, W)", "bundle an image classifier exported by edgekd")
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if self.device == "CPU":
+            self.config.update({"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})})
+        self.requests: dict[tuple[int, ...], Any] = {}
+        self.providers = [f"OpenVINO {ov.get_version().split('-')[0]} {self.device}"]
+
+    def _request(self, shape: tuple[int, ...]) -> Any:
+        if shape not in self.requests:
+            model = self.model.clone()
+            model.reshape({0: self.ov.PartialShape(list(shape))})
+            self.requests[shape] = self.core.compile_model(model, self.device, self.config).create_infer_request()
+        return self.requests[shape]
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        try:
+            request = self._request(tuple(x.shape))
+            request.infer({0: np.ascontiguousarray(x, dtype=np.float32)})
+        except Exception as exc:  # noqa: BLE001 - OpenVINO's RuntimeError for inputs that do not fit the model
+            raise EdgekdError(f"OpenVINO refused an input of shape {tuple(x.shape)}: {str(exc).splitlines()[0][:160]}",
+                              "the bundle's preprocess settings do not match its model; rebuild the bundle") from exc
+        return request.get_output_tensor(0).data.copy()
+
+
+def openvino_usable() -> str | None:
+    """None when OpenVINO can be imported here, else the reason it cannot."""
+    try:
+        importlib.import_module("openvino")
+    except ImportError as exc:
+        return f"{exc.name or 'openvino'} not importable"
+    return None
 
 
 def _cudart() -> Any:

@@ -6,6 +6,7 @@ differ from what the host built and measured.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import weakref
@@ -15,11 +16,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.runtime.backends import OrtModel, TrtModel, tensorrt_usable
+from edgekd.runtime.backends import OrtModel, OvModel, TrtModel, openvino_usable, tensorrt_usable
 from edgekd.runtime.integrity import open_bundle, verify_bundle
 from edgekd.runtime.preprocessing import load_image, preprocess, softmax
 
 ENGINE_DIR = "engine"
+BACKENDS = ("auto", "ort", "openvino", "tensorrt")
 
 
 class Classifier:
@@ -43,9 +45,9 @@ class Classifier:
         self.fallback_reason: str | None = None
         self.model = self._backend(backend, threads or self.target.get("threads"))
 
-    def _backend(self, backend: str, threads: int | None) -> OrtModel | TrtModel:
-        if backend not in ("auto", "ort", "tensorrt"):
-            raise EdgekdError(f"unknown backend '{backend}'", "use auto, ort or tensorrt")
+    def _backend(self, backend: str, threads: int | None) -> OrtModel | OvModel | TrtModel:
+        if backend not in BACKENDS:
+            raise EdgekdError(f"unknown backend '{backend}'", f"use {', '.join(BACKENDS)}")
         if backend in ("auto", "tensorrt"):
             why = tensorrt_usable() or (None if self.engine_file.is_file() else f"no engine at {self.engine_file.relative_to(self.root)} (run engine/build_engine.sh)")
             if why is None:
@@ -53,7 +55,17 @@ class Classifier:
             if backend == "tensorrt":
                 raise EdgekdError(f"cannot use TensorRT: {why}", "build the engine on the device or use --backend ort")
             self.fallback_reason = why if self.target.get("runtime") == "tensorrt" else None
+        if backend == "openvino" or (backend == "auto" and self._prefers_openvino()):
+            return OvModel(self.model_file, threads=threads, device=self.target.get("openvino_device") or "CPU")
         return OrtModel(self.model_file, threads=threads, cuda=self.target.get("runtime") == "ort-cuda")
+
+    def _prefers_openvino(self) -> bool:
+        """'auto': OpenVINO where the target is an OpenVINO one, or where it is the only runtime installed."""
+        if openvino_usable() is not None:
+            if self.target.get("runtime") == "openvino":
+                self.fallback_reason = "OpenVINO is not installed (pip install openvino): running on onnxruntime"
+            return False
+        return self.target.get("runtime") == "openvino" or importlib.util.find_spec("onnxruntime") is None
 
     @property
     def backend(self) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekd.errors import EdgekdError
 from edgekd.runtime.checks import bench, selfcheck
-from edgekd.runtime.classifier import Classifier
+from edgekd.runtime.classifier import BACKENDS, Classifier
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,10 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--runs", type=int, default=200)
     be.add_argument("--warmup", type=int, default=20)
     be.add_argument("--batch", type=int, action="append", default=[])
-    be.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: the target's, else the runtime's)")
+    be.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op / OpenVINO inference threads (default: the target's, else the runtime's)")
     be.add_argument("--samples", action="store_true", help="include every run's time (samples_ms) in the JSON")
     for sp in (pr, sc, be):
-        sp.add_argument("--backend", default="auto", choices=["auto", "ort", "tensorrt"])
+        sp.add_argument("--backend", default="auto", choices=list(BACKENDS))
         sp.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 

@@ -1,8 +1,8 @@
 """Runtimes that load an exported model, run it and time it: one small registry, imported lazily.
 
 Each runtime is a *runner* with the same few methods (see :class:`Runner`), so ``edgekd.bench``
-times onnxruntime on this CPU, onnxruntime's CUDA / TensorRT execution providers, and native
-TensorRT engines with one loop. The registry maps a runtime name to a factory and to an
+times onnxruntime on this CPU, onnxruntime's CUDA / TensorRT execution providers, native
+TensorRT engines and OpenVINO with one loop. The registry maps a runtime name to a factory and to an
 availability probe; nothing heavy (onnxruntime, tensorrt, torch) is imported until a runner is
 opened, so ``edgekd.testing`` (a pytest plugin) can ask "is this runtime here?" cheaply.
 Pattern borrowed from Model Optimizer's deploy registry (runtime name -> compile/profile/infer).
@@ -146,6 +146,18 @@ def _open_ort(providers: list[str]) -> Callable[..., Runner]:
     return factory
 
 
+def _openvino_available() -> tuple[bool, str]:
+    if importlib.util.find_spec("openvino") is None:
+        return False, "OpenVINO is not installed (pip install 'edgekd[openvino]')"
+    return True, ""
+
+
+def _open_openvino(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
+    from edgekd.runtimes.openvino import OpenVinoRunner  # OpenVINO is an optional extra: imported when asked for
+
+    return OpenVinoRunner(path, threads=threads, **options)
+
+
 def _open_tensorrt(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
     from edgekd.runtimes.tensorrt import TensorRTRunner
 
@@ -161,7 +173,9 @@ RUNTIMES: dict[str, RuntimeEntry] = {
                                  _open_ort(["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]),
                                  lambda: _ort_provider_available("TensorrtExecutionProvider")),
     "tensorrt": RuntimeEntry("tensorrt", "native TensorRT engine (built from a Q/DQ ONNX)", _open_tensorrt, _tensorrt_available),
+    "openvino": RuntimeEntry("openvino", "OpenVINO (CPU plugin; device=GPU / NPU on Intel hardware)", _open_openvino, _openvino_available),
 }
+CPU_RUNTIMES = ("ort-cpu", "openvino")  # what an x86 build benches side by side
 
 
 def runtime_entry(name: str) -> RuntimeEntry:
