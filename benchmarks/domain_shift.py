@@ -9,7 +9,9 @@ evaluate. The source domain is the plain Fashion-MNIST training set; its test se
 10,000 test images.
 
 Arms, each a full ``edgekd build`` (distill -> QAD -> export -> evaluate) from the same provided
-teacher (EfficientNet-Lite0 fine-tuned on the source only, once), control off:
+teacher (EfficientNet-Lite0 fine-tuned at 48 px on the source only, once, seed 0), control off; the
+teacher's outputs are cached once per seed and shared by the arms; ``both+cal`` starts from a copy
+of the ``both`` run folder (the same distillation), so only its QAD, export and evaluation run:
 - ``source``: KD on labeled source images only;
 - ``kd-u``: + the KD term on the unlabeled target images (distill.unlabeled_weight 1);
 - ``mmd``: + multi-kernel MMD on the student's features (distill.mmd.weight), no unlabeled KD;
@@ -30,6 +32,7 @@ import argparse
 import datetime
 import json
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -53,7 +56,7 @@ ARM_SETS = {
     "both": ["distill.unlabeled_weight=1", "distill.mmd.weight=1"],
     "both+cal": ["distill.unlabeled_weight=1", "distill.mmd.weight=1", "quantize.calibration=target"],
 }
-BUDGET = ["student.model=nano_cnn", "student.train.epochs=4", "student.train.min_steps=0", "student.train.patience=null", "data.train_subset=12000",
+BUDGET = ["student.model=nano_cnn", "student.train.epochs=4", "student.train.min_steps=0", "student.train.patience=null", "data.train_subset=8000",
           "quantize.train.epochs=1", "quantize.train.min_steps=0", "quantize.calib_images=256", "quantize.calibrator=max",
           "bench.runs=10", "bench.warmup=2", "bench.batches=[1]", "time_budget_s=0"]
 
@@ -118,6 +121,13 @@ def run_arm(shift: str, arm: str, seed: int) -> dict:
     from edgekd.pipeline import build
 
     out = WORK / "runs" / shift / arm / f"seed{seed}"
+    if arm == "both+cal" and (WORK / "runs" / shift / "both" / f"seed{seed}" / "arm.json").is_file() and not out.exists():
+        shutil.copytree(WORK / "runs" / shift / "both" / f"seed{seed}", out, symlinks=True)  # the same distillation: only QAD onwards runs again
+        (out / "arm.json").unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "cache").exists():  # one teacher-output cache for every arm (its key: teacher, data, split)
+        (WORK / "cache").mkdir(exist_ok=True)
+        (out / "cache").symlink_to(WORK / "cache")
     sets = BUDGET + ARM_SETS[arm] + [f"seed={seed}", "student.control=false", f"data.unlabeled_root={WORK / shift / 'unlabeled'}",
                                      f"data.target_test_root={WORK / shift / 'target_test'}"]
     rc = load_recipe(None, sets)

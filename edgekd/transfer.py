@@ -82,6 +82,8 @@ def teacher_loss(model: nn.Module, cfg: TeacherConfig, data: DataSet, unfreeze: 
     smoothing, mmd = cfg.train.label_smoothing, cfg.mmd
     if mmd.weight > 0 and data.unlabeled is None:
         raise EdgekdError("teacher.mmd needs unlabeled images from the deployment domain", "pass --unlabeled DIR (data.unlabeled_root), or set teacher.mmd.weight=0")
+    if mmd.weight == 0 and data.unlabeled is not None:
+        ui.log("unlabeled images given: fine-tuning uses them only with teacher.mmd.weight > 0 (distillation and QAD use them)")
     hook = FeatureHook(model, mmd.layer or model.feature_layer, "teacher") if mmd.weight > 0 else None
     term, state = MMDLoss(mmd), {}
 

@@ -240,3 +240,18 @@ def test_tiny_build_with_unlabeled_images_reports_both_domains(tmp_path):
 def _save(img: Image.Image, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+def test_target_calibration_scores_agreement_with_fp32_on_target_images(tmp_path):
+    """'auto' on target images has no labels to score with: it scores top-1 agreement with the FP32 student there."""
+    from edgekd.models import load_checkpoint
+    from edgekd.quantize.stage import calibration_score
+
+    data = _dataset()
+    ckpt = load_checkpoint(_tiny_teacher(tmp_path))
+    score, reference = calibration_score(ckpt, QuantizeConfig(calibration="target", calib_images=32), data, 0, None)
+    from edgekd.models import model_from_checkpoint
+
+    assert reference == 1.0 and score(model_from_checkpoint(ckpt)) == 1.0  # the FP32 model agrees with itself
+    _, val_reference = calibration_score(ckpt, QuantizeConfig(calib_images=32), data, 0, 0.5)
+    assert val_reference == 0.5

@@ -22,16 +22,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from edgekd import ui
 from edgekd.data.batches import Batch, Split, iterate
+from edgekd.data.sources import IMAGE_EXTENSIONS
 from edgekd.data.store import Storage, decoded_folder
 from edgekd.errors import EdgekdError
 
 UNLABELED = -1
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 GREY_MODES = ("L", "1", "I;16", "I", "LA")
 
 
@@ -129,7 +128,3 @@ class UnlabeledFeed:
                                rank=self.rank, world=self.world)
             self.passes += 1
         raise EdgekdError("the unlabeled folder gives no batch", "add images to data.unlabeled_root")
-
-
-def labels_are_unlabeled(labels: torch.Tensor) -> bool:
-    return bool(len(labels)) and bool(np.all(labels.numpy() == UNLABELED))
