@@ -1,4 +1,4 @@
-"""Domain adaptation side by side (issue 31): the same nano student, seed and budget, five arms.
+"""Domain adaptation side by side (issue 31): the same pico student, seed and budget, five arms.
 
 Two domain shifts built from the Fashion-MNIST *test* images (which the source never trains on):
 - ``invert``: the image inverted and its contrast lowered (x -> 255 - (0.7 x + 20)): another sensor polarity;
@@ -48,6 +48,7 @@ from _common import machine  # noqa: E402
 
 WORK = ROOT / "benchmarks" / "_work" / "domain"
 SHIFTS = ("invert", "blur-noise")
+RUNS = WORK / "runs-pico"
 ARMS = ("source", "kd-u", "mmd", "both", "both+cal")
 ARM_SETS = {
     "source": ["distill.unlabeled_weight=0"],
@@ -56,7 +57,7 @@ ARM_SETS = {
     "both": ["distill.unlabeled_weight=1", "distill.mmd.weight=1"],
     "both+cal": ["distill.unlabeled_weight=1", "distill.mmd.weight=1", "quantize.calibration=target"],
 }
-BUDGET = ["student.model=nano_cnn", "student.train.epochs=4", "student.train.min_steps=0", "student.train.patience=null", "data.train_subset=8000",
+BUDGET = ["student.model=pico_cnn", "student.train.epochs=3", "student.train.min_steps=0", "student.train.patience=null", "data.train_subset=6000",
           "quantize.train.epochs=1", "quantize.train.min_steps=0", "quantize.calib_images=256", "quantize.calibrator=max",
           "bench.runs=10", "bench.warmup=2", "bench.batches=[1]", "time_budget_s=0"]
 
@@ -136,9 +137,9 @@ def run_arm(shift: str, arm: str, seed: int) -> dict:
     from edgekd.config import load_recipe
     from edgekd.pipeline import build
 
-    out = WORK / "runs" / shift / arm / f"seed{seed}"
-    if arm == "both+cal" and (WORK / "runs" / shift / "both" / f"seed{seed}" / "arm.json").is_file() and not out.exists():
-        shutil.copytree(WORK / "runs" / shift / "both" / f"seed{seed}", out, symlinks=True)  # the same distillation: only QAD onwards runs again
+    out = RUNS / shift / arm / f"seed{seed}"
+    if arm == "both+cal" and (RUNS / shift / "both" / f"seed{seed}" / "arm.json").is_file() and not out.exists():
+        shutil.copytree(RUNS / shift / "both" / f"seed{seed}", out, symlinks=True)  # the same distillation: only QAD onwards runs again
         (out / "arm.json").unlink()
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "cache").exists():  # one teacher-output cache for every arm (its key: teacher, data, split)
@@ -160,7 +161,7 @@ def run_arm(shift: str, arm: str, seed: int) -> dict:
 
 
 def collect() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((WORK / "runs").glob("*/*/seed*/arm.json"))]
+    return [json.loads(p.read_text()) for p in sorted((RUNS).glob("*/*/seed*/arm.json"))]
 
 
 def _ms(values: list[float]) -> str:
@@ -222,7 +223,7 @@ def main() -> None:
         for shift in a.shift.split(","):
             for seed in [int(s) for s in a.seeds.split(",")]:
                 for arm in a.arms.split(","):
-                    done = WORK / "runs" / shift / arm / f"seed{seed}" / "arm.json"
+                    done = RUNS / shift / arm / f"seed{seed}" / "arm.json"
                     if done.is_file():
                         continue
                     r = run_arm(shift, arm, seed)

@@ -38,11 +38,11 @@ def views_for(augment: str) -> int | None:
 
 def cache_key(teacher: Teacher, data: DataSet, augment: str, feature_layer: str | None, split: Split | None = None) -> str:
     """What the cached outputs depend on: teacher weights, data, teacher preprocessing, augmentation, hooked layer
-    (and, for another split than the training set, e.g. the unlabeled images, that split's own identity)."""
-    other = {} if split is None else {"split": split_fingerprint(split), "split_size": len(split)}
+    (for another split than the training set, e.g. the unlabeled images, that split's own identity instead of the data set's)."""
+    source = {"data": data.fingerprint(), "train_size": len(data.train)} if split is None else {"split": split_fingerprint(split), "split_size": len(split)}
     return sha256_json({
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher_sha256": teacher.sha256, "data": data.fingerprint(),
-        "train_size": len(data.train), "preprocess": teacher.preprocess.to_dict(), "augment": augment, "feature_layer": feature_layer, **other,
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher_sha256": teacher.sha256, **source,
+        "preprocess": teacher.preprocess.to_dict(), "augment": augment, "feature_layer": feature_layer,
     })[:32]
 
 
