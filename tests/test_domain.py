@@ -255,3 +255,20 @@ def test_target_calibration_scores_agreement_with_fp32_on_target_images(tmp_path
     assert reference == 1.0 and score(model_from_checkpoint(ckpt)) == 1.0  # the FP32 model agrees with itself
     _, val_reference = calibration_score(ckpt, QuantizeConfig(calib_images=32), data, 0, 0.5)
     assert val_reference == 0.5
+
+
+@pytest.mark.slow
+def test_progressive_fine_tuning_unfreezes_during_the_run(tmp_path):
+    """teacher.mode=progressive through the real fine-tuning stage: every group trains by the end;
+    a model without timm stages is refused in one line."""
+    from edgekd.config import load_recipe
+    from edgekd.finetune import run_finetune
+
+    rc = load_recipe(None, ["teacher.mode=progressive", "teacher.pretrained=none", "teacher.input_size=32", "teacher.train.epochs=1",
+                            "teacher.train.batch_size=32", "data.train_subset=320", "data.test_subset=64"])
+    m = run_finetune(rc.teacher, rc.data, tmp_path / "t")["metrics"]
+    groups = [k for _, k in m["unfreezing"]]
+    assert groups[0] == 1 and groups == sorted(groups) and len(groups) > 2
+    proc = run_inprocess("finetune", "--set", "teacher.model=pico_cnn", "--set", "teacher.mode=progressive", "--set", "teacher.pretrained=none",
+                         "--train-subset", "200", "--out", str(tmp_path / "p"))
+    assert_one_line_error(proc, "teacher.mode=progressive needs a timm backbone")
