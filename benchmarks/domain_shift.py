@@ -221,6 +221,12 @@ def table(results: Path) -> None:
         t = json.loads(tj.read_text())
         lines += [f"Teacher: EfficientNet-Lite0 (ImageNet, offline weights) fine-tuned at 48 px on 12,000 source images, 2 epochs: "
                   f"{100 * t['test_top1']:.2f}% on the source test set, {t['seconds']:.0f} s.", ""]
+    lines += ["How it was built: each shift's 10,000 images are the Fashion-MNIST test images transformed (`invert`: 255 - (0.7 x + 20); "
+              "`blur-noise`: 28 -> 20 -> 28 px bilinear, then Gaussian noise of sigma 40), split by one fixed permutation into 5,000 unlabeled "
+              "(adaptation) and 5,000 labeled (evaluation only). The labeled source is the Fashion-MNIST training set. Caveat: the source "
+              "test figure uses all 10,000 plain test images, so half of them are the un-shifted originals of unlabeled images an adapted arm "
+              "trained on (without labels); the target figure is free of that (its 5,000 images were never trained on in any form). "
+              "The teacher is one network (seed 0) for every arm and seed; the student's seed changes its initialisation, data order and split.", ""]
     lines += ["## pico_cnn (the table of record)", ""] + shift_tables(recs)
     explore = collect(WORK / "runs")
     if explore:
