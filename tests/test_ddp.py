@@ -111,7 +111,7 @@ def test_torchrun_build_end_to_end_matches_one_process(tmp_path):
         b = torch.load(tmp_path / "ddp" / stage / "best.pt", weights_only=True)["state_dict"]
         for k in a:
             assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4, rtol=1e-3), (stage, k)
-    assert res["stages"]["teacher"]["metrics"]["val_top1"] == one["stages"]["teacher"]["metrics"]["val_top1"]
+    assert Manifest(tmp_path / "ddp").stage("teacher")["metrics"]["val_top1"] == Manifest(tmp_path / "one").stage("teacher")["metrics"]["val_top1"]
     assert abs(res["accuracy"] - one["accuracy"]) <= 0.03, (res["accuracy"], one["accuracy"])  # distill + QAD: the same within noise
 
 
