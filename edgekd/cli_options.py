@@ -26,6 +26,8 @@ SeedOpt = Annotated[Optional[int], typer.Option(help="Random seed (data split, i
 DatasetOpt = Annotated[Optional[str], typer.Option(help="'fashion-mnist', 'imagefolder' (with --data-root), or a torchvision dataset. \\[default: fashion-mnist]")]
 DataRootOpt = Annotated[Optional[str], typer.Option(help="Dataset folder. Fashion-MNIST default: $EDGEKD_FASHION_MNIST or /usr/share/datasets/fashion-mnist.")]
 TrainSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N training images (quick runs). \\[default: all]")]
+UnlabeledOpt = Annotated[Optional[str], typer.Option("--unlabeled", help="Folder of unlabeled images from the deployment domain (any layout): "
+                                                   "KD on them, MMD alignment, target calibration (data.unlabeled_root).")]
 TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validation/test images (quick runs). \\[default: all]")]
 
 

@@ -39,6 +39,28 @@ class DataConfig(Strict):
     cache_dir: str | None = Field(None, description="where image folders are decoded once (uint8, memory-mapped); default $EDGEKD_DATA_CACHE "
                                                     "or ~/.cache/edgekd/images")
     decode_workers: int | None = Field(None, ge=1, description="processes decoding an image folder the first time (default: one per core)")
+    unlabeled_root: str | None = Field(None, description="a folder of unlabeled images from the deployment domain (any layout, sub-folders "
+                                                         "read, names ignored): KD on them (distill.unlabeled_weight), MMD alignment "
+                                                         "(teacher.mmd, distill.mmd), target calibration (quantize.calibration)")
+    target_test_root: str | None = Field(None, description="a labeled test folder from the deployment domain (<class>/<image>, the training "
+                                                           "classes; '/' in a class name written '_'): every accuracy is also given on it")
+
+
+class MMDConfig(Strict):
+    """Feature alignment between the labeled (source) and the unlabeled (target) images: see edgekd.distill.domain."""
+
+    weight: float = Field(0.0, ge=0, description="lambda of lambda * MMD^2(phi(X_s), phi(X_t)); 0: off (needs data.unlabeled_root)")
+    bandwidths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0, 2.0, 4.0], description="Gaussian kernel widths, as multiples "
+                                                                                                      "of the batch's mean squared distance (DAN)")
+    layer: str | None = Field(None, description="module path whose output (pooled over space) is phi; default: the model's feature layer")
+    conditional: bool = Field(False, description="also the class-conditional MMD on the teacher's pseudo-labels of the target images (JDA)")
+
+    @field_validator("bandwidths")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if not v or min(v) <= 0:
+            raise ValueError("at least one bandwidth, all > 0")
+        return v
 
 
 class TrainConfig(Strict):
@@ -66,13 +88,16 @@ class TeacherConfig(Strict):
     model: str = Field("efficientnet_lite0", description="timm model name (or a registered edgekd model)")
     pretrained: str = Field("auto", description="'auto' (offline package, else timm download), 'timm', 'offline', 'none', or a weights file path")
     input_size: int = Field(48, ge=16, le=1024, description="square input side in pixels (below ~40 px frozen ImageNet features collapse)")
-    mode: Literal["full", "linear-probe"] = Field("full", description="fine-tune everything or only the new head")
+    mode: Literal["full", "linear-probe", "progressive"] = Field("full", description="fine-tune everything, only the new head, or "
+                                                                                    "'progressive': the head first, then one more stage of the "
+                                                                                    "backbone at a time from the top (gradual unfreezing)")
     frozen_stages: int = Field(0, ge=0, le=16, description="mode 'full': keep the stem and the first N stages of a timm backbone as pretrained "
                                                            "(no backward pass through them: cheaper steps; their BatchNorm statistics still adapt)")
     # Defaults sized so the whole default `edgekd build` fits ~20 min on 2 CPU cores; recipes/teacher-fmnist.yaml is the accurate one.
     # No label smoothing: a smoothed teacher's soft targets carry less of the similarity structure KD
     # transfers (Mueller, Kornblith & Hinton 2019, "When does label smoothing help?").
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(epochs=1, lr=1e-3, batch_size=64, label_smoothing=0.0, min_steps=300, patience=8))
+    mmd: MMDConfig = Field(default_factory=MMDConfig, description="fine-tuning aligns the teacher's features on source and unlabeled target images")
 
 
 class StudentConfig(Strict):
@@ -108,6 +133,10 @@ class DistillConfig(Strict):
     teacher_layer: str | None = Field(None, description="teacher module path for feature losses (default: model's feature_layer)")
     teacher_weights: list[float] | None = Field(None, description="one weight per teacher (multi-teacher); default equal")
     cache_teacher: bool = Field(True, description="cache teacher logits when augmentation allows it")
+    unlabeled_weight: float = Field(1.0, ge=0, description="weight of the KD term on unlabeled target images (data.unlabeled_root; teacher "
+                                                           "soft targets only, no label term)")
+    unlabeled_ratio: float = Field(1.0, gt=0, le=8, description="unlabeled images per labeled image in each step")
+    mmd: MMDConfig = Field(default_factory=MMDConfig, description="the student's features aligned on source and unlabeled target images")
     ship: Literal["better", "distilled"] = Field("better", description="'better': when the control (student alone) beats the distilled "
                                                                      "student on validation, build ships the control and says why")
     weak_teacher: Literal["control", "keep"] = Field("control", description="in `build`, when the fine-tuned teacher validates below the "
@@ -144,6 +173,9 @@ class QuantizeConfig(Strict):
     calib_images: int = Field(512, ge=16)
     select_images: int = Field(1000, ge=50, description="'auto' scores each calibrator on at most this many validation images (a "
                                                         "fixed random subset; 1,000 tell a lost point from noise and keep a 224 px export to minutes)")
+    calibration: Literal["source", "target"] = Field("source", description="calibrate on training images, or on the unlabeled target images "
+                                                                          "(data.unlabeled_root); with 'target', calibrator 'auto' scores on "
+                                                                          "agreement with the FP32 student on target images")
     fold_bn: bool = True
     learn_ranges: bool = Field(True, description="QAD trains the activation ranges with the weights (LSQ); off: the calibrated ranges stay fixed")
     range_lr: float = Field(0.05, gt=0, le=1, description="learning rate of the learned ranges (on log amax: a relative step)")

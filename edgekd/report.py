@@ -1,7 +1,9 @@
 """The end-of-build report: what each stage bought, measured in this build, and how sure it is.
 
 Rows, all on the same test set: teacher; the student trained alone (the control); the distilled
-student; INT8 after calibration (PTQ); INT8 after QAD; the exported file that ships. Each row has
+student; INT8 after calibration (PTQ); INT8 after QAD; the exported file that ships. With a
+labeled target-domain test set (``data.target_test_root``) every row also gives its top-1 there,
+the distilled row's change against the source-only control included. Each row has
 its 95% interval (Wilson) and its change against the row it came from, with the interval of that
 difference, so a reader can tell a gain from noise. Latency is FP32 vs INT8 per batch on this
 machine. The same content is rendered three ways: a table that fits 80 columns, ``report.md``,
@@ -42,13 +44,20 @@ def diff_half_width(p1: float, p2: float, n: int) -> float:
     return Z95 * math.sqrt((p1 * (1 - p1) + p2 * (1 - p2)) / max(1, n))
 
 
-def _row(step: str, top1: float | None, n: int, base: float | None, seconds: float | None = None, note: str = "") -> dict[str, Any] | None:
+def _row(step: str, top1: float | None, n: int, base: float | None, seconds: float | None = None, note: str = "",
+         target: tuple[float | None, int, float | None] | None = None) -> dict[str, Any] | None:
+    """One ladder row; ``target`` = (top-1, images, base top-1) on the target-domain test set, when there is one."""
     if top1 is None:
         return None
     row = {"step": step, "test_top1": top1, "n": n, "ci95": half_width(top1, n), "seconds": seconds, "note": note}
     if base is not None:
         row["change"] = top1 - base
         row["change_ci95"] = diff_half_width(top1, base, n)
+    if target is not None and target[0] is not None:
+        t, tn, tbase = target
+        row.update({"target_top1": t, "target_n": tn, "target_ci95": half_width(t, tn)})
+        if tbase is not None:
+            row.update({"target_change": t - tbase, "target_change_ci95": diff_half_width(t, tbase, tn)})
     return row
 
 
@@ -75,18 +84,25 @@ def accuracy_rows(stages: dict[str, dict], n: int) -> list[dict[str, Any]]:
     fp32 = c.get("test_top1") if shipped == "control" else d.get("test_top1")
     ptq, qad = q.get("ptq_test_top1"), q.get("test_top1")
     floats, full = q.get("float_layers") or [], q.get("full_int8_test_top1")  # full: QAD of every layer, when the budget made a mixed model
+    tn = int(e.get("target_n") or d.get("target_n") or c.get("target_n") or 0)
+    tfp32 = c.get("target_top1") if shipped == "control" else d.get("target_top1")
+    tq = q.get("target_top1") if not floats else None  # the target row of a mixed model is the budget row's
     rows = [
-        _row(f"teacher {t.get('model') or ''}".strip(), t.get("test_top1"), n, None, t.get("train_seconds")),
+        _row(f"teacher {t.get('model') or ''}".strip(), t.get("test_top1"), n, None, t.get("train_seconds"), target=(t.get("target_top1"), tn, None)),
         _row(f"assistant {(d.get('assistant') or {}).get('model')}", (d.get("assistant") or {}).get("test_top1"), n, None,
              (d.get("assistant") or {}).get("train_seconds")),
-        _row("student alone (control)", c.get("test_top1"), n, None, c.get("train_seconds")),
+        _row("student alone (control)", c.get("test_top1"), n, None, c.get("train_seconds"), target=(c.get("target_top1"), tn, None)),
         _row(distilled_label(d), d.get("test_top1"), n,
-             c.get("test_top1"), d.get("train_seconds"), "shipped the control instead" if shipped == "control" else ""),
-        _row("INT8 calibrated (PTQ)", ptq, n, fp32),
+             c.get("test_top1"), d.get("train_seconds"), "shipped the control instead" if shipped == "control" else "",
+             target=(d.get("target_top1"), tn, c.get("target_top1"))),
+        _row("INT8 calibrated (PTQ)", ptq, n, fp32, target=(q.get("ptq_target_top1"), tn, tfp32)),
         _row("INT8 after QAD", full if full is not None else qad, n, ptq, q.get("train_seconds"),
-             "kept PTQ: QAD did not beat it" if str(q.get("result", "")).startswith("calibrated") and full is None else ""),
-        _row(f"INT8, {len(floats)} layer(s) kept float", qad if floats else None, n, full if full is not None else ptq, None, _budget_note(q.get("accuracy_budget"))),
-        _row(f"exported {e.get('precision') or 'INT8'} file", e.get("test_top1"), n, qad if qad is not None else fp32),
+             "kept PTQ: QAD did not beat it" if str(q.get("result", "")).startswith("calibrated") and full is None else "",
+             target=(tq, tn, q.get("ptq_target_top1"))),
+        _row(f"INT8, {len(floats)} layer(s) kept float", qad if floats else None, n, full if full is not None else ptq, None, _budget_note(q.get("accuracy_budget")),
+             target=(q.get("target_top1"), tn, None)),
+        _row(f"exported {e.get('precision') or 'INT8'} file", e.get("test_top1"), n, qad if qad is not None else fp32,
+             target=(e.get("target_top1"), tn, q.get("target_top1") if q.get("target_top1") is not None else tfp32)),
     ]
     return [r for r in rows if r is not None]
 
@@ -122,6 +138,10 @@ def notes(stages: dict[str, dict], n: int) -> list[str]:
         out.append(f"The test set has {n} images: one image is {100 / n:.1f} points and an accuracy near 90% is known to "
                    f"+-{100 * half_width(0.9, n):.1f} points (95%); smaller differences are noise.")
     d, c = stages.get("distill") or {}, stages.get("control") or {}
+    if d.get("target_top1") is not None and c.get("target_top1") is not None and d.get("target_n"):
+        gain, noise = d["target_top1"] - c["target_top1"], diff_half_width(d["target_top1"], c["target_top1"], d["target_n"])
+        out.append(f"On the {d['target_n']} target-domain test images the distilled student is {100 * gain:+.2f} +-{100 * noise:.2f} points "
+                   f"against the source-only control ({100 * d['target_top1']:.2f}% vs {100 * c['target_top1']:.2f}%).")
     if d.get("distilled_from_reason"):
         out.append(d["distilled_from_reason"])
     if d.get("ship_reason"):
@@ -178,9 +198,21 @@ def accuracy_table(report: dict) -> Table:
     for col, kw in (("step", {"max_width": 26, "overflow": "fold"}), ("top-1 %", {"justify": "right"}), ("+-", {"justify": "right"}),
                     ("change, points", {"justify": "right"}), ("s", {"justify": "right"})):
         t.add_column(col, no_wrap=col != "step", **kw)
+    target = any("target_top1" in r for r in report["accuracy"])
+    if target:
+        t.add_column("target %", justify="right", no_wrap=True)
     for r in report["accuracy"]:
-        t.add_row(r["step"], _pct(r["test_top1"]), f"{100 * r['ci95']:.2f}", _change(r), "-" if r.get("seconds") is None else f"{r['seconds']:.0f}")
+        cells = [r["step"], _pct(r["test_top1"]), f"{100 * r['ci95']:.2f}", _change(r), "-" if r.get("seconds") is None else f"{r['seconds']:.0f}"]
+        t.add_row(*cells, *([_target(r)] if target else []))
     return t
+
+
+def _target(r: dict) -> str:
+    """A row's target-domain top-1 with its interval (and change against the row it came from)."""
+    if "target_top1" not in r:
+        return "-"
+    text = f"{100 * r['target_top1']:.2f} +-{100 * r['target_ci95']:.2f}"
+    return text + (f" ({100 * r['target_change']:+.2f})" if "target_change" in r else "")
 
 
 def latency_table(report: dict) -> Table:
@@ -200,9 +232,10 @@ def _num(v: float | None, spec: str, suffix: str = "") -> str:
 
 def markdown(report: dict, title: str) -> str:
     lines = [f"# {title}", "", f"**Verdict:** {report['verdict']}", "", f"Accuracy on {report['test_images']} test images (95% intervals):", "",
-             "| step | test top-1 % | +- | change, points | seconds | note |", "|---|---|---|---|---|---|"]
+             "| step | test top-1 % | +- | change, points | seconds | target top-1 % (change) | note |", "|---|---|---|---|---|---|---|"]
     for r in report["accuracy"]:
-        lines.append(f"| {r['step']} | {_pct(r['test_top1'])} | {100 * r['ci95']:.2f} | {_change(r)} | {_num(r.get('seconds'), '.0f')} | {r.get('note', '')} |")
+        target = _target(r) + (f" +-{100 * r['target_change_ci95']:.2f}" if "target_change_ci95" in r else "")
+        lines.append(f"| {r['step']} | {_pct(r['test_top1'])} | {100 * r['ci95']:.2f} | {_change(r)} | {_num(r.get('seconds'), '.0f')} | {target} | {r.get('note', '')} |")
     where = "this machine" + ("" if report.get("on_target_runtime") else ", not the target's runtime")
     lines += ["", f"Latency p50 on {report.get('runtime')} ({where}):", "", "| batch | FP32 ms | shipped ms | speed-up |", "|---|---|---|---|"]
     for r in report["latency"]:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
 
 import typer
 
-from edgekd.cli_options import (DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, TestSubsetOpt, TrainSubsetOpt, batch_opt, epochs_opt,
-                                lr_opt, overrides)
+from edgekd.cli_options import (DataRootOpt, DatasetOpt, JsonOpt, OutOpt, ResumeOpt, SeedOpt, TestSubsetOpt, TrainSubsetOpt, UnlabeledOpt, batch_opt,
+                                epochs_opt, lr_opt, overrides)
 
 if TYPE_CHECKING:
     from edgekd.config import Recipe
@@ -29,7 +29,7 @@ CalibratorOpt = Annotated[Optional[str], typer.Option(help="Activation-range cal
 CalibImagesOpt = Annotated[Optional[int], typer.Option(help="Training images used to calibrate activation ranges. \\[default: 512]")]
 
 # The run options in the order --help lists them; "quick" gets each command's own help text.
-_RUN: dict[str, Any] = {"dataset": DatasetOpt, "data_root": DataRootOpt, "train_subset": TrainSubsetOpt, "test_subset": TestSubsetOpt,
+_RUN: dict[str, Any] = {"dataset": DatasetOpt, "data_root": DataRootOpt, "unlabeled": UnlabeledOpt, "train_subset": TrainSubsetOpt, "test_subset": TestSubsetOpt,
                         "seed": SeedOpt, "quick": None, "out": OutOpt, "resume": ResumeOpt, "as_json": JsonOpt}
 TRAINING_OPTIONS = tuple(_RUN)
 _TRAIN = {"epochs": epochs_opt, "batch_size": batch_opt, "lr": lr_opt}
@@ -41,6 +41,7 @@ class RunOptions:
 
     dataset: Optional[str] = None
     data_root: Optional[str] = None
+    unlabeled: Optional[str] = None
     train_subset: Optional[int] = None
     test_subset: Optional[int] = None
     seed: Optional[int] = None
@@ -53,7 +54,7 @@ class RunOptions:
         """The validated recipe: ``quick_set`` when --quick, then --set, then the command's options and the data options given."""
         from edgekd.config import load_recipe
 
-        data = {"data.dataset": self.dataset, "data.root": self.data_root, "data.train_subset": self.train_subset,
+        data = {"data.dataset": self.dataset, "data.root": self.data_root, "data.unlabeled_root": self.unlabeled, "data.train_subset": self.train_subset,
                 "data.test_subset": self.test_subset, "seed": self.seed}
         return load_recipe(config, ((quick_set or []) if self.quick else []) + (set_ or []) + overrides(opts | data))
 

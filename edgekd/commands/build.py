@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
-from edgekd.cli_options import AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, ExcludeOpt, JsonOpt, MaxDropOpt, SeedOpt, SetOpt, emit, layer_list, overrides
+from edgekd.cli_options import (AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, ExcludeOpt, JsonOpt, MaxDropOpt, SeedOpt, SetOpt, UnlabeledOpt, emit,
+                                layer_list, overrides)
 
 
 def build(
@@ -20,6 +21,9 @@ def build(
     teacher: Annotated[Optional[Path], typer.Option(help="Use this teacher checkpoint instead of fine-tuning one.")] = None,
     dataset: DatasetOpt = None,
     data_root: DataRootOpt = None,
+    unlabeled: UnlabeledOpt = None,
+    target_test: Annotated[Optional[str], typer.Option("--target-test", help="Labeled test folder from the deployment domain (<class>/<image>): every "
+                                                       "accuracy in the report is also given there (data.target_test_root).")] = None,
     seed: SeedOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="A first look in a few minutes: 3,000 images, 1 teacher epoch at 48 px, 3 student epochs.")] = False,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage (teacher, control, distill, qad, export, evaluate, bench, report, bundle).")] = None,
@@ -54,7 +58,8 @@ def build(
 
     from edgekd.config import parse_duration
 
-    opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "seed": seed, "target": target,
+    opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "data.unlabeled_root": unlabeled,
+                      "data.target_test_root": target_test, "seed": seed, "target": target,
                       "export.allow_not_ready": True if allow_not_ready else None, "student.control": None if control else False,
                       "time_budget_s": parse_duration(time_budget) if time_budget else None,
                       "quantize.max_accuracy_drop": max_accuracy_drop, "quantize.exclude": layer_list(exclude)})

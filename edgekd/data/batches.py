@@ -69,6 +69,8 @@ class DataSet:
     test: Split
     source: str = ""
     info: dict = field(default_factory=dict)
+    unlabeled: Split | None = None  # images from the deployment domain, no labels (edgekd.data.unlabeled)
+    target_test: Split | None = None  # labeled images from the deployment domain, for evaluation only
 
     @property
     def channels(self) -> int:

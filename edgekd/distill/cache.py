@@ -14,6 +14,7 @@ import torch
 
 from edgekd import ui
 from edgekd.data import Batch, DataSet, Split
+from edgekd.data.unlabeled import split_fingerprint
 from edgekd.errors import EdgekdError
 from edgekd.manifest import atomic_path, sha256_json
 from edgekd.models import safe_torch_load
@@ -35,11 +36,13 @@ def views_for(augment: str) -> int | None:
     return {"none": 1, "flip": 2}.get(augment)
 
 
-def cache_key(teacher: Teacher, data: DataSet, augment: str, feature_layer: str | None) -> str:
-    """What the cached outputs depend on: teacher weights, data, teacher preprocessing, augmentation, hooked layer."""
+def cache_key(teacher: Teacher, data: DataSet, augment: str, feature_layer: str | None, split: Split | None = None) -> str:
+    """What the cached outputs depend on: teacher weights, data, teacher preprocessing, augmentation, hooked layer
+    (for another split than the training set, e.g. the unlabeled images, that split's own identity instead of the data set's)."""
+    source = {"data": data.fingerprint(), "train_size": len(data.train)} if split is None else {"split": split_fingerprint(split), "split_size": len(split)}
     return sha256_json({
-        "format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher_sha256": teacher.sha256, "data": data.fingerprint(),
-        "train_size": len(data.train), "preprocess": teacher.preprocess.to_dict(), "augment": augment, "feature_layer": feature_layer,
+        "format": CACHE_FORMAT, "version": CACHE_VERSION, "teacher_sha256": teacher.sha256, **source,
+        "preprocess": teacher.preprocess.to_dict(), "augment": augment, "feature_layer": feature_layer,
     })[:32]
 
 
@@ -106,8 +109,12 @@ def feature_cache_bytes(teacher: Teacher, split: Split, views: int, device: torc
     return int(out["feature"].numel()) * 2 * len(split) * views
 
 
-def teacher_cache(teacher: Teacher, data: DataSet, augment: str, cache_dir: Path, device: torch.device) -> TeacherCache | None:
-    """The teacher's cached outputs (loaded or built), or None when they cannot be cached (random crops, too big)."""
+def teacher_cache(teacher: Teacher, data: DataSet, augment: str, cache_dir: Path, device: torch.device, split: Split | None = None) -> TeacherCache | None:
+    """The teacher's cached outputs on the training set (or on ``split``: logits only, e.g. the
+    unlabeled images, which are always flip-augmented), loaded or built; None when they cannot be
+    cached (random crops, too big)."""
+    if split is not None:
+        return _split_cache(teacher, data, split, cache_dir, device)
     views = views_for(augment)
     if views is None:
         ui.log(f"teacher {teacher.name} runs online every step: data.augment={augment} has random crops, so its outputs are not cacheable "
@@ -142,3 +149,30 @@ def teacher_cache(teacher: Teacher, data: DataSet, augment: str, cache_dir: Path
     n = len(data.train) * views
     ui.log(f"teacher {teacher.name}: cached {n:,} outputs in {seconds:.1f} s ({n / max(seconds, 1e-9):.0f} img/s) -> {', '.join(str(p) for p in paths.values())}")
     return TeacherCache(paths, tables, hit=False, seconds=seconds)
+
+
+def _split_cache(teacher: Teacher, data: DataSet, split: Split, cache_dir: Path, device: torch.device) -> TeacherCache:
+    """The teacher's logits on ``split`` (both flip views), cached like the training set's."""
+    path = Path(cache_dir) / f"{cache_key(teacher, data, 'flip', None, split)}.pt"
+    t0 = time.time()
+    table = _read_table(path, len(split), 2)
+    if share(table is not None):
+        if table is None:
+            raise EdgekdError(f"rank {current_ranks().rank} cannot read the teacher cache {path} that rank 0 read", "put the run folder on storage every rank sees")
+        return TeacherCache({"logits": path}, {"logits": table}, hit=True, seconds=time.time() - t0)
+    hook, teacher.hook = teacher.hook, None  # logits only: no feature loss runs on unlabeled images
+
+    def compute_and_write() -> float:
+        logits = compute_teacher_tables(teacher, split, 2, device)[0]["logits"]
+        with atomic_path(path) as tmp:
+            torch.save({"format": CACHE_FORMAT, "version": CACHE_VERSION, "key": path.stem, "teacher": teacher.describe(), "augment": "flip",
+                        "layer": None, "table": logits}, tmp)
+        return time.time() - t0
+
+    try:
+        seconds = on_main(compute_and_write)
+    finally:
+        teacher.hook = hook
+    table = _read_table(path, len(split), 2)
+    ui.log(f"teacher {teacher.name}: cached its outputs on {len(split):,} unlabeled images (2 views) in {seconds:.1f} s -> {path}")
+    return TeacherCache({"logits": path}, {"logits": table}, hit=False, seconds=seconds)

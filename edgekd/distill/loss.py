@@ -1,6 +1,7 @@
 """The composite distillation loss: the weighted sum of named terms (hard labels, KD, features,
-relations) with each term's running mean for logging, built for any (student, teachers,
-DistillConfig) by :func:`build_distill_loss`; quantization-aware distillation reuses it.
+relations; with unlabeled deployment-domain images, KD on them and MMD alignment) with each
+term's running mean for logging, built for any (student, teachers, DistillConfig) by
+:func:`build_distill_loss`; quantization-aware distillation reuses it.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import torch.nn.functional as F
 from edgekd import ui
 from edgekd.config import DistillConfig
 from edgekd.data import Batch, DataSet, Preprocess
+from edgekd.data.unlabeled import UnlabeledFeed
 from edgekd.errors import EdgekdError
 from edgekd.distill.cache import TeacherCache, default_cache_dir, teacher_cache
 from edgekd.distill.hooks import FeatureHook
+from edgekd.distill.domain import MMDLoss
 from edgekd.distill.losses import AttentionTransferLoss, HintLoss, KDLoss, RKDLoss, soft_targets
 from edgekd.distill.teachers import Teacher, check_teachers, teacher_forward
+from edgekd.train.env import current as current_ranks
 
 FEATURE_LOSSES = ("fitnet", "rkd", "at")
 
@@ -28,7 +32,11 @@ class DistillLoss(nn.Module):
 
     Terms: ``kd`` (alpha, soft targets of all teachers averaged with ``teacher_weights``), ``ce``
     (1-alpha, or 1 without kd), ``fitnet``/``at`` (feature_weight) and ``rkd`` (relation_weight);
-    feature terms are summed over teachers with the same weights. ``parts`` holds each term's
+    feature terms are summed over teachers with the same weights. With unlabeled images
+    (:meth:`use_unlabeled`) each step also draws ``unlabeled_ratio`` times as many of them, through
+    the same forward pass: ``kd_unlabeled`` (unlabeled_weight; the teachers' soft targets only, no
+    label term) and ``mmd``/``mmd_class`` (:class:`edgekd.distill.domain.MMDLoss` on the student's
+    features, the teachers' pseudo-labels for the conditional part). ``parts`` holds each term's
     running mean since the start, for logging. Its parameters (FitNets adapters) must train with
     the student: :func:`build_distill_loss` returns them as the extra trainable modules.
     """
@@ -45,6 +53,25 @@ class DistillLoss(nn.Module):
         self.hints = nn.ModuleList()
         self.sums: dict[str, float] = {}
         self.steps = 0
+        self.unlabeled, self.unlabeled_caches, self.feed, self.mmd, self.mmd_hook = None, [], None, None, None
+
+    def use_unlabeled(self, student: nn.Module, split, caches: list[TeacherCache | None]) -> None:
+        """Train on ``split`` (unlabeled images) too: KD on them, and MMD when ``cfg.mmd.weight`` > 0."""
+        self.unlabeled, self.unlabeled_caches, self.preprocess = split, caches, student.preprocess
+        if self.cfg.mmd.weight > 0:
+            self.mmd = MMDLoss(self.cfg.mmd)
+            self.mmd_hook = FeatureHook(student, self.cfg.mmd.layer or getattr(student, "feature_layer", "features"), "student")
+
+    def unlabeled_terms(self, logits_u: torch.Tensor, ub: Batch, batch: Batch) -> dict[str, torch.Tensor]:
+        """The terms of the unlabeled half of the step: no label is read (``ub.labels`` are -1)."""
+        dev = logits_u.device
+        outs = [c.lookup(ub, dev) if c is not None else teacher_forward(t, ub.images, dev) for t, c in zip(self.teachers, self.unlabeled_caches)]
+        probs = soft_targets([o["logits"] for o in outs], self.weights, self.cfg.temperature)
+        parts = {"kd_unlabeled": self.cfg.unlabeled_weight * self.kd.soft(logits_u, probs)} if self.cfg.unlabeled_weight > 0 else {}
+        if self.mmd is not None:
+            f, n = self.mmd_hook.output, len(batch.labels)
+            parts.update(self.mmd.terms(f[:n], f[n:], batch.labels, probs.argmax(1)))
+        return parts
 
     def add_hint_adapters(self, student_channels: int, teacher_channels: list[int]) -> None:
         self.hints = nn.ModuleList(HintLoss(student_channels, c) for c in teacher_channels)
@@ -61,7 +88,7 @@ class DistillLoss(nn.Module):
         else:
             parts["ce"] = F.cross_entropy(logits.float(), labels)
         if self.hook is not None:
-            fs = self.hook.output
+            fs = self.hook.output[: len(logits)]  # the labeled rows (the unlabeled ones follow them in the same pass)
             for name, fn in (("fitnet", self._hint), ("at", self._attention), ("rkd", self._relation)):
                 if name in losses:
                     parts[name] = sum(w * fn(i, fs, o["feature"]) for i, (w, o) in enumerate(zip(self.weights, outs)))
@@ -78,8 +105,20 @@ class DistillLoss(nn.Module):
 
     def forward(self, model: nn.Module, batch: Batch, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         outs = self.teacher_outputs(batch, x.device)
-        logits = model(x)
-        parts = self.terms(logits, batch, outs)
+        if self.unlabeled is None:
+            logits = model(x)
+            parts = self.terms(logits, batch, outs)
+        else:
+            if self.feed is None:  # sized on the first step: the loop may have shrunk the batch to the data
+                ranks = current_ranks()
+                self.feed = UnlabeledFeed(self.unlabeled, max(2, round(len(x) * self.cfg.unlabeled_ratio)), torch.initial_seed() % 2**31,
+                                          ranks.rank, ranks.world)
+            ub = self.feed.next()
+            xu = self.preprocess(ub.images).to(x.device, dtype=x.dtype).contiguous(memory_format=torch.contiguous_format)
+            both = model(torch.cat([x.contiguous(memory_format=torch.contiguous_format), xu]))
+            logits = both[: len(x)]
+            parts = self.terms(logits, batch, outs)
+            parts.update(self.unlabeled_terms(both[len(x):], ub, batch))
         for k, v in parts.items():
             self.sums[k] = self.sums.get(k, 0.0) + float(v.detach())
         self.steps += 1
@@ -90,7 +129,7 @@ class DistillLoss(nn.Module):
 
     def close(self) -> None:
         """Remove the forward hooks (student and teachers)."""
-        for h in [self.hook] + [t.hook for t in self.teachers]:
+        for h in [self.hook, self.mmd_hook] + [t.hook for t in self.teachers]:
             if h is not None:
                 h.remove()
 
@@ -156,5 +195,22 @@ def build_distill_loss(student: nn.Module, teachers: list[Teacher], cfg: Distill
         loss.caches = [teacher_cache(t, data, augment, Path(cache_dir or default_cache_dir()), device) for t in teachers]
     else:
         ui.log("teachers run online every step (distill.cache_teacher=false)")
+    _use_unlabeled(loss, student, teachers, cfg, data, Path(cache_dir or default_cache_dir()), device)
     loss.to(device)
     return loss, loss.hints
+
+
+def _use_unlabeled(loss: DistillLoss, student: nn.Module, teachers: list[Teacher], cfg: DistillConfig, data: DataSet, cache_dir: Path,
+                   device: torch.device) -> None:
+    """Give the loss the unlabeled images (and the teachers' cached outputs on them) when a term uses them."""
+    if cfg.mmd.weight > 0 and data.unlabeled is None:
+        raise EdgekdError("distill.mmd needs unlabeled images from the deployment domain", "pass --unlabeled DIR (data.unlabeled_root), or set distill.mmd.weight=0")
+    if data.unlabeled is None:
+        return
+    if cfg.unlabeled_weight == 0 and cfg.mmd.weight == 0:
+        ui.log("unlabeled images given but not used: distill.unlabeled_weight and distill.mmd.weight are both 0")
+        return
+    caches = [teacher_cache(t, data, "flip", cache_dir, device, split=data.unlabeled) if cfg.cache_teacher else None for t in teachers]
+    loss.use_unlabeled(student, data.unlabeled, caches)
+    ui.log(f"unlabeled images: {len(data.unlabeled):,}, {cfg.unlabeled_ratio:g} per labeled image in each step; KD weight {cfg.unlabeled_weight:g}"
+           + (f", MMD weight {cfg.mmd.weight:g}{' (+ class-conditional)' if cfg.mmd.conditional else ''} on '{loss.mmd_hook.path}'" if loss.mmd else ""))

@@ -35,12 +35,15 @@ class KDLoss(nn.Module):
         self.temperature = temperature
         self.alpha = alpha
 
-    def terms(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def soft(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """``T^2 * KL(p_t || softmax(z_s/T))``, batch mean: the only term an unlabeled image can give."""
         t = self.temperature
         log_q = F.log_softmax(student_logits.float() / t, dim=1)
-        soft = F.kl_div(log_q, teacher_probs, reduction="batchmean") * (t * t)
+        return F.kl_div(log_q, teacher_probs, reduction="batchmean") * (t * t)
+
+    def terms(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         hard = F.cross_entropy(student_logits.float(), labels)
-        return {"kd": self.alpha * soft, "ce": (1.0 - self.alpha) * hard}
+        return {"kd": self.alpha * self.soft(student_logits, teacher_probs), "ce": (1.0 - self.alpha) * hard}
 
     def forward(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return sum(self.terms(student_logits, teacher_probs, labels).values())

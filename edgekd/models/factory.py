@@ -155,17 +155,23 @@ def set_trainable(model: nn.Module, mode: str, frozen_stages: int = 0) -> int:
 def early_stage_params(model: nn.Module, stages: int) -> set[str]:
     """Names of the parameters in the stem and the first ``stages`` stages, by timm's own grouping of
     the network (``group_matcher``: stem, then each stage or block group, then the head)."""
-    from timm.models import group_parameters
-
     name = getattr(model, "edgekd_spec", {}).get("name") or type(model).__name__
-    if not hasattr(model, "group_matcher"):
-        raise EdgekdError(f"teacher.frozen_stages needs a timm backbone with stages; {name} has no group_matcher",
-                          "set teacher.frozen_stages=0, or teacher.mode=linear-probe to freeze the whole backbone")
-    groups = list(group_parameters(model, model.group_matcher(coarse=True)).values())
+    groups = stage_groups(model, "teacher.frozen_stages", "set teacher.frozen_stages=0, or teacher.mode=linear-probe to freeze the whole backbone")
     if stages >= len(groups) - 1:
         raise EdgekdError(f"teacher.frozen_stages={stages}, but {name} has only {len(groups) - 2} stages after its stem",
                           f"use at most {len(groups) - 2} (or teacher.mode=linear-probe)")
     return {n for group in groups[: stages + 1] for n in group}
+
+
+def stage_groups(model: nn.Module, option: str, hint: str) -> list[list[str]]:
+    """Parameter names by timm's own grouping of the network (``group_matcher(coarse=True)``): the
+    stem, then each stage or block group, then the head. ``option`` names what needs them, for the error."""
+    from timm.models import group_parameters
+
+    if not hasattr(model, "group_matcher"):
+        name = getattr(model, "edgekd_spec", {}).get("name") or type(model).__name__
+        raise EdgekdError(f"{option} needs a timm backbone with stages; {name} has no group_matcher", hint)
+    return [list(g) for g in group_parameters(model, model.group_matcher(coarse=True)).values()]
 
 
 def resolve_module(model: nn.Module, path: str) -> nn.Module:

@@ -34,8 +34,9 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
                        "relu_codes": r.get("relu_codes"), "mixed_precision": r.get("mixed_precision"), "accuracy_budget": r.get("accuracy_budget")}
 
 
-def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False, layout: str | None = None) -> dict:
-    """Top-1 of the exported file itself on the whole test set (what ships is what is measured).
+def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = False, layout: str | None = None, split=None) -> dict:
+    """Top-1 of the exported file itself on the whole test set, or on ``split`` (the target-domain
+    test set): what ships is what is measured.
 
     ``exact_qdq`` for a TensorRT-layout file: its Q/DQ run as written, TensorRT's arithmetic
     (see :func:`edgekd.export.ort_session`). An ``openvino``-layout file runs on OpenVINO where it is installed."""
@@ -44,13 +45,14 @@ def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = Fals
 
     from edgekd.export.openvino_layout import openvino_logits, openvino_missing
 
+    split = data.test if split is None else split
     on_openvino = layout == "openvino" and openvino_missing() is None  # the runtime the file was laid out for
     sess = None if on_openvino else ort_session(onnx_path, exact_qdq=exact_qdq or layout == "openvino")
     preds = []
-    for start in range(0, len(data.test), 500):
-        x = preprocess(data.test.take(slice(start, start + 500))).numpy()
+    for start in range(0, len(split), 500):
+        x = preprocess(split.take(slice(start, start + 500))).numpy()
         preds.append((openvino_logits(onnx_path, x) if on_openvino else ort_logits(sess, x)).argmax(1))
-    return classification_metrics(np.concatenate(preds), data.test.labels.numpy(), data.classes)
+    return classification_metrics(np.concatenate(preds), split.labels.numpy(), data.classes)
 
 
 def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
@@ -60,9 +62,12 @@ def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
     pre = Preprocess.from_dict(load_checkpoint(ctx.path("distill", "checkpoint"))["preprocess"])
     export = ctx.manifest.stage("export")["metrics"]
     int8 = export.get("precision") == "int8"
-    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=int8 and export.get("layout") == "tensorrt",
-                                 layout=export.get("layout") if int8 else None)
+    exact, layout = int8 and export.get("layout") == "tensorrt", export.get("layout") if int8 else None
+    shipped = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=exact, layout=layout)
     metrics = {"test_top1": shipped["top1"], "per_class": shipped["per_class"], "n": shipped["n"], "precision": export.get("precision", "").upper()}
+    if ctx.data.target_test is not None:  # the shipped file on the deployment domain's labeled test set
+        target = onnx_test_accuracy(ctx.path("export", "onnx"), ctx.data, pre, exact_qdq=exact, layout=layout, split=ctx.data.target_test)
+        metrics.update({"target_top1": target["top1"], "target_n": target["n"], "target_per_class": target["per_class"]})
     if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:
         fp32 = onnx_test_accuracy(ctx.path("export", "fp32_onnx"), ctx.data, pre)
         metrics["fp32_test_top1"] = fp32["top1"]

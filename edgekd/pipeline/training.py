@@ -26,7 +26,8 @@ def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
 
 def training_metrics(m: dict) -> dict:
     """What the manifest keeps of a training stage's metrics.json."""
-    return {"val_top1": m["val"]["top1"], "val_n": m["val"].get("n"), "test_top1": m["test"]["top1"], "params": m.get("params"),
+    return {"val_top1": m["val"]["top1"], "val_n": m["val"].get("n"), "test_top1": m["test"]["top1"], "target_top1": (m.get("target_test") or {}).get("top1"),
+            "target_n": (m.get("target_test") or {}).get("n"), "params": m.get("params"),
             "train_seconds": m["train_seconds"], "stopped": m.get("stopped"), "plan": m.get("plan")}
 
 
@@ -71,7 +72,8 @@ def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
     data_cfg = rc.data.model_copy(update={"augment": rc.student.augment})
     student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
     control = ctx.manifest.stage("control")["metrics"] if "control" in ctx.order else None
-    rule = rc.distill.weak_teacher if rc.distill.mode == "teacher" else "keep"
+    adapting = adapts_to_target(rc)
+    rule = rc.distill.weak_teacher if rc.distill.mode == "teacher" and not adapting else "keep"
     source, source_why = distill_teacher(ctx.manifest.stage("teacher")["metrics"], control, rule)
     if source_why:
         ui.warn(source_why)
@@ -81,12 +83,21 @@ def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
     m = r["metrics"]
     metrics = {**training_metrics(m), "teacher_weaker_than_student": m.get("teacher_weaker_than_student"), "distilled_from": source,
                "distilled_from_reason": source_why, "mode": rc.distill.mode, "assistant": m.get("assistant"), "peers": m.get("peers")}
-    shipped, why = choose_student(metrics, control, rc.distill.ship)
+    shipped, why = choose_student(metrics, control, rc.distill.ship if not adapting else "distilled")
+    if adapting and control is not None:
+        why = ("the distilled student ships: it learned from unlabeled deployment-domain images, and the control "
+                                        "(source only) cannot be judged against it on source validation")
     if why:
-        ui.warn(why)
+        (ui.log if adapting else ui.warn)(why)
     chosen = r["checkpoint"] if shipped == "distilled" else ctx.path("control", "checkpoint")
     artifacts = {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"], "shipped_checkpoint": chosen, "kd_teacher": kd_teacher}
     return artifacts, {**metrics, "shipped_student": shipped, "ship_reason": why}
+
+
+def adapts_to_target(rc) -> bool:
+    """Whether distillation uses unlabeled deployment-domain images (then source validation alone
+    cannot choose between the adapted student and the source-only control, nor between teachers)."""
+    return bool(rc.data.unlabeled_root) and (rc.distill.unlabeled_weight > 0 or rc.distill.mmd.weight > 0)
 
 
 def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
@@ -112,5 +123,5 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
             artifacts[name.replace(".", "_")] = ctx.out / "qad" / name
     budget = {k: v for k, v in (m.get("accuracy_budget") or {}).items() if k not in ("search_steps",)} or None
     return artifacts, {**training_metrics(m), "fp32_val_top1": m.get("fp32_val_top1"), "ptq_val_top1": m.get("ptq_val_top1"),
-                       "ptq_test_top1": m.get("ptq_test_top1"), "result": m.get("result"), "float_layers": m.get("float_layers", []),
+                       "ptq_test_top1": m.get("ptq_test_top1"), "ptq_target_top1": m.get("ptq_target_top1"), "result": m.get("result"), "float_layers": m.get("float_layers", []),
                        "full_int8_test_top1": m.get("full_int8_test_top1"), "accuracy_budget": budget}

@@ -67,6 +67,7 @@ class QadPass:
     kept_calibrated: bool
     calibrators: dict[str, float] = dataclasses.field(default_factory=dict)  # validation top-1 of each calibrator tried
     ranges: dict[str, float] = dataclasses.field(default_factory=dict)  # how far QAD moved the activation ranges (ranges.range_changes)
+    ptq_target: float | None = None  # PTQ top-1 on the labeled target-domain test set, when there is one (report only)
 
 
 def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
@@ -109,22 +110,20 @@ def calibrate(student_ckpt: dict[str, Any], cfg: QuantizeConfig, data: DataSet, 
     ``fp32_val`` counts only when it was measured on that same split."""
     from edgekd.models import model_from_checkpoint
 
-    split = selection_split(data.val, cfg)
-    if fp32_val is None or len(split) < len(data.val):
-        fp32_val = top1_on(model_from_checkpoint(student_ckpt), split, data.classes) if cfg.calibrator == "auto" else 0.0
-    calib = calibration_images(data.train, cfg.calib_images, seed)
+    score, reference = calibration_score(student_ckpt, cfg, data, seed, fp32_val)
+    calib = calibration_images(calibration_split(cfg, data), cfg.calib_images, seed)
     tried: dict[str, float] = {}
     best = None
     for method in AUTO_CALIBRATORS if cfg.calibrator == "auto" else (cfg.calibrator,):
         fp32 = model_from_checkpoint(student_ckpt)  # quantize_model folds and rounds in place: a fresh copy each time
         model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess, layout, float_layers)
-        tried[method] = top1_on(model, split, data.classes)
+        tried[method] = score(model)
         if best is None or tried[method] > tried[best[0]]:
             best = (method, model)
-        if method == "max" and 100 * (fp32_val - tried[method]) <= AUTO_TOLERANCE_POINTS:
+        if method == "max" and 100 * (reference - tried[method]) <= AUTO_TOLERANCE_POINTS:
             break
     if len(tried) > 1:
-        ui.log("calibrators on validation (max lost more than a point): " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {best[0]}")
+        ui.log(f"calibrators on {'target agreement' if cfg.calibration == 'target' else 'validation'} (max lost more than a point): " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {best[0]}")
     return best[1], tried
 
 
@@ -137,6 +136,32 @@ def selection_split(val: Split, cfg: QuantizeConfig) -> Split:
     return Split(val.images[idx], val.labels[idx])
 
 
+def calibration_split(cfg: QuantizeConfig, data: DataSet) -> Split:
+    """The images activation ranges are calibrated on: training images, or (``calibration: target``) the unlabeled target images."""
+    if cfg.calibration != "target":
+        return data.train
+    if data.unlabeled is None:
+        raise EdgekdError("quantize.calibration=target needs unlabeled images from the deployment domain", "pass --unlabeled DIR, or set quantize.calibration=source")
+    return data.unlabeled
+
+
+def calibration_score(student_ckpt: dict[str, Any], cfg: QuantizeConfig, data: DataSet, seed: int, fp32_val: float | None) -> tuple[Callable, float]:
+    """(how a calibrated model is scored, what FP32 scores): validation top-1 against the FP32 student's; with target
+    calibration, top-1 agreement with the FP32 student on unlabeled target images (no labels there), FP32 scoring 1."""
+    from edgekd.models import model_from_checkpoint
+    from edgekd.train import predict_logits
+
+    if cfg.calibration == "target":
+        probe = Split(calibration_images(calibration_split(cfg, data), cfg.calib_images, seed + 1), torch.full((min(cfg.calib_images, len(data.unlabeled)),), -1))
+        fp32 = model_from_checkpoint(student_ckpt)
+        ref = predict_logits(fp32, probe, fp32.preprocess).argmax(1)
+        return (lambda m: float((predict_logits(m, probe, m.preprocess).argmax(1) == ref).float().mean())), 1.0
+    split = selection_split(data.val, cfg)
+    if fp32_val is None or len(split) < len(data.val):  # fp32_val counts only when measured on the same split
+        fp32_val = top1_on(model_from_checkpoint(student_ckpt), split, data.classes) if cfg.calibrator == "auto" else 0.0
+    return (lambda m: top1_on(m, split, data.classes)), fp32_val
+
+
 def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     """Quantize the FP32 student (``float_layers`` kept in higher precision), calibrate, train."""
     from edgekd.models import model_from_checkpoint
@@ -147,11 +172,12 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     fp32_val = top1_on(model_from_checkpoint(job.student_ckpt), data.val, data.classes)
     model, calibrators = calibrate(job.student_ckpt, cfg, data, job.layout, job.seed, float_layers, fp32_val)
     pre = model.preprocess
-    scored_all = len(selection_split(data.val, cfg)) == len(data.val)  # QAD is compared with PTQ on the whole validation split
+    scored_all = cfg.calibration != "target" and len(selection_split(data.val, cfg)) == len(data.val)  # QAD is compared with PTQ on the whole validation split
     ptq_val = calibrators[model.edgekd_quant["calibrator"]] if scored_all else top1_on(model, data.val, data.classes)
     ptq_test = top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
+    ptq_target = top1_on(model, data.target_test, data.classes) if data.target_test is not None else None
     floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
-    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {model.edgekd_quant['calibrator']} on {min(cfg.calib_images, len(data.train))} images; "
+    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {model.edgekd_quant['calibrator']} on {min(cfg.calib_images, len(calibration_split(cfg, data)))} {cfg.calibration} images; "
            f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
     extra = _checkpoint_extra(job)
     calibrated = copy.deepcopy(model.state_dict())
@@ -174,7 +200,7 @@ def _qad_pass(job: QadJob, out_dir: Path, float_layers: list[str]) -> QadPass:
     if ranges is not None and moved["quantizers"]:
         ui.log(f"activation ranges learned in QAD ({moved['quantizers']} quantizers): trained / calibrated amax median {moved['median_ratio']:.3f}, "
                f"from {moved['lowest_ratio']:.3f} to {moved['highest_ratio']:.3f}")
-    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept, calibrators, moved)
+    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept, calibrators, moved, ptq_target)
 
 
 def confirm_on_export(model: nn.Module, layers: list[str], split: Split, layout: str, workdir: Path) -> dict[str, float]:
@@ -303,7 +329,8 @@ def run_qad(student_ckpt: str | Path, cfg: QuantizeConfig, data: DataSet, out_di
     if cfg.max_accuracy_drop is not None:
         chosen, budget = _meet_budget(job, first, out)
     best = chosen.model
-    extra = {"fp32_val_top1": first.fp32_val, "ptq_val_top1": first.ptq_val, "ptq_test_top1": first.ptq_test, "calibrator": job.cfg.calibrator,
+    extra = {"fp32_val_top1": first.fp32_val, "ptq_val_top1": first.ptq_val, "ptq_test_top1": first.ptq_test, "ptq_target_top1": first.ptq_target,
+             "calibration": cfg.calibration, "calibrator": job.cfg.calibrator,
              "calibrators_tried": first.calibrators, "learned_ranges": chosen.ranges if cfg.learn_ranges else None,
              "quantizers": len(enabled_quantizers(best)), "result": "calibrated (PTQ)" if chosen.kept_calibrated else "QAD",
              "float_layers": float_layers_of(best), "accuracy_budget": budget}

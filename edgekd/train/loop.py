@@ -320,6 +320,8 @@ def final_metrics(model: nn.Module, data: DataSet, preprocess: Preprocess, resul
             "plan": result.plan,
             **(extra or {}),
         }
+        if getattr(data, "target_test", None) is not None:  # a labeled deployment-domain test set (edgekd.data.unlabeled)
+            metrics["target_test"] = evaluate(model, data.target_test, preprocess, data.classes)
         write_json_atomic(result.metrics_path, metrics)
         return metrics
 
