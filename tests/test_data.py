@@ -166,3 +166,21 @@ def test_non_square_image_keeps_its_aspect_and_the_bundle_runtime_sees_the_same_
     assert np.array_equal(on_device, stored)  # the same uint8 pixels as the build's stored image
     built = Preprocess.from_dict(pre)(torch.from_numpy(stored)[None]).numpy()
     assert np.allclose(rt.preprocess(on_device[None], pre), built, atol=1e-5)  # and the same model input
+
+
+def test_image_store_reads_the_rows_asked_in_the_order_asked_and_rejects_a_short_file(tmp_path):
+    """Rows come back as asked (shuffled, repeated, a slice's run), equal to the array written; a
+    row past the end and a cache file of the wrong size are errors, not garbage."""
+    from edgekd.data.store import ImageStore
+
+    arr = np.random.default_rng(0).integers(0, 256, (300, 3, 16, 16), dtype=np.uint8)
+    path = tmp_path / "a.u8"
+    arr.tofile(path)
+    store = ImageStore(path, arr.shape)
+    for rows in (np.random.default_rng(1).permutation(300)[:97], np.array([5, 5, 4, 299, 0]), np.arange(10, 60), np.array([7])):
+        np.testing.assert_array_equal(store.take(rows), arr[rows])
+    with pytest.raises(IndexError):
+        store.take(np.array([300]))
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(EdgekdError, match="delete it"):
+        ImageStore(path, arr.shape)

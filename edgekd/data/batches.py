@@ -15,7 +15,7 @@ from edgekd.errors import EdgekdError
 
 class Split:
     """Labels (N,) int64 and their uint8 images: rows of ``source``, a (M, C, H, W) tensor in memory
-    or a memory-mapped :class:`edgekd.data.store.ImageStore` (``rows`` None: row i is image i).
+    or an on-disk :class:`edgekd.data.store.ImageStore` (``rows`` None: row i is image i).
     Splitting and subsetting select rows and copy no image; ``take`` copies out only a batch."""
 
     def __init__(self, images, labels: torch.Tensor, rows: torch.Tensor | None = None):

@@ -66,7 +66,7 @@ def load_fashion_mnist_split(root: Path, which: str) -> Split:
 
 
 def _stored_fashion_mnist(base: Path, which: str, storage: Storage) -> Split:
-    """One split's images decompressed once into the image cache and memory-mapped (labels: 60 KB, read each time)."""
+    """One split's images decompressed once into the image cache and read from there (labels: 60 KB, read each time)."""
     img_file, lbl_file = FASHION_MNIST_FILES[which]
     store, _ = stored_array(f"fashion-mnist:{which}", [base / img_file], lambda: load_fashion_mnist_split(base, which).images.numpy(), storage)
     labels = _read_idx(base / lbl_file).long()
@@ -88,7 +88,7 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _load_folder(folder: Path, classes: Sequence[str], storage: Storage, channels: int | None) -> tuple[Split, int, list[str], dict]:
     """Every image as (channels, S, S) uint8, decoded once into the cache (:mod:`edgekd.data.store`) and
-    memory-mapped; returns the split, channel count, skipped files and how the data was made ready."""
+    read from the cache file; returns the split, channel count, skipped files and how the data was made ready."""
     from PIL import Image, UnidentifiedImageError
 
     files: list[tuple[Path, int]] = []

@@ -1,5 +1,5 @@
 """Images decoded once: an image folder decoded in parallel into one uint8 array on disk, then
-memory-mapped by every later run (and every rank) instead of decoded again; Fashion-MNIST's
+read by every later run (and every rank) instead of decoded again; Fashion-MNIST's
 gzipped IDX files are decompressed into the same cache once (:func:`stored_array`).
 
 The array (N, C, S, S) lives in ``data.cache_dir`` (default ``$EDGEKD_DATA_CACHE`` or
@@ -10,10 +10,9 @@ removed file gives a new key, so a stale array is never read. Decoding runs in a
 file, which is renamed into place only when complete; a file lock lets one process decode while
 the others (other ranks, a second build) wait for it and then read.
 
-Memory: the map is read-only and shared; :class:`ImageStore` gathers the rows a batch asks for
-and gives back the mapped pages every :data:`RELEASE_BYTES` read (``madvise(MADV_DONTNEED)``:
-the page cache keeps them, the process's resident set does not), so a run's memory is bounded by
-what a batch needs, not by the data set.
+Memory: :class:`ImageStore` reads the rows a batch asks for straight into that batch's buffer
+(no memory map), so a run's resident memory is bounded by what a batch needs, not by the data
+set; the kernel's page cache holds what it can and reclaims the rest.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -37,7 +35,6 @@ from edgekd.runtime.preprocessing import fit_to_square  # one resize for the bui
 
 STORE_VERSION = 1
 CACHE_ENV = "EDGEKD_DATA_CACHE"
-RELEASE_BYTES = 256 << 20  # give mapped pages back after this many bytes read
 CHUNK = 256  # images per task in the decode pool
 
 
@@ -56,26 +53,53 @@ def default_cache_dir() -> Path:
 
 
 class ImageStore:
-    """A read-only memory map of (N, C, S, S) uint8 images; ``take(rows)`` copies out only those rows."""
+    """A read-only (N, C, S, S) uint8 array in a file; ``take(rows)`` reads only those rows.
+
+    Rows are read with ``os.preadv`` into the batch's own buffer, one call per run of adjacent
+    rows, instead of through a memory map: a map's pages count in the process's resident set
+    once touched (and the kernel maps up to 16 neighbouring pages per fault), so an epoch over a
+    map grows the RSS towards the array's size; a read leaves them in the page cache only, which
+    the kernel can reclaim. One epoch of 50,000 images at 128 px: ``benchmarks/data_scale.py``."""
 
     def __init__(self, path: Path, shape: tuple[int, int, int, int]):
         self.path, self.shape = path, tuple(shape)
-        self._fh = open(path, "rb")
-        self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.array = np.frombuffer(self._map, dtype=np.uint8).reshape(self.shape)
-        self._read = 0
+        self._fd = os.open(path, os.O_RDONLY)
+        self._row_bytes = int(np.prod(self.shape[1:]))
+        expected = self.shape[0] * self._row_bytes
+        if os.fstat(self._fd).st_size != expected:
+            os.close(self._fd)
+            raise EdgekdError(f"the image cache file {path} has {os.path.getsize(path):,} bytes, not {expected:,}", "delete it; the next run decodes the images again")
+
+    def __len__(self) -> int:
+        return self.shape[0]
 
     def take(self, rows: np.ndarray) -> np.ndarray:
-        out = self.array[np.sort(rows)] if len(rows) > 1 else self.array[rows]
-        if len(rows) > 1:  # read in file order (sequential pages), hand back in the order asked
-            out = out[np.argsort(np.argsort(rows))]
-        self._read += out.nbytes
-        if self._read >= RELEASE_BYTES:
-            self._map.madvise(mmap.MADV_DONTNEED)
-            self._read = 0
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        order = np.argsort(rows, kind="stable")
+        out = np.empty((len(rows), *self.shape[1:]), dtype=np.uint8)
+        flat = out.reshape(len(rows), self._row_bytes)
+        sorted_rows = rows[order]
+        if len(rows) and (sorted_rows[0] < 0 or sorted_rows[-1] >= self.shape[0]):
+            raise IndexError(f"row out of range 0..{self.shape[0] - 1}")
+        start = 0
+        for end in range(1, len(rows) + 1):  # one read per run of adjacent rows (a slice is one run)
+            if end < len(rows) and sorted_rows[end] == sorted_rows[end - 1] + 1 and order[end] == order[end - 1] + 1:
+                continue
+            first = order[start]
+            view = flat[first : first + (end - start)]
+            got = os.preadv(self._fd, [memoryview(view).cast("B")], int(sorted_rows[start]) * self._row_bytes)
+            if got != view.nbytes:
+                raise EdgekdError(f"short read from the image cache {self.path}", "delete it; the next run decodes the images again")
+            start = end
         return out
 
-    def __getstate__(self):  # a process pool or a copy reopens the file instead of pickling the map
+    def __del__(self):
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+            self._fd = None
+
+    def __getstate__(self):  # a process pool or a copy reopens the file instead of sharing the descriptor
         return {"path": self.path, "shape": self.shape}
 
     def __setstate__(self, state):

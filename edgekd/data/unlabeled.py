@@ -2,7 +2,7 @@
 an optional labeled target-domain test folder (``data.target_test_root``).
 
 Both are decoded once like the labeled image folders (:func:`edgekd.data.store.decoded_folder`:
-one memory-mapped uint8 array in ``data.cache_dir``, keyed by content) at the labeled data's
+one uint8 array on disk in ``data.cache_dir``, keyed by content) at the labeled data's
 storage side and channel count, so the same :class:`~edgekd.data.Preprocess` feeds every split.
 
 - The unlabeled folder may have any layout: every image file under it, in sub-folders too, is one
