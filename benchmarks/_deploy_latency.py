@@ -17,6 +17,7 @@ speed drifts within a minute), p50 = median of the per-round medians.
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
 from pathlib import Path
@@ -27,12 +28,12 @@ import torch
 
 from edgekd.config import QuantizeConfig
 from edgekd.export import ort_quantize_static
-from edgekd.export.checks import ort_latency_ms
-from edgekd.export.onnx import export_fp32
-from edgekd.export.openvino_layout import check_openvino_int8, export_int8_openvino, openvino_latency_ms
+from edgekd.runners.timing import median_latency_ms
+from edgekd.export.to_onnx import export_fp32
+from edgekd.export.openvino_layout import check_openvino_int8, export_int8_openvino
 from edgekd.export.ort_layout import export_int8_ort
 from edgekd.models import count_params, create_model
-from edgekd.quantize.qad import quantize_model
+from edgekd.quantize.fakequant import quantize_model
 
 ORT_FILES, OV_FILES = ("fp32", "ort_int8", "quantize_static"), ("fp32", "ov_int8", "nncf")
 
@@ -62,12 +63,12 @@ def build_files(name: str, size: int, work: Path, calib_images: int = 64) -> tup
     export_fp32(model, files["fp32"], pre)
     info["seconds"]["fp32"] = round(time.time() - t0, 1)
     t0 = time.time()
-    q = quantize_model(copy.deepcopy(model), QuantizeConfig(weight_bits=7, calibrator="max"), calib, pre, "ort-cpu")
+    q = quantize_model(copy.deepcopy(model), QuantizeConfig(weight_bits=7, calibrator="max", layout="ort-cpu"), calib, pre)
     export_int8_ort(q, files["ort_int8"], pre, calib)
     info["seconds"]["ort_int8"] = round(time.time() - t0, 1)
     ort_quantize_static(files["fp32"], files["quantize_static"], calib, pre)
     t0 = time.time()
-    q = quantize_model(copy.deepcopy(model), QuantizeConfig(weight_bits=8, calibrator="max"), calib, pre, "openvino")
+    q = quantize_model(copy.deepcopy(model), QuantizeConfig(weight_bits=8, calibrator="max", layout="openvino"), calib, pre)
     export_int8_openvino(q, files["ov_int8"], pre)
     info["seconds"]["ov_int8"] = round(time.time() - t0, 1)
     t0 = time.time()
@@ -82,7 +83,7 @@ def build_files(name: str, size: int, work: Path, calib_images: int = 64) -> tup
 
 def time_files(files: dict[str, Path], shape: tuple[int, int, int], batches: dict[int, int], rounds: int) -> dict[str, float]:
     """{'<runtime>_<file>_b<batch>': p50 ms}: onnxruntime runs ORT_FILES, OpenVINO OV_FILES, all interleaved per round."""
-    plan = [("ort", k, ort_latency_ms) for k in ORT_FILES] + [("ov", k, openvino_latency_ms) for k in OV_FILES]
+    plan = [("ort", k, functools.partial(median_latency_ms, "ort-cpu")) for k in ORT_FILES] + [("ov", k, functools.partial(median_latency_ms, "openvino")) for k in OV_FILES]
     out: dict[str, float] = {}
     for batch, runs in batches.items():
         per: dict[str, list[float]] = {f"{rt}_{k}_b{batch}": [] for rt, k, _ in plan}

@@ -42,11 +42,12 @@ from _common import machine  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from edgekd.data import calibration_images  # noqa: E402
-from edgekd.export import agreement, interleaved_latency_ms, load_for_export, ort_logits, ort_quantize_static, reference_logits, run_export  # noqa: E402
-from edgekd.finetune import load_data  # noqa: E402
+from edgekd.runners.timing import interleaved_latency_ms  # noqa: E402
+from edgekd.export import agreement, load_for_export, ort_logits, ort_quantize_static, reference_logits  # noqa: E402
+from edgekd.data import load_data  # noqa: E402
 from edgekd.models import count_params, create_model  # noqa: E402
-from edgekd.quantize import run_qad  # noqa: E402
-from edgekd.train import cross_entropy_loss, fit  # noqa: E402
+from _stages import export_run, qad_run  # noqa: E402
+from edgekd.train import cross_entropy_loss, fit, FitOptions  # noqa: E402
 
 STUDENTS = ["resnet18", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_lite0", "regnetx_002", "repvgg_a0", "mobilenetv4_conv_small",
             "nano_cnn", "small_cnn"]
@@ -66,7 +67,7 @@ def train_fp32(name: str, data, args) -> Path:
     torch.manual_seed(args.seed)
     model = create_model(name, 10, pretrained="offline" if name == "efficientnet_lite0" else "none", input_size=32)
     cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=args.lr, weight_decay=0.05, warmup_epochs=0.3)
-    fit(model, data, cfg, out, cross_entropy_loss(), model.preprocess, augment="flip", seed=args.seed, resume=False, description=f"{name} FP32")
+    fit(model, data, cfg, out, cross_entropy_loss(), model.preprocess, FitOptions(augment="flip", seed=args.seed, resume=False, description=f"{name} FP32"))
     return out / "best.pt"
 
 
@@ -79,12 +80,12 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     if reused:
         qad = {"checkpoint": str(out / "qad" / "best.pt"), "metrics": json.loads((out / "qad" / "metrics.json").read_text())}
     else:
-        qad = run_qad(ckpt, qcfg, data, out / "qad", qad_loss(ckpt, data, out, args), args.seed, "flip", resume=False)
+        qad = qad_run(ckpt, qcfg, data, out / "qad", qad_loss(ckpt, data, out, args), args.seed)
     row = {"student": name, "layout": layout, "qad_seconds": qad["metrics"].get("train_seconds") if reused else round(time.time() - t0, 1), "ptq_val_top1": qad["metrics"]["ptq_val_top1"],
            "fp32_val_top1": qad["metrics"]["fp32_val_top1"], "qad_val_top1": qad["metrics"]["val"]["top1"], "qad_result": qad["metrics"]["result"],
            "calibrator": qad["metrics"].get("calibrator"), "calibrators_tried": qad["metrics"].get("calibrators_tried")}
     try:
-        rec = run_export(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout=layout, check_batch=256), qcfg, seed=args.seed)
+        rec = export_run(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout=layout, check_batch=256), qcfg, args.seed)
     except Exception as exc:  # noqa: BLE001 - a failed export is a result of this benchmark, recorded as such
         row.update(completed=False, error=str(exc).splitlines()[0][:200])
         return row
@@ -111,7 +112,7 @@ def quantize_and_export(name: str, layout: str, ckpt: Path, data, args) -> dict:
     row["noise_floor"] = noise_floor(model, x, ref)
     if layout == "ort-cpu":
         # onnxruntime's own quantize_static starts from the FP32 student's export, as a user's would
-        fp32_file = run_export(ckpt, out / "fp32_export", data, ExportConfig(precision="fp32", layout=layout), qcfg, seed=args.seed)["path"]
+        fp32_file = export_run(ckpt, out / "fp32_export", data, ExportConfig(precision="fp32", layout=layout), qcfg, args.seed)["path"]
         row["fp32_onnx"] = fp32_file
         base = out / "export" / "quantize_static.onnx"
         ort_quantize_static(Path(fp32_file), base, calibration_images(data.train, 512, args.seed), model.preprocess)

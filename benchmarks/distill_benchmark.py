@@ -30,11 +30,12 @@ import torch  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig  # noqa: E402
 from edgekd.data import DataSet  # noqa: E402
-from edgekd.distill import run_distill  # noqa: E402
-from edgekd.finetune import load_data  # noqa: E402
-from edgekd.manifest import write_bytes_atomic, write_json_atomic  # noqa: E402
+from edgekd.distill import DistillJob, run_distill  # noqa: E402
+from edgekd.stage_context import StageContext  # noqa: E402
+from edgekd.data import load_data  # noqa: E402
+from edgekd.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
 from edgekd.models import count_params, create_model, load_checkpoint, model_from_checkpoint  # noqa: E402
-from edgekd.train import cross_entropy_loss, evaluate, final_metrics, fit, seed_everything  # noqa: E402
+from edgekd.train import cross_entropy_loss, evaluate, final_metrics, fit, FitOptions, seed_everything  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine as common_machine  # noqa: E402
@@ -88,7 +89,7 @@ def train_alone(a: argparse.Namespace, data: DataSet, out: Path) -> dict:
     seed_everything(a.seed)
     cfg = student_cfg(a)
     model = create_model(cfg.model, data.num_classes, in_chans=data.channels, width=cfg.width, input_size=cfg.input_size)
-    result = fit(model, data, cfg.train, out, cross_entropy_loss(), model.preprocess, augment=a.augment, seed=a.seed, kind="student", resume=False, description=f"alone {cfg.model}")
+    result = fit(model, data, cfg.train, out, cross_entropy_loss(), model.preprocess, FitOptions(augment=a.augment, seed=a.seed, kind="student", resume=False, description=f"alone {cfg.model}"))
     best = model_from_checkpoint(load_checkpoint(result.best_path))
     return final_metrics(best, data, best.preprocess, result, {"params": count_params(best)})
 
@@ -98,7 +99,7 @@ def train_second_teacher(a: argparse.Namespace, data: DataSet, out: Path) -> Pat
     seed_everything(a.seed + 1)
     model = create_model(a.second_teacher, data.num_classes, in_chans=data.channels, width=a.second_teacher_width, input_size=28)
     cfg = TrainConfig(epochs=a.second_teacher_epochs, lr=3e-3, batch_size=128, weight_decay=0.05)
-    result = fit(model, data, cfg, out, cross_entropy_loss(), model.preprocess, augment=a.augment, seed=a.seed + 1, kind="teacher", description=f"teacher 2 {a.second_teacher}")
+    result = fit(model, data, cfg, out, cross_entropy_loss(), model.preprocess, FitOptions(augment=a.augment, seed=a.seed + 1, kind="teacher", description=f"teacher 2 {a.second_teacher}"))
     return result.best_path
 
 
@@ -118,7 +119,8 @@ def run_row(row: str, a: argparse.Namespace, data: DataSet, data_cfg: DataConfig
         paths = [teachers["main"], teachers["second"]] if row == "two-teachers" else [teachers["main"]]
         cfg = DistillConfig(losses=losses, temperature=a.temperature, alpha=a.alpha, feature_weight=a.feature_weight,
                             teacher_layer=a.teacher_layer if "fitnet" in losses else None)
-        m = run_distill(paths, student_cfg(a), cfg, data_cfg, out, seed=a.seed, resume=False, data=data, cache_dir=work / "teacher-cache")["metrics"]
+        ctx = StageContext(seed=a.seed, resume=False, data_cfg=data_cfg, cache_dir=work / "teacher-cache")
+        m = run_distill(DistillJob(student_cfg(a), cfg, tuple(paths)), data, out, ctx)["metrics"]
     m["wall_seconds"] = round(time.time() - t0, 1)
     return m
 
@@ -129,8 +131,8 @@ def online_vs_cached(a: argparse.Namespace, data: DataSet, data_cfg: DataConfig,
     cfg.train = cfg.train.model_copy(update={"epochs": 1})
     speeds = {}
     for mode, cache in (("online", False), ("cached", True)):
-        m = run_distill([teacher], cfg, DistillConfig(losses=["kd"], cache_teacher=cache), data_cfg, work / f"speed-{mode}", seed=a.seed, resume=False,
-                        data=data, cache_dir=work / "teacher-cache")["metrics"]
+        ctx = StageContext(seed=a.seed, resume=False, data_cfg=data_cfg, cache_dir=work / "teacher-cache")
+        m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], cache_teacher=cache), (teacher,)), data, work / f"speed-{mode}", ctx)["metrics"]
         speeds[mode] = m["images_per_second"]
     return speeds
 

@@ -36,9 +36,11 @@ from _common import machine  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TeacherConfig, TrainConfig  # noqa: E402
 from edgekd.control import run_control  # noqa: E402
-from edgekd.distill import run_distill_mode  # noqa: E402
-from edgekd.finetune import load_data, run_finetune  # noqa: E402
-from edgekd.manifest import write_bytes_atomic, write_json_atomic  # noqa: E402
+from edgekd.distill import DistillJob, run_distill_mode  # noqa: E402
+from edgekd.finetune import run_finetune  # noqa: E402
+from edgekd.stage_context import StageContext  # noqa: E402
+from edgekd.data import load_data
+from edgekd.atomic import write_bytes_atomic, write_json_atomic  # noqa: E402
 
 ROWS = ["alone", "kd", "kd+fitnet", "assistant", "mutual"]
 SECTION = "## Run 3: distillation modes (issue 16)"
@@ -64,23 +66,23 @@ def student_cfg(a: argparse.Namespace) -> StudentConfig:
 def train_teacher(a: argparse.Namespace, data_cfg: DataConfig, data, work: Path) -> dict:
     """EfficientNet-Lite0 (ImageNet weights) fine-tuned at 64 px on the same subset; reused when already there."""
     cfg = TeacherConfig(input_size=64, train=TrainConfig(epochs=a.teacher_epochs, lr=1e-3, batch_size=64, label_smoothing=0.0))
-    return run_finetune(cfg, data_cfg, work / "teacher", seed=0, data=data)
+    return run_finetune(cfg, data, work / "teacher", StageContext(seed=0, data_cfg=data_cfg))
 
 
 def run_row(row: str, seed: int, a: argparse.Namespace, data_cfg: DataConfig, data, teacher: str, work: Path) -> dict:
     out = work / f"{row}-s{seed}"
-    opts = {"seed": seed, "resume": False, "data": data, "cache_dir": work / "cache"}
+    ctx = StageContext(seed=seed, resume=False, data_cfg=data_cfg, cache_dir=work / "cache")
     if row == "alone":
-        return run_control(student_cfg(a), data_cfg, out, data, seed)["metrics"]
+        return run_control(student_cfg(a), data, out, StageContext(seed=seed, data_cfg=data_cfg))["metrics"]
     if row == "mutual":
-        return run_distill_mode([], student_cfg(a), DistillConfig(mode="mutual", peers=2), data_cfg, out, **opts)["metrics"]
+        return run_distill_mode(DistillJob(student_cfg(a), DistillConfig(mode="mutual", peers=2)), data, out, ctx)["metrics"]
     if row == "assistant":
         given = work / "assistant-s0" / "assistant" / "best.pt"
         assistant = str(given) if seed != 0 and given.is_file() else "small_cnn"
-        return run_distill_mode([teacher], student_cfg(a), DistillConfig(mode="assistant", assistant=assistant), data_cfg, out, **opts)["metrics"]
+        return run_distill_mode(DistillJob(student_cfg(a), DistillConfig(mode="assistant", assistant=assistant), (Path(teacher),)), data, out, ctx)["metrics"]
     losses = ["kd", "fitnet"] if row == "kd+fitnet" else ["kd"]
     cfg = DistillConfig(losses=losses, teacher_layer="blocks.6" if "fitnet" in losses else None)
-    return run_distill_mode([teacher], student_cfg(a), cfg, data_cfg, out, **opts)["metrics"]
+    return run_distill_mode(DistillJob(student_cfg(a), cfg, (Path(teacher),)), data, out, ctx)["metrics"]
 
 
 def summary_row(row: str, runs: list[dict], alone: list[float] | None) -> str:

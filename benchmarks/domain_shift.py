@@ -107,11 +107,13 @@ def make_data() -> None:
 
 def teacher() -> None:
     from edgekd.config import load_recipe
+    from edgekd.data import load_data
     from edgekd.finetune import run_finetune
+    from edgekd.stage_context import StageContext
 
     rc = load_recipe(None, ["data.train_subset=12000", "teacher.input_size=48", "teacher.train.epochs=2", "teacher.train.min_steps=0"])
     t0 = time.time()
-    r = run_finetune(rc.teacher, rc.data, WORK / "teacher", seed=0)
+    r = run_finetune(rc.teacher, load_data(rc.data, 0), WORK / "teacher", StageContext(seed=0, data_cfg=rc.data))
     m = r["metrics"]
     (WORK / "teacher.json").write_text(json.dumps({"val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "seconds": round(time.time() - t0, 1)}))
     print(f"teacher: test top-1 {m['test']['top1']:.4f} in {time.time() - t0:.0f} s")

@@ -153,14 +153,14 @@ def _test_images(out: Path):
 
 def tensorrt_engines(out: Path) -> dict:
     """FP16 (from the FP32 ONNX) and INT8 (from the Q/DQ ONNX) engines vs onnxruntime, and timed."""
-    from edgekd.runtimes import runtime_available
+    from edgekd.runners import runtime_available
 
     ok, why = runtime_available("tensorrt")
     if not ok:
         raise Skip(f"TensorRT cannot run here: {why}")
     from edgekd.bench import BenchRequest, TimingPlan, run_bench
     from edgekd.export import agreement, ort_logits
-    from edgekd.runtimes.tensorrt import TensorRTRunner
+    from edgekd.runners.tensorrt import TensorRTRunner
 
     int8 = Path(sorted(glob.glob(str(out / "build" / "**" / "model.onnx"), recursive=True))[0])
     fp32 = int8.with_name("model.fp32.onnx")
@@ -182,14 +182,14 @@ def tensorrt_engines(out: Path) -> dict:
 
 def trt_batch_split(out: Path) -> dict:
     """The bundle runtime's TrtModel on a real engine whose profile ends at batch 4, fed more images than that."""
-    from edgekd.runtimes import runtime_available
+    from edgekd.runners import runtime_available
 
     ok, why = runtime_available("tensorrt")
     if not ok:
         raise Skip(f"TensorRT cannot run here: {why}")
     from edgekd.export import agreement, ort_logits
     from edgekd.runtime.backends import TrtModel
-    from edgekd.runtimes.tensorrt import EngineOptions, build_engine
+    from edgekd.runners.tensorrt import EngineOptions, build_engine
 
     int8 = Path(sorted(glob.glob(str(out / "build" / "**" / "model.onnx"), recursive=True))[0])
     engine = build_engine(int8, out / "split.engine", EngineOptions("int8", batch=2, max_batch=4, timing_cache=str(out / "split.cache")))

@@ -75,7 +75,7 @@ def main() -> int:
         out = work / student
         teacher_ckpt = teacher_ckpt or str(out / "teacher" / "best.pt")
         if data is None:
-            from edgekd.finetune import load_data
+            from edgekd.data import load_data
 
             data = load_data(recipe.data, recipe.seed)
         ck = load_checkpoint(out / "student" / "best.pt")

@@ -32,8 +32,9 @@ from torch import nn  # noqa: E402
 from _common import machine  # noqa: E402
 from edgekd.config import DataConfig  # noqa: E402
 from edgekd.data import calibration_images  # noqa: E402
-from edgekd.export import export_fp32, ort_latency_ms, ort_quantize_static  # noqa: E402
-from edgekd.finetune import load_data  # noqa: E402
+from edgekd.export import export_fp32, ort_quantize_static  # noqa: E402
+from edgekd.runners.timing import median_latency_ms  # noqa: E402
+from edgekd.data import load_data  # noqa: E402
 from edgekd.models import PlainCNN, count_macs, count_params, create_model, default_preprocess  # noqa: E402
 
 
@@ -83,7 +84,7 @@ def main() -> int:
             fp32, int8 = Path(td) / f"{i}.fp32.onnx", Path(td) / f"{i}.int8.onnx"
             export_fp32(model, fp32, pre)
             ort_quantize_static(fp32, int8, calib, pre)
-            lat = {(kind, b): ort_latency_ms(path, b, (1, 28, 28), runs=args.runs, warmup=10, threads=args.threads)
+            lat = {(kind, b): median_latency_ms("ort-cpu", path, b, (1, 28, 28), runs=args.runs, warmup=10, threads=args.threads)
                    for b in (1, 64) for kind, path in (("fp32", fp32), ("int8", int8))}
             rows.append((name, count_params(model), count_macs(model, 28, 1), lat))
             print(f"{name}: b64 fp32 {lat['fp32', 64]:.2f} ms, int8 {lat['int8', 64]:.2f} ms, {lat['fp32', 64] / lat['int8', 64]:.2f}x", flush=True)

@@ -45,9 +45,10 @@ from _common import machine  # noqa: E402
 import architectures  # noqa: E402
 from edgekd import ui  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
-from edgekd.export import interleaved_latency_ms, load_for_export, ort_logits, run_export  # noqa: E402
-from edgekd.finetune import load_data  # noqa: E402
-from edgekd.quantize import run_qad  # noqa: E402
+from edgekd.export import load_for_export, ort_logits  # noqa: E402
+from edgekd.runners.timing import interleaved_latency_ms  # noqa: E402
+from edgekd.data import load_data  # noqa: E402
+from _stages import export_run, qad_run  # noqa: E402
 from edgekd.train import cross_entropy_loss  # noqa: E402
 
 STUDENTS = ["mobilenetv3_large_100", "regnetx_002", "efficientnet_lite0", "mobilenetv2_100"]
@@ -62,7 +63,7 @@ def exported_top1(onnx_path: str, pre, data) -> float:
 
 def export_row(name: str, label: str, ckpt: Path, data, qcfg: QuantizeConfig, args, extra: dict) -> dict:
     out = WORK / name / label.replace(" ", "_")
-    rec = run_export(ckpt, out, data, ExportConfig(precision="int8", layout="ort-cpu", check_batch=256), qcfg, seed=args.seed)
+    rec = export_run(ckpt, out, data, ExportConfig(precision="int8", layout="ort-cpu", check_batch=256), qcfg, args.seed)
     pre = load_for_export(ckpt)[0].preprocess
     row = {"student": name, "row": label, "code": code_version(), "onnx": _rel(rec["path"]), "fp32_onnx": _rel(rec["fp32_path"]), "test_top1": exported_top1(rec["path"], pre, data),
            "float_layers": len(rec.get("mixed_precision", {}).get("float_layers", [])), "shape": [pre.channels, pre.input_size, pre.input_size],
@@ -104,7 +105,7 @@ def budget_run(name: str, ckpt: Path, data, budget: float, args, sensitivity_fil
                           train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     t0 = time.time()
     out = WORK / name / f"qad_budget_{budget:g}"
-    res = finished_run(out) or run_qad(ckpt, qcfg, data, out, lambda model: (cross_entropy_loss(), None), args.seed, "flip", resume=False)
+    res = finished_run(out) or qad_run(ckpt, qcfg, data, out, lambda model: (cross_entropy_loss(), None), args.seed)
     seconds = round(time.time() - t0, 1)
     m = res["metrics"]
     b = m["accuracy_budget"] or {}

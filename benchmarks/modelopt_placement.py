@@ -33,7 +33,7 @@ from architectures import STUDENTS  # noqa: E402
 from edgekd.config import QuantizeConfig  # noqa: E402
 from edgekd.data import load_dataset  # noqa: E402
 from edgekd.export.modelopt_reference import modelopt_python, placement, placement_differences, quantize_with_modelopt  # noqa: E402
-from edgekd.export.onnx import torch_to_onnx, without_quantizers  # noqa: E402
+from edgekd.export.to_onnx import torch_to_onnx, without_quantizers  # noqa: E402
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness, export_int8_tensorrt  # noqa: E402
 from edgekd.models import create_model  # noqa: E402
 from edgekd.quantize import quantize_model  # noqa: E402
@@ -49,7 +49,7 @@ def compare(name: str, images, calib: int) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     model = create_model(name, 10, pretrained="offline" if name == "efficientnet_lite0" else "none", input_size=32)
-    q = quantize_model(model, QuantizeConfig(calibrator="max"), images[:calib], model.preprocess, "tensorrt")
+    q = quantize_model(model, QuantizeConfig(calibrator="max", layout="tensorrt"), images[:calib], model.preprocess)
     ours = export_int8_tensorrt(q, out / "edgekd.onnx", q.preprocess)
     torch_to_onnx(without_quantizers(q), out / "fp32.onnx", q.preprocess)  # the same prepared graph, in float
     theirs = quantize_with_modelopt(out / "fp32.onnx", out / "modelopt.onnx", q.preprocess(images[:calib]).numpy())

@@ -37,13 +37,13 @@ from _common import machine  # noqa: E402
 from _deploy_latency import cpu_flags, latency_row, latency_table, nncf_ptq  # noqa: E402
 from edgekd.config import DataConfig, ExportConfig, QuantizeConfig, TrainConfig  # noqa: E402
 from edgekd.data import calibration_images  # noqa: E402
-from edgekd.export import load_for_export, resolve_layout, run_export  # noqa: E402
+from edgekd.export import load_for_export, resolve_layout  # noqa: E402
 from edgekd.export.openvino_layout import openvino_logits  # noqa: E402
-from edgekd.finetune import load_data  # noqa: E402
+from edgekd.data import load_data  # noqa: E402
 from edgekd.models import create_model  # noqa: E402
 from edgekd.models.checkpoint import save_checkpoint  # noqa: E402
-from edgekd.quantize import run_qad  # noqa: E402
-from edgekd.train import cross_entropy_loss, fit  # noqa: E402
+from _stages import export_run, qad_run  # noqa: E402
+from edgekd.train import cross_entropy_loss, fit, FitOptions  # noqa: E402
 
 TIMM_NETS = ["resnet18", "mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_lite0", "mobilenetv4_conv_small", "regnetx_002"]
 STUDENTS = {"nano_cnn": 28, "small_cnn": 28}  # edgekd's own students, at their own input size
@@ -87,7 +87,7 @@ def train_student(name: str, data, args: argparse.Namespace) -> Path:
     size = STUDENTS.get(name, 32)
     model = create_model(name, 10, pretrained="offline" if name == "efficientnet_lite0" else "none", input_size=size)
     cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=2e-3, weight_decay=0.05, warmup_epochs=0.3)
-    fit(model, data, cfg, out, cross_entropy_loss(), model.preprocess, augment="flip", seed=args.seed, resume=False, description=f"{name} FP32")
+    fit(model, data, cfg, out, cross_entropy_loss(), model.preprocess, FitOptions(augment="flip", seed=args.seed, resume=False, description=f"{name} FP32"))
     return out / "best.pt"
 
 
@@ -110,10 +110,10 @@ def accuracy_row(name: str, data, args: argparse.Namespace) -> dict:
     qcfg = QuantizeConfig(layout="openvino", calib_images=512,
                           train=TrainConfig(epochs=args.qad_epochs, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     t0 = time.time()
-    qad = run_qad(ckpt, qcfg, data, out / "qad", qad_loss(ckpt, data, out), args.seed, "flip", resume=False)
-    rec = run_export(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout="openvino", check_batch=256), qcfg, seed=args.seed)
+    qad = qad_run(ckpt, qcfg, data, out / "qad", qad_loss(ckpt, data, out), args.seed)
+    rec = export_run(qad["checkpoint"], out / "export", data, ExportConfig(precision="int8", layout="openvino", check_batch=256), qcfg, args.seed)
     edgekd_s = time.time() - t0
-    fp32 = run_export(ckpt, out / "fp32", data, ExportConfig(precision="fp32", layout="openvino"), qcfg, seed=args.seed)["path"]
+    fp32 = export_run(ckpt, out / "fp32", data, ExportConfig(precision="fp32", layout="openvino"), qcfg, args.seed)["path"]
     pre = load_for_export(ckpt)[0].preprocess
     x, labels = pre(data.test.images).numpy(), data.test.labels.numpy()
     t0 = time.time()
@@ -145,7 +145,7 @@ def run_accuracy(args: argparse.Namespace) -> None:
 def run_export_time(args: argparse.Namespace) -> None:
     """``run_export`` (what `edgekd export` runs) of an FP32 checkpoint at 224 px with the real 6,000-image
     validation split, calibrator 'auto' forced down its longest path (all four calibrators scored)."""
-    from edgekd.quantize import stage as qstage
+    from edgekd.quantize import ptq as qstage  # the calibrator selection
 
     torch.set_num_threads(2)
     rows = load_rows()
@@ -161,8 +161,8 @@ def run_export_time(args: argparse.Namespace) -> None:
         for target in args.targets:
             t0 = time.time()
             layout, precision = resolve_layout(target, None, "int8")
-            rec = run_export(out / "fp32" / "best.pt", out / target, data, ExportConfig(precision=precision, layout=layout), QuantizeConfig(calibrator="auto"),
-                             target, args.seed)
+            rec = export_run(out / "fp32" / "best.pt", out / target, data, ExportConfig(precision=precision, layout=layout), QuantizeConfig(calibrator="auto"),
+                         args.seed, target)
             row = {"network": name, "size": args.size, "target": target, "seconds": round(time.time() - t0, 1), "val_images": len(data.val),
                    "select_images": QuantizeConfig().select_images, "calibrators_tried": rec["ptq_calibration"]["calibrators_tried"]}
             rows.setdefault("export_time", [])

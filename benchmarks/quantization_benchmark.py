@@ -35,13 +35,15 @@ import torch
 from edgekd import ui
 from edgekd.config import DataConfig, DistillConfig, QuantizeConfig, TrainConfig
 from edgekd.data import calibration_images
-from edgekd.export import (agreement, export_fp32, export_int8_ort, export_int8_tensorrt, ort_latency_ms, ort_logits, ort_quantize_static,
+from edgekd.export import (agreement, export_fp32, export_int8_ort, export_int8_tensorrt, ort_logits, ort_quantize_static,
                            reference_logits)
-from edgekd.finetune import load_data
-from edgekd.manifest import versions, write_bytes_atomic
+from edgekd.data import load_data
+from edgekd.runners.timing import median_latency_ms
+from edgekd.manifest import versions
+from edgekd.atomic import write_bytes_atomic
 from edgekd.models import count_params, create_model, model_from_checkpoint
 from edgekd.quantize import forward_loop_over, load_quantized, quantize_model, save_quantized
-from edgekd.train import cross_entropy_loss, fit, seed_everything
+from edgekd.train import cross_entropy_loss, fit, FitOptions, seed_everything
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -84,8 +86,7 @@ def train_student(name: str, data, epochs: int, work: Path, use_teacher: bool, s
     model = create_model(name, data.num_classes)
     loss, _ = make_loss(model, data, use_teacher)
     LOSS_USED[name] = loss_label(use_teacher)
-    res = fit(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=0.05), work / f"{name}-fp32", loss, model.preprocess,
-              augment="flip", seed=seed, kind="student", resume=False, description=f"FP32 {name}", ckpt_extra={"bench_loss": LOSS_USED[name]})
+    res = fit(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=3e-3, weight_decay=0.05), work / f"{name}-fp32", loss, model.preprocess, FitOptions(augment="flip", seed=seed, kind="student", resume=False, description=f"FP32 {name}", ckpt_extra={"bench_loss": LOSS_USED[name]}))
     return model_from_checkpoint(res.best_path), res.seconds
 
 
@@ -95,12 +96,12 @@ def qad(fp32, data, epochs: int, work: Path, use_teacher: bool, calib, seed: int
     model = copy.deepcopy(fp32)
     model.edgekd_spec = fp32.edgekd_spec
     model.preprocess = fp32.preprocess
-    model = quantize_model(model, QuantizeConfig(calibrator="max"), calib, model.preprocess, "ort-cpu")
+    model = quantize_model(model, QuantizeConfig(calibrator="max", layout="ort-cpu"), calib, model.preprocess)
     loss, _ = make_loss(model, data, use_teacher)
     name = fp32.edgekd_spec["name"]
     res = fit(model, data, TrainConfig(epochs=epochs, batch_size=128, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0), work / f"{name}-qad", loss,
-              model.preprocess, augment="flip", seed=seed, kind="quantized-student", resume=False,
-              save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), description=f"QAD {name}")
+              model.preprocess, FitOptions(augment="flip", seed=seed, kind="quantized-student", resume=False,
+                                           save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), description=f"QAD {name}"))
     return load_quantized(res.last_path), res.seconds
 
 
@@ -119,7 +120,7 @@ def naive(fp32, calib):
 def bench_file(path: Path, x: np.ndarray, labels: np.ndarray, runs: int, shape) -> dict:
     logits = ort_logits(path, x)
     return {"top1": float((logits.argmax(1) == labels).mean()), "logits": logits,
-            "b1_ms": ort_latency_ms(path, 1, shape, runs=runs, warmup=20), "b64_ms": ort_latency_ms(path, 64, shape, runs=runs, warmup=10)}
+            "b1_ms": median_latency_ms("ort-cpu", path, 1, shape, runs=runs, warmup=20), "b64_ms": median_latency_ms("ort-cpu", path, 64, shape, runs=runs, warmup=10)}
 
 
 def run_student(name: str, data, args, work: Path, use_teacher: bool) -> list[dict]:

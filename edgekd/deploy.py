@@ -8,7 +8,7 @@ bundle's reference images), the TensorRT engine is built on the device with the 
 version), and latency percentiles are measured on the device. Results come back as a dict and,
 when a run folder is given, as the manifest's ``deploy`` stage.
 
->>> from edgekd.runtimes.ssh import SshDevice
+>>> from edgekd.runners.ssh import SshDevice
 >>> deploy("runs/x/bundle.tar.gz", SshDevice("jetson@192.168.1.20", known_hosts=Path("kh")))  # doctest: +SKIP
 """
 
@@ -25,11 +25,12 @@ from typing import TYPE_CHECKING, Any
 from edgekd import ui
 from edgekd.bundle import load_bundle_meta, tar_bytes
 from edgekd.errors import EdgekdError
-from edgekd.manifest import Manifest, sha256_json, write_json_atomic
-from edgekd.runtimes.ssh import SshDevice
+from edgekd.manifest import Manifest
+from edgekd.atomic import sha256_json, write_json_atomic
+from edgekd.runners.ssh import SshDevice
 
 if TYPE_CHECKING:
-    from edgekd.bench.timing import TimingPlan
+    from edgekd.runners.timing import TimingPlan
 
 DEPLOY_STAGE = "deploy"
 GPU_TIME_RE = re.compile(r"GPU Compute Time: (.*)")

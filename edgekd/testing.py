@@ -62,7 +62,7 @@ def target_unavailable(name: str) -> str | None:
 
 def runtime_unavailable(name: str) -> str | None:
     from edgekd.errors import EdgekdError
-    from edgekd.runtimes import runtime_available
+    from edgekd.runners import runtime_available
 
     try:
         ok, why = runtime_available(name)

@@ -176,7 +176,7 @@ def teacher_32px(tmp_path_factory: pytest.TempPathFactory, fmnist_600) -> Path:
 def fmnist_2000():
     """2,000 real Fashion-MNIST training images (val: 200) and 300 test images, shared by the quantization tests."""
     from edgekd.config import DataConfig
-    from edgekd.finetune import load_data
+    from edgekd.data import load_data
 
     return load_data(DataConfig(train_subset=2000, test_subset=300), 0)
 

@@ -18,7 +18,7 @@ from edgekd.config import DataConfig, QuantizeConfig
 from edgekd.errors import EdgekdError
 from edgekd.export import (ExportRequest, agreement, check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_ort_closest, export_int8_tensorrt,
                            export_model, ort_logits, reference_logits, torch_to_onnx)
-from edgekd.finetune import load_data
+from edgekd.data import load_data
 from edgekd.models import RECOMMENDED_TIMM, create_model
 from edgekd.quantize import enabled_quantizers, quantize_model
 from edgekd.quantize.placement import ACT_PREFIX

@@ -22,8 +22,8 @@ from onnx import TensorProto, helper, numpy_helper
 from edgekd.bench import (BenchRequest, TimingPlan, check_regression, compare_samples, fingerprint, fingerprint_differences, load_baseline,
                           parse_percent, resolve_model_path, run_bench, sample_inputs, save_baseline, summarize)
 from edgekd.errors import EdgekdError
-from edgekd.runtimes import TensorSpec, runtime_available
-from edgekd.runtimes.ort import layer_times_from_trace
+from edgekd.runners import TensorSpec, runtime_available
+from edgekd.runners.ort import layer_times_from_trace
 from cli_helpers import assert_one_line_error, json_out, run_cli, run_inprocess
 
 

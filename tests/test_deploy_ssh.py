@@ -13,7 +13,7 @@ from edgekd.bundle import BundleModel, make_bundle
 from edgekd.deploy import deploy, parse_trtexec_times
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest
-from edgekd.runtimes.ssh import SshDevice
+from edgekd.runners.ssh import SshDevice
 from edgekd.targets import get_target
 
 pytestmark = pytest.mark.ssh

@@ -21,7 +21,7 @@ from edgekd.data import iterate
 from edgekd.distill import (AttentionTransferLoss, FeatureHook, HintLoss, KDLoss, RKDLoss, build_distill_loss, load_teacher, run_distill, soft_targets,
                             teacher_forward)
 from edgekd.errors import EdgekdError
-from edgekd.manifest import sha256_file
+from edgekd.atomic import sha256_file
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
 
 

@@ -14,7 +14,7 @@ from cli_helpers import assert_one_line_error, json_out, run_inprocess
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.distill import MutualLoss, run_distill_mode
-from edgekd.manifest import sha256_file
+from edgekd.atomic import sha256_file
 from edgekd.models import load_checkpoint
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")

@@ -23,7 +23,8 @@ from edgekd import runtime
 from edgekd.bundle import BundleModel, load_bundle_meta, make_bundle
 from edgekd.config import apply_overrides, load_recipe, parse_file
 from edgekd.errors import EdgekdError
-from edgekd.manifest import MANIFEST_NAME, Manifest, read_json
+from edgekd.manifest import MANIFEST_NAME, Manifest
+from edgekd.atomic import read_json
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 

@@ -24,7 +24,8 @@ import torch
 from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli, run_inprocess
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.errors import EdgekdError
-from edgekd.manifest import Manifest, write_json_atomic
+from edgekd.manifest import Manifest
+from edgekd.atomic import write_json_atomic
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 ENV = {"OMP_NUM_THREADS": "1"}

@@ -10,7 +10,7 @@ import torch
 
 from edgekd.config import DataConfig, QuantizeConfig, TrainConfig
 from edgekd.data import calibration_images
-from edgekd.finetune import load_data
+from edgekd.data import load_data
 from edgekd.quantize import _tensor_quantizer_cls, activation_quantizers, load_quantized, quantize_model, run_qad
 from edgekd.quantize.ranges import LearnedRanges, learning_ranges
 from edgekd.train import cross_entropy_loss

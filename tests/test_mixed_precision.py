@@ -19,7 +19,7 @@ from edgekd.config import DataConfig, QuantizeConfig, TrainConfig
 from edgekd.data import calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.export import check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_ort, export_int8_tensorrt, ort_logits
-from edgekd.finetune import load_data
+from edgekd.data import load_data
 from edgekd.models import load_checkpoint, model_from_checkpoint, save_checkpoint
 from edgekd.quantize import (fit_accuracy_budget, float_layers_of, load_quantized, measure_sensitivity, quantize_model, quantized_layers, run_qad,
                              save_quantized, set_float_layers)

@@ -139,7 +139,7 @@ def test_control_trains_a_pretrained_timm_student_on_grey_images(tmp_path):
     offline ImageNet weights on grey Fashion-MNIST, and its checkpoint rebuilds at 3 channels."""
     from edgekd.config import DataConfig, StudentConfig, TrainConfig
     from edgekd.control import run_control
-    from edgekd.finetune import load_data
+    from edgekd.data import load_data
 
     data = load_data(DataConfig(train_subset=256, test_subset=64), 0)
     top1 = {}

@@ -16,7 +16,7 @@ from edgekd.bench import BenchRequest, TimingPlan, run_bench
 from edgekd.bench.cpu_runtimes import compare_cpu_runtimes, runtime_lines, runtime_verdict
 from edgekd.config import QuantizeConfig
 from edgekd.errors import EdgekdError
-from edgekd.export.onnx import export_fp32
+from edgekd.export.to_onnx import export_fp32
 from edgekd.export.openvino_layout import check_openvino_int8, compiled_layers, export_int8_openvino, openvino_logits
 from edgekd.targets import accelerator_present, get_target
 
@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def ov_files(pico_model, tmp_path_factory):
     """The pico student quantized for the openvino layout (calibrated on real images), exported; and its FP32 file."""
-    from edgekd.quantize.qad import quantize_model
+    from edgekd.quantize.fakequant import quantize_model
 
     out = tmp_path_factory.mktemp("ov")
     model = pico_model.model
@@ -139,7 +139,7 @@ def test_openvino_device_must_match_the_runtime(tmp_path):
 def test_export_refuses_a_model_quantized_for_another_layout(pico_model, tmp_path):
     import copy
 
-    from edgekd.quantize.qad import quantize_model
+    from edgekd.quantize.fakequant import quantize_model
 
     q = quantize_model(copy.deepcopy(pico_model.model), QuantizeConfig(calibrator="max"), torch.from_numpy(pico_model.images[:32]), pico_model.preprocess, "tensorrt")
     with pytest.raises(EdgekdError, match="tensorrt layout, not openvino"):

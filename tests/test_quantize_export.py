@@ -21,7 +21,7 @@ from edgekd.config import DataConfig, QuantizeConfig, TrainConfig
 from edgekd.errors import EdgekdError
 from edgekd.export import (ExportRequest, check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_tensorrt, export_model, read_metadata, resolve_layout,
                            torch_to_onnx)
-from edgekd.finetune import load_data
+from edgekd.data import load_data
 from edgekd.models import create_model
 from edgekd.data import calibration_images
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, quantize_model, run_qad, save_quantized)

@@ -20,7 +20,7 @@ from edgekd.config import QuantizeConfig
 from edgekd.data import load_dataset
 from edgekd.export.graph import Graph
 from edgekd.export.modelopt_reference import modelopt_python, placement, placement_differences, quantize_with_modelopt
-from edgekd.export.onnx import torch_to_onnx, without_quantizers
+from edgekd.export.to_onnx import torch_to_onnx, without_quantizers
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness, export_int8_tensorrt
 from edgekd.models import create_model
 from edgekd.quantize import quantize_model

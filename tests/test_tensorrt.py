@@ -1,4 +1,4 @@
-"""Native TensorRT runner (edgekd/runtimes/tensorrt.py): needs TensorRT and an NVIDIA GPU, skips cleanly elsewhere.
+"""Native TensorRT runner (edgekd/runners/tensorrt.py): needs TensorRT and an NVIDIA GPU, skips cleanly elsewhere.
 
 On a GPU machine these build real engines (FP32 and FP16; INT8 from a symmetric Q/DQ graph), save
 the engine metadata, reuse or rebuild engines, compare outputs with onnxruntime and time them
@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edgekd.runtimes import runtime_available
+from edgekd.runners import runtime_available
 
 _OK, _WHY = runtime_available("tensorrt")
 pytestmark = [pytest.mark.tensorrt, pytest.mark.gpu, pytest.mark.skipif(not _OK, reason=f"TensorRT runtime unavailable: {_WHY}")]
@@ -65,7 +65,7 @@ def _ort_logits(path: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("precision, qdq, atol", [("fp32", False, 1e-3), ("fp16", False, 2e-2), ("int8", True, 5e-2)])
 def test_engine_matches_onnxruntime(tmp_path: Path, precision: str, qdq: bool, atol: float) -> None:
-    from edgekd.runtimes.tensorrt import TensorRTRunner
+    from edgekd.runners.tensorrt import TensorRTRunner
 
     onnx_path = _qdq_conv_net(tmp_path / "m.onnx", qdq)
     x = np.random.default_rng(1).standard_normal((4, 3, 32, 32)).astype(np.float32)
@@ -80,7 +80,7 @@ def test_engine_matches_onnxruntime(tmp_path: Path, precision: str, qdq: bool, a
 
 
 def test_engine_reused_until_the_onnx_changes(tmp_path: Path) -> None:
-    from edgekd.runtimes.tensorrt import EngineOptions, TensorRTRunner, engine_is_current
+    from edgekd.runners.tensorrt import EngineOptions, TensorRTRunner, engine_is_current
 
     onnx_path = _qdq_conv_net(tmp_path / "m.onnx", qdq=True)
     TensorRTRunner(onnx_path, precision="int8", batch=2, max_batch=64).close()
@@ -104,7 +104,7 @@ def test_bench_tensorrt_has_device_time_and_layer_profile(tmp_path: Path) -> Non
 
 def test_missing_dla_core_is_a_clear_error(tmp_path: Path) -> None:
     from edgekd.errors import EdgekdError
-    from edgekd.runtimes.tensorrt import EngineOptions, build_engine
+    from edgekd.runners.tensorrt import EngineOptions, build_engine
 
     import tensorrt as trt
 
@@ -116,7 +116,7 @@ def test_missing_dla_core_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_trt_model_splits_a_batch_above_the_engines_profile(tmp_path: Path) -> None:
     from edgekd.runtime.backends import TrtModel
-    from edgekd.runtimes.tensorrt import EngineOptions, build_engine
+    from edgekd.runners.tensorrt import EngineOptions, build_engine
 
     onnx_path = _qdq_conv_net(tmp_path / "m.onnx", qdq=True)
     engine = build_engine(onnx_path, tmp_path / "m.engine", EngineOptions("int8", batch=2, max_batch=4, timing_cache=str(tmp_path / "t.cache")))
@@ -128,7 +128,7 @@ def test_trt_model_splits_a_batch_above_the_engines_profile(tmp_path: Path) -> N
 
 def test_a_shape_outside_the_profile_is_a_clear_error(tmp_path: Path) -> None:
     from edgekd.errors import EdgekdError
-    from edgekd.runtimes.tensorrt import TensorRTRunner
+    from edgekd.runners.tensorrt import TensorRTRunner
 
     runner = TensorRTRunner(_qdq_conv_net(tmp_path / "m.onnx", qdq=False), precision="fp32", batch=2, max_batch=4)
     try:
@@ -141,7 +141,7 @@ def test_a_shape_outside_the_profile_is_a_clear_error(tmp_path: Path) -> None:
 def test_dla_builds_one_static_engine_per_batch(tmp_path: Path) -> None:
     import tensorrt as trt
 
-    from edgekd.runtimes.tensorrt import TensorRTRunner
+    from edgekd.runners.tensorrt import TensorRTRunner
 
     if trt.Builder(trt.Logger(trt.Logger.ERROR)).num_DLA_cores == 0:
         pytest.skip("this device has no DLA core")

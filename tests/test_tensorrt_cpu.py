@@ -20,8 +20,8 @@ import pytest
 from packaging.requirements import Requirement
 
 from edgekd.runtime.backends import engine_batch_range, run_within_profile
-from edgekd.runtimes.ort import provider_list, tensorrt_ep_options
-from edgekd.runtimes.shapes import engine_batches, engine_profile
+from edgekd.runners.ort import provider_list, tensorrt_ep_options
+from edgekd.runners.shapes import engine_batches, engine_profile
 from edgekd.targets import get_target, load_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +100,7 @@ class _Recorder:
 
 
 def _fake_trt(monkeypatch, with_precision_flags=True):
-    import edgekd.runtimes.tensorrt_build as rt
+    import edgekd.runners.tensorrt_build as rt
 
     flags = {"GPU_FALLBACK": "GPU_FALLBACK", **({"FP16": "FP16", "INT8": "INT8"} if with_precision_flags else {})}
     fake = SimpleNamespace(BuilderFlag=SimpleNamespace(**flags), MemoryPoolType=SimpleNamespace(WORKSPACE=0),
@@ -175,7 +175,7 @@ def test_probe_reports_broken_cuda_as_unavailable(kind, reason, tmp_path):
     env = _shim(tmp_path, kind)
     code = textwrap.dedent("""
         import tensorrt  # the shim: importable, as a real install without a working CUDA is
-        from edgekd.runtimes import runtime_available
+        from edgekd.runners import runtime_available
         from edgekd.runtime.backends import tensorrt_usable
         ok, why = runtime_available("tensorrt")
         print(ok, "|", why, "|", tensorrt_usable())

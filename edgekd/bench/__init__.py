@@ -25,7 +25,7 @@ from edgekd.bench.fingerprint import MACHINE_KEYS, fingerprint, fingerprint_diff
 from edgekd.bench.inputs import bundle_preprocess, resolve_model_path, sample_inputs
 from edgekd.bench.stage import BenchRequest, busy_machine_note, run_bench
 from edgekd.bench.stats import DEFAULT_CONFIDENCE, Comparison, LatencyStats, bootstrap_ratio, compare_samples, decide, parse_percent, summarize
-from edgekd.bench.timing import TimingPlan, time_interleaved, time_runner
+from edgekd.runners.timing import TimingPlan, time_interleaved, time_runner
 
 __all__ = ["BASELINE_FORMAT", "BASELINE_VERSION", "DEFAULT_CONFIDENCE", "MACHINE_KEYS", "BenchRequest", "Comparison", "LatencyStats", "TimingPlan",
            "baseline_from_result", "bootstrap_ratio", "bundle_preprocess", "busy_machine_note", "check_regression", "compare_samples", "decide",

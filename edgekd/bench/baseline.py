@@ -20,7 +20,7 @@ BASELINE_VERSION = 1
 
 def baseline_from_result(result: dict[str, Any], command: str | None = None) -> dict[str, Any]:
     """A baseline file's content: the primary batch's stats, raw samples, fingerprint (and the reference's)."""
-    from edgekd.manifest import sha256_file
+    from edgekd.atomic import sha256_file
 
     model = Path(result["model"])
     base = {
@@ -46,14 +46,14 @@ def baseline_from_result(result: dict[str, Any], command: str | None = None) -> 
 
 
 def save_baseline(path: str | os.PathLike, result: dict[str, Any], command: str | None = None) -> Path:
-    from edgekd.manifest import write_json_atomic
+    from edgekd.atomic import write_json_atomic
 
     return write_json_atomic(path, baseline_from_result(result, command))
 
 
 def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a baseline file; every problem is one clear EdgekdError."""
-    from edgekd.manifest import read_json
+    from edgekd.atomic import read_json
 
     data = read_json(path, "latency baseline")
     hint = "write a fresh one with `edgekd bench MODEL --save-baseline FILE`"

@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from edgekd.bench.stage import BenchRequest, run_bench
-from edgekd.bench.timing import TimingPlan
-from edgekd.runtimes import CPU_RUNTIMES, runtime_available
+from edgekd.runners.timing import TimingPlan
+from edgekd.runners import CPU_RUNTIMES, runtime_available
 
 
 def compare_cpu_runtimes(files: dict[str, str], batches: list[int], plan: TimingPlan, threads: int | None, target: str | None,

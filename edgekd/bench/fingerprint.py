@@ -91,7 +91,7 @@ def fingerprint(runtime: str = "ort-cpu", threads: int | None = None, device: st
 
 
 def _physical_cores() -> int:
-    from edgekd.runtimes.ort import physical_cores  # light: numpy + onnxruntime, no torch
+    from edgekd.runners.ort import physical_cores  # light: numpy + onnxruntime, no torch
 
     try:
         return physical_cores()

@@ -68,7 +68,7 @@ def _path_in(value: Any) -> str | None:
 
 
 def _model_named_in(meta: Path) -> str | None:
-    from edgekd.manifest import read_json
+    from edgekd.atomic import read_json
 
     data = read_json(meta, "bundle description")
     if not isinstance(data, dict):

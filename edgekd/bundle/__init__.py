@@ -10,7 +10,7 @@ A bundle is a folder plus a deterministic ``.tar.gz`` of it::
       model/NAME.onnx      the INT8 (or FP16/FP32) ONNX model(s)
       reference/inputs.npy images the host ran; the device must give the same top-1 (selfcheck)
       engine/build_engine.sh  TensorRT targets: the exact trtexec build + timing commands
-      edgekd/runtime/      the torch-free runtime package (+ edgekd/__init__.py, errors.py, manifest.py)
+      edgekd/runtime/      the torch-free runtime package (+ edgekd/__init__.py, errors.py, atomic.py)
       run.sh, README.md
 
 The trtexec flags follow NVIDIA's TensorRT "Best Practices" guide and the Jetson benchmarking

@@ -13,7 +13,7 @@ from typing import Any
 
 from edgekd import runtime as rt
 from edgekd.errors import EdgekdError
-from edgekd.manifest import atomic_path
+from edgekd.atomic import atomic_path
 
 EXECUTABLE = {"run.sh", "engine/build_engine.sh"}
 

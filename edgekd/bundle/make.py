@@ -17,13 +17,14 @@ import numpy as np
 
 from edgekd import runtime as rt
 from edgekd.errors import EdgekdError
-from edgekd.manifest import out_of_space, versions
+from edgekd.manifest import versions
+from edgekd.atomic import out_of_space
 from edgekd.bundle.archive import EXECUTABLE, tar_bundle
 from edgekd.bundle.scripts import RUN_SH, build_engine_script, float_layers_in, onnx_input, readme_text, trtexec_commands
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # edgekd/
-RUNTIME_FILES = ("__init__.py", "errors.py", "manifest.py", "runtime/__init__.py", "runtime/__main__.py", "runtime/backends.py",
+RUNTIME_FILES = ("__init__.py", "errors.py", "atomic.py", "runtime/__init__.py", "runtime/__main__.py", "runtime/backends.py",
                  "runtime/checks.py", "runtime/classifier.py", "runtime/cli.py", "runtime/integrity.py", "runtime/preprocessing.py")
 
 

@@ -10,7 +10,7 @@ import shlex
 from typing import Any, Mapping
 
 from edgekd.errors import EdgekdError
-from edgekd.runtimes.shapes import engine_batches, engine_profile, tensorrt_major, trtexec_precision_flags
+from edgekd.runners.shapes import engine_batches, engine_profile, tensorrt_major, trtexec_precision_flags
 
 
 DEFAULT_WARMUP_MS = 500
@@ -50,7 +50,7 @@ def _shape(name: str, dims: list[int]) -> str:
 def trtexec_commands(target: Mapping[str, Any], onnx_rel: str, input_name: str, input_dims: list[int | None], primary: str) -> dict[str, list[str]]:
     """The exact trtexec command lines (argv) to build and time the engine(s) on the device.
 
-    Shapes come from :mod:`edgekd.runtimes.shapes`: on the GPU one engine with a 1..batch profile;
+    Shapes come from :mod:`edgekd.runners.shapes`: on the GPU one engine with a 1..batch profile;
     on the DLA (static shapes only) one engine per batch size, ``engine/<primary>.plan`` at the
     target's batch and ``engine/<primary>.b1.plan`` at batch 1, each timed with its own shape."""
     chw = [int(d) for d in input_dims[1:]]

@@ -23,6 +23,7 @@ from edgekd.cli_options import (DataRootOpt, DatasetOpt, JsonOpt, OutOpt, Resume
 
 if TYPE_CHECKING:
     from edgekd.config import Recipe
+    from edgekd.stage_context import StageContext
 
 CheckpointArg = Annotated[Path, typer.Argument(help="Student checkpoint (.pt from `edgekd distill` or `edgekd quantize`).")]
 CalibratorOpt = Annotated[Optional[str], typer.Option(help="Activation-range calibrator: max, percentile, entropy, mse, or auto (max; the others too when max loses over a point on validation, the best kept). \\[default: auto]")]
@@ -52,11 +53,20 @@ class RunOptions:
 
     def recipe(self, config: Optional[Path], set_: Optional[list[str]], opts: dict[str, Any], quick_set: list[str] | None = None) -> Recipe:
         """The validated recipe: ``quick_set`` when --quick, then --set, then the command's options and the data options given."""
-        from edgekd.config import load_recipe
+        from edgekd.config import load_recipe  # lazy: --help must not import pydantic's models
 
         data = {"data.dataset": self.dataset, "data.root": self.data_root, "data.unlabeled_root": self.unlabeled, "data.train_subset": self.train_subset,
                 "data.test_subset": self.test_subset, "seed": self.seed}
         return load_recipe(config, ((quick_set or []) if self.quick else []) + (set_ or []) + overrides(opts | data))
+
+
+    def context(self, recipe: Recipe, augment: str | None = None, **fields: Any) -> StageContext:
+        """The stage context of a command's run: the recipe's seed and data (with ``augment`` when the
+        stage has its own), --resume, and any other :class:`~edgekd.stage_context.StageContext` field."""
+        from edgekd.stage_context import StageContext  # lazy: pydantic config only, but `edgekd --help` imports nothing it does not show
+
+        data_cfg = recipe.data if augment is None else recipe.data.model_copy(update={"augment": augment})
+        return StageContext(recipe.seed, recipe.deterministic, self.resume, data_cfg, **fields)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,7 @@ def _runtime_choice(tgt: dict[str, Any], runtime: str | None, batches: list[int]
 
 def _ssh_device(host: str | None, port: int, identity: Path | None, known_hosts: Path | None, python: str) -> Any:
     """--remote: the device to measure on."""
-    from edgekd.runtimes.ssh import SshDevice
+    from edgekd.runners.ssh import SshDevice
 
     if not host:
         raise EdgekdError("--remote needs --host user@device", "e.g. --remote --host jetson@192.168.1.20 --known-hosts ~/.ssh/known_hosts")
@@ -213,13 +213,12 @@ def _ref_without_samples(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def _remote(model: str, tgt: dict[str, Any], batches: list[int], bench_cfg: Any, threads: int | None, device: Any, remote_dir: str | None) -> dict[str, Any]:
-    """Time on the device through edgekd.deploy's remote_bench hook; statistics are computed here, the same way."""
-    from edgekd.bench import TimingPlan, resolve_model_path, summarize
-    from edgekd.runtimes import remote_hook
+    """Time on the device through ``edgekd.deploy.remote_bench``; statistics are computed here, the same way."""
+    from edgekd.bench import TimingPlan, resolve_model_path, summarize  # lazy: `edgekd --help` imports no numpy/onnxruntime
+    from edgekd.deploy import remote_bench  # lazy: the SSH path, only for --remote
 
     if not tgt:
         raise EdgekdError("--remote needs --target", "name the device's target, e.g. --target jetson-orin-nano")
-    remote_bench = remote_hook()
     plan = TimingPlan(bench_cfg.warmup, bench_cfg.runs)  # the device times a fixed number of runs (no --duration)
     path = resolve_model_path(model)
     sweep, first = [], None

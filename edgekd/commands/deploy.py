@@ -33,7 +33,7 @@ def deploy_command(
     """
     from edgekd import ui
     from edgekd.deploy import deploy
-    from edgekd.runtimes.ssh import device_from_options
+    from edgekd.runners.ssh import device_from_options
 
     device = device_from_options(host, port, identity, known_hosts, python)
     result = deploy(bundle, device, remote_dir, runs, warmup, engine, run_dir)

@@ -74,7 +74,8 @@ def distill(
 
     Example: edgekd distill --teacher runs/teacher/best.pt --student nano_cnn --loss kd,fitnet --augment flip --out runs/student
     """
-    from edgekd.distill import run_distill_mode
+    from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
+    from edgekd.distill import DistillJob, run_distill_mode  # lazy: torch, timm
 
     recipe = run.recipe(config, set_, {
         "distill.mode": mode, "distill.assistant": assistant, "distill.peers": _peers(peers),
@@ -84,14 +85,14 @@ def distill(
         "distill.relation_weight": relation_weight, "distill.student_layer": student_layer, "distill.teacher_layer": teacher_layer,
         "distill.teacher_weights": _floats(teacher_weights, "--teacher-weights"), "distill.cache_teacher": cache,
     }, QUICK)
-    data_cfg = recipe.data.model_copy(update={"augment": recipe.student.augment})  # the student's augmentation, as in `edgekd build`
     if teacher and recipe.distill.mode == "mutual":
         ui.warn("--mode mutual trains its peers without a teacher: --teacher is not used")
     if not teacher and recipe.distill.mode != "mutual":
         raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers, or use --mode mutual")
     with output_folder(run.out):
-        result = run_distill_mode(list(teacher or []), recipe.student, recipe.distill, data_cfg, run.out, seed=recipe.seed, deterministic=recipe.deterministic, resume=run.resume,
-                             self_distill=self_distill, cache_dir=cache_dir)
+        job = DistillJob(recipe.student, recipe.distill, tuple(teacher or ()), self_distill)
+        ctx = run.context(recipe, recipe.student.augment, cache_dir=cache_dir)  # the student's augmentation, as in `edgekd build`
+        result = run_distill_mode(job, load_data(recipe.data, recipe.seed), run.out, ctx)
     _report(result, run.as_json)
 
 

@@ -43,8 +43,8 @@ def export(
               edgekd export runs/quantized/best.pt --layout tensorrt --out runs/export-trt
               edgekd export runs/student/best.pt --target x86-cpu --max-accuracy-drop 1.0   (calibrate, keep the sensitive layers in float)
     """
-    from edgekd.export import resolve_layout, run_export
-    from edgekd.finetune import load_data
+    from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
+    from edgekd.export import ExportJob, resolve_layout, run_export  # lazy: torch, onnx, onnxruntime
 
     if target is None and layout is None and precision in (None, "int8"):
         raise EdgekdError("no target or layout given", "pass --target NAME (see `edgekd targets list`) or --layout tensorrt|ort-cpu|openvino")
@@ -55,7 +55,7 @@ def export(
                                        "quantize.max_accuracy_drop": max_accuracy_drop, "quantize.exclude": layer_list(exclude)})
     with output_folder(run.out):
         data = load_data(recipe.data, recipe.seed)
-        record = run_export(checkpoint, run.out, data, recipe.export, recipe.quantize, target, recipe.seed)
+        record = run_export(ExportJob(recipe.export, recipe.quantize, checkpoint), data, run.out, run.context(recipe, target=target))
     agree = record["checks"]["agreement"]
     rows = [[record["path"], precision, record["layout"], f"{agree['top1_agreement']:.4f}", f"{agree['max_abs_diff']:.3g}",
              record["checks"].get("tensorrt_readiness", {}).get("ok", "-"), record["checks"].get("ort_cpu_fusion", {}).get("ok", "-")]]

@@ -36,14 +36,16 @@ def finetune(
 
     Example: edgekd finetune --epochs 4 --input-size 64 --out runs/teacher
     """
-    from edgekd.finetune import run_finetune
+    from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
+    from edgekd.finetune import run_finetune  # lazy: torch, timm
 
     recipe = run.recipe(config, set_, {
         "teacher.model": model, "teacher.pretrained": pretrained, "teacher.mode": mode, "teacher.input_size": input_size,
         **train.overrides(), "teacher.train.optimizer": optimizer, "teacher.train.label_smoothing": label_smoothing,
     }, QUICK)
     with output_folder(run.out):
-        result = run_finetune(recipe.teacher, recipe.data, run.out, recipe.seed, recipe.deterministic, run.resume)
+        data = load_data(recipe.data, recipe.seed, store_size=max(64, recipe.teacher.input_size) if recipe.data.dataset == "imagefolder" else 64)
+        result = run_finetune(recipe.teacher, data, run.out, run.context(recipe))
     m = result["metrics"]
     ui.show(ui.table("teacher fine-tune", ["model", "params", "val top-1", "test top-1", "train s", "img/s", "checkpoint"],
                      [[recipe.teacher.model, f"{m['params']:,}", m["val"]["top1"], m["test"]["top1"], m["train_seconds"], m["images_per_second"], result["checkpoint"]]]))

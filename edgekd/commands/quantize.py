@@ -45,9 +45,10 @@ def quantize(
     loses more than 0.5 points, keeps the most sensitive ones in higher precision until it fits,
     and writes sensitivity.json / sensitivity.png beside the checkpoint.
     """
-    from edgekd.finetune import load_data
-    from edgekd.quantize import for_target, run_qad
-    from edgekd.targets import get_target
+    from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
+    from edgekd.quantize import QadJob, for_target, run_qad  # lazy: torch, modelopt
+    from edgekd.export import confirm_on_export  # lazy: onnx, onnxruntime
+    from edgekd.targets import get_target  # lazy: kept with the others of this command
 
     recipe = run.recipe(config, set_, {"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
                                        "quantize.learn_ranges": learn_ranges, "quantize.layout": layout, "quantize.max_accuracy_drop": max_accuracy_drop,
@@ -56,8 +57,9 @@ def quantize(
     recipe.quantize = for_target(recipe.quantize, target.layout, target.arch)
     data = load_data(recipe.data, recipe.seed)
     augment = "flip" if recipe.data.augment != "none" else "none"
+    job = QadJob(recipe.quantize, checkpoint, _loss_factory(teacher, recipe, data, augment), confirm_on_export)
     with output_folder(run.out):
-        result = run_qad(checkpoint, recipe.quantize, data, run.out, _loss_factory(teacher, recipe, data, augment), recipe.seed, augment, run.resume)
+        result = run_qad(job, data, run.out, run.context(recipe, augment))
     m = result["metrics"]
     ui.show(ui.table("quantization-aware distillation", ["FP32 val", "PTQ val", "QAD val", "QAD test", "float layers", "checkpoint"],
                      [[m["fp32_val_top1"], m["ptq_val_top1"], m["val"]["top1"], m["test"]["top1"], len(m["float_layers"]), result["checkpoint"]]]))
@@ -80,12 +82,12 @@ def show_budget(budget: dict) -> None:
 
 def _loss_factory(teacher: Path | None, recipe, data, augment: str):
     """QAD loss: the distillation loss from the FP32 teacher when given, else cross-entropy on labels."""
-    from edgekd.train import cross_entropy_loss
+    from edgekd.train import cross_entropy_loss  # lazy: torch
 
     if teacher is None:
         ui.warn("no --teacher: quantization-aware fine-tuning uses hard labels only (pass the FP32 teacher for QAD)")
         return lambda model: (cross_entropy_loss(), None)
-    from edgekd.distill import build_distill_loss, load_teacher
+    from edgekd.distill import build_distill_loss, load_teacher  # lazy: torch, timm
 
     t = load_teacher(teacher)
     return lambda model: build_distill_loss(model, [t], recipe.distill, data, augment=augment)

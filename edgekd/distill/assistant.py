@@ -11,31 +11,30 @@ resumes and caches teacher outputs like any distillation. ``distill.assistant`` 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
-from typing import Any
 
 from edgekd import ui
-from edgekd.config import DataConfig, DistillConfig, StudentConfig
+from edgekd.atomic import write_json_atomic
+from edgekd.config import StudentConfig
+from edgekd.data import DataSet
+from edgekd.distill.kd import DistillJob, run_distill, within_stage_limit
 from edgekd.errors import EdgekdError
-from edgekd.manifest import write_json_atomic
+from edgekd.stage_context import StageContext
 from edgekd.train.env import on_main
 
 
 def _limited(student_cfg: StudentConfig, share: float, started: float) -> StudentConfig:
     """The student config with ``share`` of what is left of the stage's time limit: the two links
     share the stage's budget instead of taking it twice."""
-    from edgekd.distill.stage import within_stage_limit
-
     return student_cfg.model_copy(update={"train": within_stage_limit(student_cfg.train, started, share)})
 
 
-def run_assistant_chain(teachers: list[str | Path], student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg: DataConfig,
-                        out_dir: str | Path, **options: Any) -> dict:
+def run_assistant_chain(job: DistillJob, data: DataSet, out_dir: str | Path, ctx: StageContext) -> dict:
     """teacher(s) -> ``distill.assistant`` -> student; returns the student link's result, with the
     assistant's accuracy under ``metrics["assistant"]``."""
-    from edgekd.distill.stage import run_distill
-
+    distill_cfg, student_cfg = job.distill, job.student
     if not distill_cfg.assistant:
         raise EdgekdError("distill.mode=assistant needs distill.assistant", "e.g. --assistant small_cnn (a network name) or --assistant assistant.pt")
     started, link = time.time(), distill_cfg.model_copy(update={"mode": "teacher"})
@@ -46,11 +45,12 @@ def run_assistant_chain(teachers: list[str | Path], student_cfg: StudentConfig, 
     else:
         ui.log(f"teacher assistant: distilling {distill_cfg.assistant} from the teacher first, then the student from it")
         a_cfg = _limited(student_cfg, 0.5, started).model_copy(update={"model": distill_cfg.assistant})
-        r = run_distill(teachers, a_cfg, link, data_cfg, Path(out_dir) / "assistant", **options)
+        r = run_distill(dataclasses.replace(job, student=a_cfg, distill=link), data, Path(out_dir) / "assistant", ctx)
         assistant_ckpt = r["checkpoint"]
         assistant_metrics = {"checkpoint": assistant_ckpt, "trained_here": True, "model": distill_cfg.assistant, "params": r["metrics"]["params"],
                              "val_top1": r["metrics"]["val"]["top1"], "test_top1": r["metrics"]["test"]["top1"], "train_seconds": r["metrics"]["train_seconds"]}
-    result = run_distill([assistant_ckpt], _limited(student_cfg, 1.0, started), link, data_cfg, out_dir, **options)
+    last_link = DistillJob(_limited(student_cfg, 1.0, started), link, (Path(assistant_ckpt),), self_distill=False)
+    result = run_distill(last_link, data, out_dir, ctx)
     result["metrics"].update({"mode": "assistant", "assistant": assistant_metrics})
     on_main(lambda: write_json_atomic(result["metrics_file"], result["metrics"]))
     return result

@@ -16,7 +16,7 @@ from edgekd import ui
 from edgekd.data import Batch, DataSet, Split
 from edgekd.data.unlabeled import split_fingerprint
 from edgekd.errors import EdgekdError
-from edgekd.manifest import atomic_path, sha256_json
+from edgekd.atomic import atomic_path, sha256_json
 from edgekd.models import safe_torch_load
 from edgekd.distill.teachers import Teacher, teacher_forward
 from edgekd.train.env import current as current_ranks, on_main, share

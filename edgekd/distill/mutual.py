@@ -19,11 +19,14 @@ import torch
 import torch.nn as nn
 
 from edgekd import ui
-from edgekd.config import DataConfig, DistillConfig, StudentConfig
+from edgekd.atomic import atomic_path
+from edgekd.config import DistillConfig, StudentConfig
 from edgekd.data import Batch, DataSet
+from edgekd.distill.kd import DistillJob, check_student_name
 from edgekd.distill.losses import MutualLoss
-from edgekd.manifest import atomic_path
 from edgekd.models import count_params, create_student, safe_torch_load, save_checkpoint
+from edgekd.stage_context import StageContext
+from edgekd.train import evaluate, final_metrics, fit, FitOptions, seed_everything
 from edgekd.train.env import on_main
 
 PEERS_FORMAT = "edgekd-peers"
@@ -72,8 +75,6 @@ def peer_names(student_cfg: StudentConfig, distill_cfg: DistillConfig) -> list[s
 
 def make_peers(student_cfg: StudentConfig, distill_cfg: DistillConfig, data: DataSet) -> list[nn.Module]:
     """Fresh peers at the student's input size and the data's channels, all with the first one's preprocessing."""
-    from edgekd.distill.stage import check_student_name
-
     models = []
     for name in peer_names(student_cfg, distill_cfg):
         check_student_name(name)
@@ -91,24 +92,19 @@ def _save_peers(path: Path, model: nn.Module, extra: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def run_mutual(student_cfg: StudentConfig, distill_cfg: DistillConfig, data_cfg: DataConfig, out_dir: str | Path, **options: Any) -> dict:
+def run_mutual(job: DistillJob, data: DataSet, out_dir: str | Path, ctx: StageContext) -> dict:
     """Train ``distill.peers`` students together; the best on validation is written to ``out_dir/best.pt``
-    (a normal student checkpoint), the peers' own checkpoints to ``out_dir/peers/``."""
-    from edgekd.distill.stage import DistillOptions
-    from edgekd.finetune import load_data
-    from edgekd.train import evaluate, final_metrics, fit, seed_everything
-
-    opts = DistillOptions(**options)
-    seed_everything(opts.seed, opts.deterministic)
-    data = opts.data or load_data(data_cfg, opts.seed)
+    (a normal student checkpoint), the peers' own checkpoints to ``out_dir/peers/``. No teacher:
+    ``job.teachers`` are not used."""
+    student_cfg, distill_cfg = job.student, job.distill
+    seed_everything(ctx.seed, ctx.deterministic)
     peers = Peers(make_peers(student_cfg, distill_cfg, data))
     names = peer_names(student_cfg, distill_cfg)
     pre = peers.peers[0].preprocess
     ui.log(f"mutual learning: {len(names)} peers ({', '.join(names)}), {sum(count_params(p) for p in peers.peers):,} params in all, no teacher")
-    extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": data_cfg.model_dump(), "seed": opts.seed}}
+    extra = {"config": {"student": student_cfg.model_dump(), "distill": distill_cfg.model_dump(), "data": ctx.data_cfg.model_dump(), "seed": ctx.seed}}
     loss_fn = MutualLossFn(distill_cfg)
-    result = fit(peers, data, student_cfg.train, Path(out_dir) / "peers", loss_fn, pre, augment=data_cfg.augment, seed=opts.seed,
-                 resume=opts.resume, save_fn=_save_peers, ckpt_extra=extra, description=f"mutual {'+'.join(names)}")
+    result = fit(peers, data, student_cfg.train, Path(out_dir) / "peers", loss_fn, pre, FitOptions(augment=ctx.augment, seed=ctx.seed, resume=ctx.resume, save_fn=_save_peers, ckpt_extra=extra, description=f"mutual {'+'.join(names)}"))
     peers.load_state_dict(safe_torch_load(result.best_path, "peers checkpoint")["state_dict"])
     scores = [evaluate(p, data.val, pre, data.classes)["top1"] or 0.0 for p in peers.peers]
     best = max(range(len(scores)), key=lambda i: scores[i])

@@ -15,7 +15,7 @@ from edgekd import ui
 from edgekd.config import DistillConfig
 from edgekd.data import DataSet, Preprocess
 from edgekd.errors import EdgekdError
-from edgekd.manifest import sha256_file
+from edgekd.atomic import sha256_file
 from edgekd.models import load_checkpoint, model_from_checkpoint
 from edgekd.distill.hooks import FeatureHook
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from edgekd.export.checks import interleaved_latency_ms
+from edgekd.runners.timing import interleaved_latency_ms
 from edgekd.export.ort_layout import ort_quantize_static, ort_source, trained_overrides
 from edgekd.quantize.sensitivity import float_layers_of
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import Graph, QdqReport
-from edgekd.export.onnx import has_fake_quant, torch_to_onnx
+from edgekd.export.to_onnx import has_fake_quant, torch_to_onnx
 
 INTEGER_PRECISIONS = {"I8", "U8", "I4", "U4"}
 COMPUTE_LAYER_TYPES = {"Convolution", "Deconvolution", "FullyConnected", "MatMul"}
@@ -122,7 +122,7 @@ def openvino_logits(path: str | Path, x, batch_size: int = 64):
     """The file's logits as OpenVINO's CPU plugin computes them (its integer kernels), in chunks of ``batch_size``."""
     import numpy as np
 
-    from edgekd.runtimes.openvino import OpenVinoRunner  # OpenVINO is optional: imported only for this layout
+    from edgekd.runners.openvino import OpenVinoRunner  # OpenVINO is optional: imported only for this layout
 
     runner = OpenVinoRunner(path)
     name = runner.input_specs()[0].name
@@ -130,19 +130,3 @@ def openvino_logits(path: str | Path, x, batch_size: int = 64):
         return np.concatenate([runner.outputs(runner.prepare({name: x[i : i + batch_size]}))[0] for i in range(0, len(x), batch_size)])
     finally:
         runner.close()
-
-
-def openvino_latency_ms(path: str | Path, batch: int, shape: tuple[int, int, int], runs: int = 30, threads: int | None = 2) -> float:
-    """Median wall time of one ``infer()`` at ``batch`` on OpenVINO's CPU plugin (the export's own FP32-vs-INT8 check)."""
-    import numpy as np
-
-    from edgekd.bench.timing import TimingPlan, time_runner  # the one latency loop
-    from edgekd.runtimes.openvino import OpenVinoRunner
-
-    runner = OpenVinoRunner(path, threads=threads)
-    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
-    try:
-        host, _ = time_runner(runner, runner.prepare({runner.input_specs()[0].name: x}), TimingPlan(warmup=3, runs=runs))
-    finally:
-        runner.close()
-    return float(np.median(host))

@@ -22,23 +22,29 @@ from edgekd import ui
 from edgekd.config import ExportConfig, QuantizeConfig
 from edgekd.data import DataSet, Preprocess, calibration_images
 from edgekd.errors import EdgekdError
-from edgekd.export.checks import ort_latency_ms, ort_logits, run_checks
-from edgekd.export.onnx import export_fp16, export_fp32, stamp_metadata
+from edgekd.export.checks import run_checks
+from edgekd.export.logits import ort_logits
 from edgekd.export.mixed import float_layer_costs
 from edgekd.export.ort_layout import export_int8_ort_closest
-from edgekd.export.openvino_layout import export_int8_openvino, openvino_latency_ms, openvino_logits, openvino_missing
+from edgekd.export.openvino_layout import export_int8_openvino, openvino_logits, openvino_missing
 from edgekd.export.tensorrt_layout import export_int8_tensorrt
-from edgekd.manifest import versions, write_json_atomic
+from edgekd.export.to_onnx import export_fp16, export_fp32, stamp_metadata
+from edgekd.manifest import versions
+from edgekd.atomic import write_json_atomic
+from edgekd.export.confirm import confirm_on_export
+from edgekd.models import load_checkpoint, model_from_checkpoint
+from edgekd.quantize import calibrate, for_target, is_quantized, load_quantized, search_float_layers, set_float_layers, top1_on
 from edgekd.quantize.placement import LAYOUTS
-from edgekd.quantize.sensitivity import float_layers_of
+from edgekd.quantize.sensitivity import float_layers_of, score_without_quantizers
+from edgekd.stage_context import StageContext
+from edgekd.targets import get_target, host_arch
+from edgekd.runners.timing import median_latency_ms
 
 PRECISIONS = ("int8", "fp16", "fp32")
 
 
 def resolve_layout(target: str | None, layout: str | None, precision: str | None) -> tuple[str, str]:
     """Explicit --layout/--precision win over the target's; 'auto' or None means 'the target's'."""
-    from edgekd.targets import get_target
-
     t = get_target(target) if target else None
     layout = layout if layout not in (None, "auto") else (t.layout if t else None)
     precision = precision or (t.precision if t else None) or "int8"
@@ -51,9 +57,6 @@ def resolve_layout(target: str | None, layout: str | None, precision: str | None
 
 def load_for_export(checkpoint: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """FP32 or quantized student from an edgekd checkpoint."""
-    from edgekd.models import load_checkpoint, model_from_checkpoint
-    from edgekd.quantize import load_quantized
-
     ckpt = load_checkpoint(checkpoint)
     model = load_quantized(ckpt) if ckpt.get("quantize") else model_from_checkpoint(ckpt)
     return model.eval(), ckpt
@@ -159,10 +162,9 @@ def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.nda
         out["latency"] = f"{req.layout} layout: time it on the target (edgekd bench); onnxruntime CPU does not run it in its integer kernels"
         return out
     shape = (pre.channels, pre.input_size, pre.input_size)
-    latency = openvino_latency_ms if on_openvino else ort_latency_ms
-    out["latency_runtime"] = "openvino" if on_openvino else "ort-cpu"
+    runtime = out["latency_runtime"] = "openvino" if on_openvino else "ort-cpu"
     for batch in (1, 64):
-        i8, f32 = latency(path, batch, shape, req.time_runs), latency(fp32_path, batch, shape, req.time_runs)
+        i8, f32 = (median_latency_ms(runtime, p, batch, shape, req.time_runs) for p in (path, fp32_path))
         out[f"batch{batch}"] = {"int8_ms": i8, "fp32_ms": f32, "speedup": f32 / i8 if i8 > 0 else None}
     slower = [b for b in (1, 64) if out[f"batch{b}"]["int8_ms"] > out[f"batch{b}"]["fp32_ms"]]
     if slower:
@@ -174,18 +176,15 @@ def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.nda
     return out
 
 
-def choose_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, layout: str, out_dir: Path) -> dict[str, Any] | None:
+def choose_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, out_dir: Path) -> dict[str, Any] | None:
     """``--exclude`` adds layers to those the checkpoint already keeps in float; ``--max-accuracy-drop``
     searches for the fewest that fit the budget on validation (no retraining here: `edgekd quantize`
     with the same option trains QAD again with them excluded)."""
-    from edgekd.quantize import search_float_layers, set_float_layers
-    from edgekd.quantize.sensitivity import score_without_quantizers
-    from edgekd.quantize.stage import top1_on
-
     if cfg.exclude:
         set_float_layers(model, dict.fromkeys([*float_layers_of(model), *cfg.exclude]))
     if cfg.max_accuracy_drop is None:
         return None
+
     def top1(m: nn.Module) -> float:
         return top1_on(m, data.val, data.classes)
 
@@ -193,44 +192,52 @@ def choose_float_layers(model: nn.Module, cfg: QuantizeConfig, data: DataSet, la
     if 100 * (fp32 - int8) <= cfg.max_accuracy_drop:
         return {"budget_points": cfg.max_accuracy_drop, "met": True, "val_drop_points": round(100 * (fp32 - int8), 3), "float_layers": float_layers_of(model)}
     cfg = cfg.model_copy(update={"exclude": float_layers_of(model)})
-    budget = search_float_layers(model, cfg, data, layout, out_dir, fp32)
+    budget = search_float_layers(model, cfg, data, out_dir, fp32, confirm_on_export)
     if not budget["met"]:
         ui.warn(f"accuracy budget not met: the best found loses {budget['val_drop_points']:.2f} points (budget {cfg.max_accuracy_drop:g}) on validation "
                 f"with {len(budget['float_layers'])} layer(s) in float; `edgekd quantize --max-accuracy-drop` also retrains them")
     return budget
 
 
-def run_export(checkpoint: str | Path, out_dir: str | Path, data: DataSet, export_cfg: ExportConfig, quantize_cfg: QuantizeConfig,
-               target: str | None = None, seed: int = 0) -> dict[str, Any]:
-    """Stage entry: load a checkpoint, quantize it by calibration if INT8 is asked of an FP32 one, export, check.
+@dataclass(frozen=True)
+class ExportJob:
+    """The export stage's job: which checkpoint, in which precision and layout, and (for an FP32
+    checkpoint asked for INT8, or an accuracy budget) how to quantize it."""
 
-    ``export_cfg.precision`` / ``export_cfg.layout`` must already be resolved (:func:`resolve_layout`).
-    """
-    from edgekd.quantize import default_weight_bits, is_quantized
-    from edgekd.quantize.stage import calibrate
-    from edgekd.targets import get_target, host_arch
+    export: ExportConfig  # precision and layout resolved (:func:`resolve_layout`)
+    quantize: QuantizeConfig
+    checkpoint: Path
 
-    model, ckpt = load_for_export(checkpoint)
-    fp32_model, ptq = None, None
-    calib = calibration_images(data.train, quantize_cfg.calib_images, seed)
-    precision, layout = export_cfg.precision, export_cfg.layout
+
+def _calibrate_here(ckpt: dict[str, Any], job: ExportJob, data: DataSet, ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
+    """PTQ of an FP32 checkpoint asked for INT8, for the export's layout and the target's CPU."""
+    ui.warn(f"{job.checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {job.quantize.calib_images} images (post-training quantization, "
+            "no QAD); run `edgekd quantize` first for quantization-aware distillation")
+    layout = job.export.layout
+    cfg = for_target(job.quantize.model_copy(update={"layout": layout}), layout, get_target(ctx.target).arch if ctx.target else host_arch())
+    model, tried = calibrate(ckpt, cfg, data, ctx.seed)
+    return model, {"calibrator": model.edgekd_quant["calibrator"], "calibrators_tried": tried}
+
+
+def run_export(job: ExportJob, data: DataSet, out_dir: str | Path, ctx: StageContext) -> dict[str, Any]:
+    """Stage entry: load a checkpoint, quantize it by calibration if INT8 is asked of an FP32 one, export, check."""
+    model, ckpt = load_for_export(job.checkpoint)
+    fp32_model, ptq, budget = None, None, None
+    precision, layout = job.export.precision, job.export.layout
+    calib = calibration_images(data.train, job.quantize.calib_images, ctx.seed)
     if precision == "int8" and not is_quantized(model):
-        ui.warn(f"{checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {len(calib)} images (post-training quantization, no QAD); "
-                "run `edgekd quantize` first for quantization-aware distillation")
-        bits = quantize_cfg.weight_bits or default_weight_bits(layout, get_target(target).arch if target else host_arch())
         fp32_model = model  # calibrate quantizes fresh copies of the checkpoint: this one stays the FP32 student
-        model, tried = calibrate(ckpt, quantize_cfg.model_copy(update={"weight_bits": bits}), data, layout, seed)
-        ptq = {"calibrator": model.edgekd_quant["calibrator"], "calibrators_tried": tried}
+        model, ptq = _calibrate_here(ckpt, job, data, ctx)
     if precision == "int8":
-        record_budget = choose_float_layers(model, quantize_cfg, data, layout, Path(out_dir))
-    check = data.test.subset(export_cfg.check_batch)
-    req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, target, export_cfg.opset, export_cfg.allow_not_ready,
-                        fp32_model=fp32_model)
+        budget = choose_float_layers(model, job.quantize, data, Path(out_dir))
+    check = data.test.subset(job.export.check_batch)
+    req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, ctx.target, job.export.opset,
+                        job.export.allow_not_ready, fp32_model=fp32_model)
     record = export_model(model, out_dir, req)
-    record["checkpoint"] = str(checkpoint)
+    record["checkpoint"] = str(job.checkpoint)
     if ptq:
         record["ptq_calibration"] = ptq
     if precision == "int8":
-        record["accuracy_budget"] = record_budget
+        record["accuracy_budget"] = budget
     write_json_atomic(Path(out_dir) / "export.json", record)
     return record

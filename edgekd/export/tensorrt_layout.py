@@ -20,7 +20,7 @@ import torch.nn as nn
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import Graph, QdqReport
-from edgekd.export.onnx import has_fake_quant, torch_to_onnx
+from edgekd.export.to_onnx import has_fake_quant, torch_to_onnx
 
 COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 

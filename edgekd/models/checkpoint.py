@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.errors import EdgekdError
-from edgekd.manifest import atomic_path
+from edgekd.atomic import atomic_path
 
 CHECKPOINT_FORMAT = "edgekd-checkpoint"
 CHECKPOINT_VERSION = 1

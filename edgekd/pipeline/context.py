@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.config import Recipe
+from edgekd.data import load_data
 from edgekd.manifest import Manifest
+from edgekd.stage_context import StageContext
 
 
 DEFAULT_TIME_BUDGET_S = 20 * 60  # for the stages whose length edgekd sizes itself, unless the recipe sets time_budget_s
@@ -28,7 +30,6 @@ class BuildContext:
     manifest: Manifest
     teacher_checkpoint: Path | None = None
     _data: Any = None
-    results: dict[str, dict] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     order: list[str] = field(default_factory=list)
     stage_limit: float | None = None  # the running stage's time limit, set by run_stage
@@ -46,6 +47,13 @@ class BuildContext:
         share = TIME_SHARES[stage] / (sum(TIME_SHARES[s] for s in pending) + TIME_RESERVE)
         return round(max(10.0, left * share), 1)
 
+    def stage_context(self, augment: str | None = None) -> StageContext:
+        """What every stage of this build runs with: the recipe's seed and data (``augment``: the
+        stage's own), resuming, the run folder's teacher-output cache, the target."""
+        rc = self.recipe
+        data_cfg = rc.data if augment is None else rc.data.model_copy(update={"augment": augment})
+        return StageContext(rc.seed, rc.deterministic, True, data_cfg, self.out / "cache", self.target.name)
+
     def train_config(self, stage: str):
         rc = self.recipe
         return {"teacher": rc.teacher.train, "control": rc.student.train, "distill": rc.student.train, "qad": rc.quantize.train}[stage]
@@ -58,8 +66,6 @@ class BuildContext:
     def data(self):
         """The dataset, loaded once and shared by every stage that needs it."""
         if self._data is None:
-            from edgekd.finetune import load_data
-
             self._data = load_data(self.recipe.data, self.recipe.seed, store_size=self.store_size)
         return self._data
 

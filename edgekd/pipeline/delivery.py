@@ -9,14 +9,23 @@ from typing import Any
 import numpy as np
 
 from edgekd import ui
+from edgekd.atomic import write_bytes_atomic, write_json_atomic
+from edgekd.bench import BenchRequest, TimingPlan, run_bench
+from edgekd.bench.cpu_runtimes import compare_cpu_runtimes
+from edgekd.bundle import BundleModel, make_bundle
 from edgekd.config import Recipe
-from edgekd.manifest import write_bytes_atomic, write_json_atomic
+from edgekd.data import Preprocess
+from edgekd.export import ExportJob, ort_logits, run_export
+from edgekd.export.openvino_layout import openvino_logits, openvino_missing
+from edgekd.metrics import classification_metrics
+from edgekd.models import load_checkpoint
 from edgekd.pipeline.context import BuildContext
+from edgekd.report import build_report, markdown, plot
+from edgekd.runners.ort import cpu_session
+from edgekd.targets import accelerator_present
 
 
 def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgekd.export import run_export
-
     rc, t = ctx.recipe, ctx.target
     precision = export_precision(rc, t)
     source = "qad" if precision == "int8" and rc.quantize.enabled else "distill"
@@ -24,8 +33,8 @@ def stage_export(ctx: BuildContext) -> tuple[dict, dict]:
     export_cfg = rc.export.model_copy(update={"precision": precision, "layout": layout})
     # after QAD the checkpoint carries its float layers (the budget was met by training): export must not search again
     quantize_cfg = rc.quantize.model_copy(update={"max_accuracy_drop": None, "exclude": []}) if source == "qad" else rc.quantize
-    r = run_export(ctx.path("qad", "checkpoint") if source == "qad" else ctx.path("distill", "shipped_checkpoint"), ctx.out / "export", ctx.data,
-                   export_cfg, quantize_cfg, t.name, rc.seed)
+    checkpoint = ctx.path("qad", "checkpoint") if source == "qad" else ctx.path("distill", "shipped_checkpoint")
+    r = run_export(ExportJob(export_cfg, quantize_cfg, checkpoint), ctx.data, ctx.out / "export", ctx.stage_context())
     artifacts = {"onnx": r["path"], "record": str(ctx.out / "export" / "export.json")}
     if r.get("fp32_path"):
         artifacts["fp32_onnx"] = r["fp32_path"]
@@ -39,15 +48,10 @@ def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = Fals
     test set): what ships is what is measured.
 
     ``exact_qdq`` for a TensorRT-layout file: its Q/DQ run as written, TensorRT's arithmetic
-    (see :func:`edgekd.export.ort_session`). An ``openvino``-layout file runs on OpenVINO where it is installed."""
-    from edgekd.export import ort_logits, ort_session
-    from edgekd.metrics import classification_metrics
-
-    from edgekd.export.openvino_layout import openvino_logits, openvino_missing
-
+    (see :func:`edgekd.runners.ort.cpu_session`). An ``openvino``-layout file runs on OpenVINO where it is installed."""
     split = data.test if split is None else split
     on_openvino = layout == "openvino" and openvino_missing() is None  # the runtime the file was laid out for
-    sess = None if on_openvino else ort_session(onnx_path, exact_qdq=exact_qdq or layout == "openvino")
+    sess = None if on_openvino else cpu_session(onnx_path, exact_qdq=exact_qdq or layout == "openvino")
     preds = []
     for start in range(0, len(split), 500):
         x = preprocess(split.take(slice(start, start + 500))).numpy()
@@ -56,9 +60,6 @@ def onnx_test_accuracy(onnx_path: Path, data, preprocess, exact_qdq: bool = Fals
 
 
 def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgekd.models import load_checkpoint
-    from edgekd.data import Preprocess
-
     pre = Preprocess.from_dict(load_checkpoint(ctx.path("distill", "checkpoint"))["preprocess"])
     export = ctx.manifest.stage("export")["metrics"]
     int8 = export.get("precision") == "int8"
@@ -82,9 +83,6 @@ def stage_evaluate(ctx: BuildContext) -> tuple[dict, dict]:
 
 def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
     """Latency here, on this machine's runtime for the target (onnxruntime CPU when the target's runtime is absent)."""
-    from edgekd.bench import BenchRequest, TimingPlan, run_bench
-    from edgekd.targets import accelerator_present
-
     rc, t = ctx.recipe, ctx.target
     avail = accelerator_present(t)
     runtime = t.runtime if avail.ok else "ort-cpu"
@@ -114,8 +112,6 @@ def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
     if avail.ok:
         metrics["within_budget"] = {"1": metrics["latency_ms"]["1"]["p50_ms"] <= t.latency_budget.batch1_ms}
     if t.kind == "cpu" and t.arch == "x86_64" and "fp32_onnx" in results:  # an x86 CPU build: the same files on every CPU runtime here
-        from edgekd.bench.cpu_runtimes import compare_cpu_runtimes
-
         files = {"int8": str(ctx.path("export", "onnx")), "fp32": str(ctx.path("export", "fp32_onnx"))}
         metrics["cpu_runtimes"] = compare_cpu_runtimes(files, batches, plan, threads, t.name, {runtime: {"int8": shipped, "fp32": results["fp32_onnx"]}})
         ui.log(f"CPU runtimes: {metrics['cpu_runtimes']['verdict']}")
@@ -126,8 +122,6 @@ def stage_bench(ctx: BuildContext) -> tuple[dict, dict]:
 
 def stage_report(ctx: BuildContext) -> tuple[dict, dict]:
     """report.json / report.md / report.png: what each stage bought, from the manifest's metrics."""
-    from edgekd.report import build_report, markdown, plot
-
     stages = {k: v.get("metrics", {}) for k, v in ctx.manifest.data["stages"].items() if v.get("status") == "done"}
     report = build_report(stages, ctx.target.to_dict(), {"bundle": str(ctx.out / "bundle"), "bundle_tar": str(ctx.out / "bundle.tar.gz")})
     folder = ctx.out / "report"
@@ -139,9 +133,6 @@ def stage_report(ctx: BuildContext) -> tuple[dict, dict]:
 
 
 def stage_bundle(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgekd.bundle import BundleModel, make_bundle
-    from edgekd.models import load_checkpoint
-
     ck = load_checkpoint(ctx.path("distill", "shipped_checkpoint"))
     onnx_files = {"model": ctx.path("export", "onnx")}
     if "fp32_onnx" in ctx.manifest.stage("export")["artifacts"]:

@@ -11,7 +11,8 @@ from typing import Callable
 from edgekd import ui
 from edgekd.config import Recipe
 from edgekd.errors import EdgekdError
-from edgekd.manifest import Manifest, hold_run_folder, sha256_file, sha256_json
+from edgekd.manifest import Manifest, hold_run_folder
+from edgekd.atomic import sha256_file, sha256_json
 from edgekd.pipeline.context import BuildContext
 from edgekd.pipeline.delivery import export_precision, stage_bench, stage_bundle, stage_evaluate, stage_export, stage_report
 from edgekd.pipeline.summary import summary

@@ -4,23 +4,25 @@
 from __future__ import annotations
 
 from edgekd import ui
-from edgekd.manifest import write_bytes_atomic
+from edgekd.atomic import write_bytes_atomic
+from edgekd.control import run_control
+from edgekd.distill import DistillJob, build_distill_loss, load_teacher, run_distill_mode
+from edgekd.export import confirm_on_export
+from edgekd.finetune import run_finetune
+from edgekd.models import load_checkpoint
 from edgekd.pipeline.context import BuildContext
+from edgekd.quantize import QadJob, for_target, run_qad
 from edgekd.train.env import on_main
 
 
 def stage_teacher(ctx: BuildContext) -> tuple[dict, dict]:
     if ctx.teacher_checkpoint is not None:
-        from edgekd.models import load_checkpoint
-
         ck = load_checkpoint(ctx.teacher_checkpoint)  # validates it before anything builds on it
         # A copy inside the run folder: the manifest only records (and trusts) files under --out.
         copy = on_main(lambda: write_bytes_atomic(ctx.out / "teacher" / "provided.pt", ctx.teacher_checkpoint.read_bytes()))
         return {"checkpoint": copy}, {"provided": True, "model": ck["model"]["name"], "source": str(ctx.teacher_checkpoint)}
-    from edgekd.finetune import run_finetune
-
     cfg = ctx.recipe.teacher.model_copy(update={"train": ctx.limited(ctx.recipe.teacher.train)})
-    r = run_finetune(cfg, ctx.recipe.data, ctx.out / "teacher", ctx.recipe.seed, ctx.recipe.deterministic, data=ctx.data)
+    r = run_finetune(cfg, ctx.data, ctx.out / "teacher", ctx.stage_context())
     return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, {**training_metrics(r["metrics"]), "model": cfg.model}
 
 
@@ -33,11 +35,9 @@ def training_metrics(m: dict) -> dict:
 
 def stage_control(ctx: BuildContext) -> tuple[dict, dict]:
     """The student alone on hard labels, same budget: what distillation has to beat."""
-    from edgekd.control import run_control
-
     rc = ctx.recipe
     student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
-    r = run_control(student, rc.data.model_copy(update={"augment": rc.student.augment}), ctx.out / "control", ctx.data, rc.seed, rc.deterministic)
+    r = run_control(student, ctx.data, ctx.out / "control", ctx.stage_context(rc.student.augment))
     return {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}, training_metrics(r["metrics"])
 
 
@@ -66,10 +66,7 @@ def distill_teacher(teacher: dict, control: dict | None, rule: str) -> tuple[str
 
 
 def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
-    from edgekd.distill import run_distill_mode
-
     rc = ctx.recipe
-    data_cfg = rc.data.model_copy(update={"augment": rc.student.augment})
     student = rc.student.model_copy(update={"train": ctx.limited(rc.student.train)})
     control = ctx.manifest.stage("control")["metrics"] if "control" in ctx.order else None
     adapting = adapts_to_target(rc)
@@ -78,8 +75,8 @@ def stage_distill(ctx: BuildContext) -> tuple[dict, dict]:
     if source_why:
         ui.warn(source_why)
     kd_teacher = ctx.path(source, "checkpoint")
-    r = run_distill_mode([kd_teacher], student, rc.distill, data_cfg, ctx.out / "student", seed=rc.seed, deterministic=rc.deterministic,
-                         data=ctx.data, cache_dir=ctx.out / "cache", self_distill=source == "control")
+    job = DistillJob(student, rc.distill, (kd_teacher,), self_distill=source == "control")
+    r = run_distill_mode(job, ctx.data, ctx.out / "student", ctx.stage_context(rc.student.augment))
     m = r["metrics"]
     metrics = {**training_metrics(m), "teacher_weaker_than_student": m.get("teacher_weaker_than_student"), "distilled_from": source,
                "distilled_from_reason": source_why, "mode": rc.distill.mode, "assistant": m.get("assistant"), "peers": m.get("peers")}
@@ -103,9 +100,6 @@ def adapts_to_target(rc) -> bool:
 def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
     """Quantization-aware distillation: the INT8 fake-quant student keeps learning from the FP32
     model the distill stage learned from (the teacher, or the control when the teacher was weaker)."""
-    from edgekd.distill import build_distill_loss, load_teacher
-    from edgekd.quantize import for_target, run_qad
-
     rc = ctx.recipe
     teacher = load_teacher(ctx.path("distill", "kd_teacher"))
     augment = rc.student.augment
@@ -115,7 +109,8 @@ def stage_qad(ctx: BuildContext) -> tuple[dict, dict]:
 
     cfg = for_target(rc.quantize, ctx.target.layout, ctx.target.arch)
     cfg = cfg.model_copy(update={"train": ctx.limited(cfg.train)})
-    r = run_qad(ctx.path("distill", "shipped_checkpoint"), cfg, ctx.data, ctx.out / "qad", make_loss, rc.seed, augment)
+    job = QadJob(cfg, ctx.path("distill", "shipped_checkpoint"), make_loss, confirm_on_export)
+    r = run_qad(job, ctx.data, ctx.out / "qad", ctx.stage_context(augment))
     m = r["metrics"]
     artifacts = {"checkpoint": r["checkpoint"], "metrics": r["metrics_file"]}
     for name in ("sensitivity.json", "sensitivity.png"):

@@ -26,7 +26,7 @@ from edgekd.quantize.placement import input_quantizers
 
 def file_amax(weight_quantizer: nn.Module) -> torch.Tensor:
     """The amax a weight quantizer has in the ONNX file: a 7-bit grid (step amax/63) is written as
-    the 8-bit grid with the same step, amax x 127/63 (:func:`edgekd.export.onnx.on_int8_grid`)."""
+    the 8-bit grid with the same step, amax x 127/63 (:func:`edgekd.export.to_onnx.on_int8_grid`)."""
     amax = weight_quantizer.amax
     return amax * 127.0 / weight_quantizer.maxbound if weight_quantizer.maxbound < 127 else amax
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from edgekd.data import Preprocess
+from edgekd.quantize.modelopt_api import calibration_histogram, start_histogram_calibration
 
 HISTOGRAM_METHODS = ("percentile", "entropy", "mse")
 
@@ -42,17 +43,13 @@ def recalibrate_activations(quantizers: list[nn.Module], model: nn.Module, loop:
     Weights keep their per-channel max: clipping weights gains nothing for INT8 (TensorRT's guide
     and modelopt both calibrate weights by max).
     """
-    from modelopt.torch.quantization.calib import HistogramCalibrator
-
     for q in quantizers:
-        q._calibrator = HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
-        q.disable_quant()
-        q.enable_calib()
+        start_histogram_calibration(q)
     loop(model)
     for q in quantizers:
         if method in ("mse", "entropy"):
             search = amax_with_least_squared_error if method == "mse" else amax_with_least_kl_divergence
-            q.amax = search(q._calibrator._calib_hist, q._calibrator._calib_bin_edges, q.num_bits, q.unsigned)
+            q.amax = search(*calibration_histogram(q), q.num_bits, q.unsigned)
         else:
             q.load_calib_amax(method, percentile=percentile)
         q.enable_quant()

@@ -1,210 +1,119 @@
-"""Quantization-aware distillation (QAD): INT8 fake-quant in the student, FP32 teacher, then fine-tune.
-
-Follows NVIDIA Model Optimizer's PyTorch quantization guide (``mtq.quantize(model, cfg,
-forward_loop)``; the library never sees the data loader) and the QAT recipe of Jacob et al.,
-"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference"
-(CVPR 2018): fold BatchNorm into the convolutions, simulate INT8 (per-channel symmetric weights,
-per-tensor activations) and train with straight-through gradients. The loss is the caller's
-(usually the distillation loss from an FP32 teacher: Hinton et al., "Distilling the Knowledge in a
-Neural Network", 2015), so the quantized student learns from the unquantized teacher.
-
-Activation quantizers are placed on the traced graph for the target runtime's layout
-(:mod:`edgekd.quantize.placement`): residual adds, SE multiplies, concatenations and pooling get
-theirs too, so the network QAD trains is the one the runtime executes in INT8.
-
-A quantized checkpoint stores plain tensors only (weights + every quantizer's ``_amax``) and a small
-``quantize`` dict; :func:`load_quantized` rebuilds the model, re-inserts the quantizers without
-calibrating and loads the amax values, so it loads with ``torch.load(weights_only=True)``.
-"""
+"""Quantization-aware distillation (QAD): one pass quantizes the FP32 student, calibrates it
+(:mod:`edgekd.quantize.ptq`) and trains the fake-quant model with the distillation loss, its
+activation ranges learned with the weights (:mod:`edgekd.quantize.ranges`). A pass never hands
+back a model worse on validation than the calibration it started from."""
 
 from __future__ import annotations
 
-import warnings
+import contextlib
+import copy
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from edgekd import ui
 from edgekd.config import QuantizeConfig
-from edgekd.data import Preprocess
-from edgekd.errors import EdgekdError
-from edgekd.models import create_model, load_checkpoint, save_checkpoint
-from edgekd.quantize.bias import round_biases_like_onnxruntime
-from edgekd.quantize.calibrate import HISTOGRAM_METHODS, forward_loop_over, recalibrate_activations
-from edgekd.quantize.fuse import fold_batchnorm, plain_linears, reparameterize
-from edgekd.quantize.placement import ACT_PREFIX, LAYOUTS, insert_activation_quantizers, traced_for_placement
-from edgekd.quantize.sensitivity import set_float_layers
+from edgekd.data import DataSet, Split
+from edgekd.models import model_from_checkpoint
+from edgekd.quantize.fakequant import QUANTIZED_KIND, activation_quantizers, enabled_quantizers, load_quantized, save_quantized
+from edgekd.quantize.ptq import calibrate, calibration_split, selection_split, top1_on
+from edgekd.quantize.ranges import LearnedRanges, amax_values, learnable, learning_ranges, range_changes
+from edgekd.stage_context import StageContext
+from edgekd.train import fit, FitOptions, seed_everything
+from edgekd.train.env import on_main
 
-QUANT_FORMAT = "edgekd-int8-fakequant-2"  # 2: activation quantizers placed on the traced graph, per layout
-QUANTIZED_KIND = "quantized-student"
-QUANTIZABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
-
-
-# ----------------------------------------------------------------------------- modelopt access
-def _mtq():
-    """Import modelopt's quantization package quietly (it warns about CUDA/Triton on CPU hosts)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import modelopt.torch.quantization as mtq
-    return mtq
+LossFactory = Callable[[nn.Module], tuple[Callable, nn.Module | None]]
+# (model, layers, validation images, work folder) -> top-1 points each layer gains on the exported file in float
+ExportConfirm = Callable[[nn.Module, list[str], Split, Path], dict[str, float]]
 
 
-def _tensor_quantizer_cls() -> type:
-    _mtq()
-    from modelopt.torch.quantization.nn import TensorQuantizer
+@dataclass
+class QadRun:
+    """One student's quantization in progress: what its passes share."""
 
-    return TensorQuantizer
-
-
-# Max calibration without modelopt's all-reduce of amax over the ranks: under torchrun every rank
-# calibrates on the same images (the same ranges), and export runs on rank 0 alone (a collective
-# there would wait forever for the other ranks).
-LOCAL_MAX = {"method": "max", "distributed_sync": False}
-
-
-def weight_config(bits: int = 8) -> dict:
-    """modelopt config: per-channel (axis 0) symmetric ``bits``-bit weights on every Conv/Linear, max calibration.
-
-    Everything else is off: activations are quantized by the quantizers
-    :mod:`edgekd.quantize.placement` puts on the graph (modelopt's own per-module
-    ``input_quantizer`` would put a second, differently scaled quantizer on the same tensor).
-    """
-    return {"quant_cfg": [{"quantizer_name": "*", "enable": False},
-                          {"quantizer_name": "*weight_quantizer", "cfg": {"num_bits": bits, "axis": 0}}],
-            "algorithm": LOCAL_MAX}
+    student_ckpt: dict[str, Any]
+    source: str
+    cfg: QuantizeConfig
+    data: DataSet
+    make_loss: LossFactory
+    ctx: StageContext = dataclasses.field(default_factory=StageContext)
+    confirm: ExportConfirm | None = None
 
 
-def default_weight_bits(layout: str, arch: str) -> int:
-    """7-bit weights for onnxruntime on x86-64, 8 elsewhere.
+@dataclass
+class QadPass:
+    """One calibrate-then-QAD run and its validation figures (top-1 in [0, 1])."""
 
-    Without VNNI (AVX2, most edge x86 boxes and this CI machine), onnxruntime's u8 x s8 kernels add
-    neighbouring products in 16 bits (``vpmaddubsw``) and saturate: 2 * 255 * 127 > 32767. Its
-    documented cures are u8 weights (exact, but up to 2x slower on large convs here) or 7-bit weights
-    (``reduce_range``: 2 * 255 * 63 < 32767). Trained in QAD, the 7-bit grid costs little accuracy
-    and keeps the fast kernel; TensorRT and ARM kernels accumulate in 32 bits and keep 8.
-    """
-    return 7 if layout == "ort-cpu" and arch == "x86_64" else 8
-
-
-def for_target(cfg: QuantizeConfig, layout: str, arch: str) -> QuantizeConfig:
-    """``cfg`` with 'auto' layout and unset weight bits resolved for a target (its layout and CPU architecture)."""
-    layout = cfg.layout if cfg.layout != "auto" else layout
-    bits = cfg.weight_bits or default_weight_bits(layout, arch)
-    return cfg.model_copy(update={"layout": layout, "weight_bits": bits})
+    result: Any  # edgekd.train.FitResult
+    model: nn.Module  # the best checkpoint, loaded
+    fp32_val: float
+    ptq_val: float
+    ptq_test: float
+    val: float
+    kept_calibrated: bool
+    calibrators: dict[str, float] = dataclasses.field(default_factory=dict)  # validation top-1 of each calibrator tried
+    ranges: dict[str, float] = dataclasses.field(default_factory=dict)  # how far QAD moved the activation ranges (ranges.range_changes)
+    ptq_target: float | None = None  # PTQ top-1 on the labeled target-domain test set, when there is one (report only)
 
 
-ACTIVATION_CFG = [{"quantizer_name": f"{ACT_PREFIX}.*", "cfg": {"num_bits": 8, "axis": None}}]
+def keep_calibrated_if_better(model: nn.Module, calibrated: dict[str, torch.Tensor], ptq_val: float, result: Any, classes: list[str],
+                              extra: dict[str, Any]) -> bool:
+    """QAD must never hand back a worse model than the calibration it started from. When no epoch
+    beat the calibrated (PTQ) model on validation (too little data, a teacher weaker than the
+    student, a learning rate too high for the folded weights), best.pt becomes the calibrated model
+    and the user is told."""
+    qad_val = max((h["val_top1"] for h in result.history if h.get("val_top1") is not None), default=-1.0)
+    if qad_val >= ptq_val:
+        return False
+    model.load_state_dict(calibrated)
+    on_main(lambda: save_quantized(result.best_path, model, classes, {**extra, "metrics": {"val": {"top1": ptq_val}, "epoch": -1}}))
+    ui.warn(f"quantization-aware distillation did not beat the calibrated INT8 model on validation ({qad_val:.4f} vs {ptq_val:.4f}); "
+            "keeping the calibrated one. More data or epochs, a lower quantize.train.lr, or a stronger teacher may help")
+    return True
 
 
-# ----------------------------------------------------------------------------- calibration
-def enabled_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    TQ = _tensor_quantizer_cls()
-    return {n: m for n, m in model.named_modules() if isinstance(m, TQ) and m.is_enabled}
+def checkpoint_extra(job: QadRun) -> dict[str, Any]:
+    return {"source_checkpoint": job.source, "config": {"quantize": job.cfg.model_dump(), "seed": job.ctx.seed}}
 
 
-def activation_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    return {n: m for n, m in enabled_quantizers(model).items() if n.startswith(ACT_PREFIX + ".")}
-
-
-def quantize_model(model: nn.Module, cfg: QuantizeConfig, calib_u8: torch.Tensor | None, preprocess: Preprocess, layout: str = "tensorrt",
-                   float_layers: list[str] | None = None) -> nn.Module:
-    """INT8 fake-quant for ``layout``'s runtime: fuse re-parameterizable branches, fold BN (if asked),
-    place quantizers on the traced graph, calibrate activation ranges. Returns the quantized model
-    (a ``torch.fx.GraphModule`` that shares its weights with ``model``). ``float_layers`` (default
-    ``cfg.exclude``) stay in higher precision (:func:`edgekd.quantize.sensitivity.set_float_layers`).
-
-    ``calib_u8=None`` inserts quantizers without calibrating (used when amax values are loaded
-    from a checkpoint). Raises EdgekdError when nothing in the model can be quantized.
-    """
-    mtq = _mtq()
-    if layout not in LAYOUTS:
-        raise EdgekdError(f"unknown INT8 layout '{layout}'", f"use one of {', '.join(LAYOUTS)}")
-    model.eval()
-    if not any(isinstance(m, QUANTIZABLE) for m in model.modules()):
-        raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
-    reparameterize(model)
-    plain_linears(model)
-    if cfg.fold_bn:
-        fold_batchnorm(model)
-    qmodel = traced_for_placement(model)
-    loop = forward_loop_over(calib_u8, preprocess) if calib_u8 is not None else None
-    with warnings.catch_warnings(), ui.quiet_library_output():
-        warnings.simplefilter("ignore")
-        try:
-            qmodel = mtq.quantize(qmodel, weight_config(cfg.weight_bits or 8), None)  # converts Conv/Linear; must precede any other quantizer
-            insert_activation_quantizers(qmodel, layout, _tensor_quantizer_cls())
-            mtq.set_quantizer_by_cfg(qmodel, ACTIVATION_CFG + [{"quantizer_name": name, "cfg": {"num_bits": 8, "axis": None, "unsigned": True}}
-                                                               for name in qmodel.edgekd_placement["unsigned"]])
-            if loop is not None:
-                mtq.calibrate(qmodel, algorithm=LOCAL_MAX, forward_loop=loop)
-        except RuntimeError as exc:
-            raise EdgekdError(f"modelopt could not quantize {type(model).__name__}: {str(exc).splitlines()[0][:200]}",
-                              "export it with --precision fp16 or fp32") from exc
-    if not enabled_quantizers(qmodel):
-        raise EdgekdError(f"{type(model).__name__} has no layer INT8 can quantize (no Conv/Linear)", "export it with --precision fp16 or fp32")
-    method = "max" if cfg.calibrator == "auto" else cfg.calibrator  # quantize.stage.calibrate chooses for 'auto'; a plain calibration takes max
-    if loop is not None and method in HISTOGRAM_METHODS:
-        recalibrate_activations(list(activation_quantizers(qmodel).values()), qmodel, loop, method, cfg.percentile)
-    kept = set_float_layers(qmodel, cfg.exclude if float_layers is None else float_layers)
-    if layout == "ort-cpu":
-        round_biases_like_onnxruntime(qmodel)
-    qmodel.edgekd_quant = {"format": QUANT_FORMAT, "fold_bn": bool(cfg.fold_bn), "calibrator": method, "percentile": cfg.percentile,
-                           "layout": layout, "weight_bits": cfg.weight_bits or 8, "reparameterized": bool(getattr(model, "edgekd_reparameterized", False)), "float_layers": kept}
-    return qmodel
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return hasattr(model, "edgekd_quant") and bool(enabled_quantizers(model))
-
-
-def quantizer_summary(model: nn.Module) -> list[dict[str, Any]]:
-    """One row per enabled quantizer: path, kind, per-channel or per-tensor, amax range."""
-    rows = []
-    for name, q in enabled_quantizers(model).items():
-        amax = getattr(q, "amax", None)
-        rows.append({
-            "quantizer": name,
-            "axis": q.axis,
-            "channels": int(amax.numel()) if amax is not None else 0,
-            "amax_min": float(amax.min()) if amax is not None else None,
-            "amax_max": float(amax.max()) if amax is not None else None,
-        })
-    return rows
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_quantized(path: str | Path, model: nn.Module, classes: list[str], extra: dict[str, Any] | None = None) -> Path:
-    """Self-describing checkpoint: weights + quantizer amax buffers (tensors only) + the quantize recipe."""
-    return save_checkpoint(path, model, classes, QUANTIZED_KIND, {**(extra or {}), "quantize": dict(model.edgekd_quant)})
-
-
-def load_quantized(ckpt: dict[str, Any] | str | Path) -> nn.Module:
-    """Rebuild a quantized student from its checkpoint: architecture, re-parameterization, BN fold,
-    the same quantizer placement (names follow the traced graph), amax values, weights."""
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    q = ckpt.get("quantize")
-    if not isinstance(q, dict) or q.get("format") != QUANT_FORMAT:
-        raise EdgekdError("checkpoint is not a quantized edgekd student of this version",
-                          "run `edgekd quantize` on the FP32 student, or export it with --precision fp32/fp16")
-    spec = ckpt["model"]
-    model = create_model(spec["name"], spec["num_classes"], pretrained="none", in_chans=spec["in_chans"], width=spec.get("width", 1.0),
-                         input_size=ckpt["preprocess"]["input_size"])
-    model.preprocess = Preprocess.from_dict(ckpt["preprocess"])
-    cfg = QuantizeConfig(fold_bn=q["fold_bn"], calibrator=q["calibrator"], percentile=q.get("percentile", 99.99), weight_bits=q.get("weight_bits", 8))
-    qmodel = quantize_model(model, cfg, None, model.preprocess, q["layout"], q.get("float_layers", []))
-    state = ckpt["state_dict"]
-    TQ = _tensor_quantizer_cls()
-    for name, module in qmodel.named_modules():
-        key = f"{name}._amax"
-        if isinstance(module, TQ) and key in state:
-            module.amax = state[key].clone()
-    try:
-        qmodel.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise EdgekdError(f"quantized checkpoint does not fit a {spec['name']} model: {str(exc).splitlines()[0][:160]}",
-                          "the checkpoint is from another architecture or was modified") from exc
-    qmodel.eval()
-    return qmodel
+def qad_pass(job: QadRun, out_dir: Path, float_layers: list[str]) -> QadPass:
+    """Quantize the FP32 student (``float_layers`` kept in higher precision), calibrate, train."""
+    seed_everything(job.ctx.seed)
+    data, cfg = job.data, job.cfg
+    fp32_val = top1_on(model_from_checkpoint(job.student_ckpt), data.val, data.classes)
+    model, calibrators = calibrate(job.student_ckpt, cfg, data, job.ctx.seed, float_layers, fp32_val)
+    pre = model.preprocess
+    scored_all = cfg.calibration != "target" and len(selection_split(data.val, cfg)) == len(data.val)  # QAD is compared with PTQ on the whole validation split
+    ptq_val = calibrators[model.edgekd_quant["calibrator"]] if scored_all else top1_on(model, data.val, data.classes)
+    ptq_test = top1_on(model, data.test, data.classes)  # test: for the report's PTQ row, never to choose
+    ptq_target = top1_on(model, data.target_test, data.classes) if data.target_test is not None else None
+    floats = f", {len(float_layers)} layer(s) in higher precision" if float_layers else ""
+    ui.log(f"INT8 fake-quant: {len(enabled_quantizers(model))} quantizers{floats}, calibrator {model.edgekd_quant['calibrator']} on {min(cfg.calib_images, len(calibration_split(cfg, data)))} {cfg.calibration} images; "
+           f"val top-1 FP32 {fp32_val:.4f} -> PTQ {ptq_val:.4f}")
+    extra = checkpoint_extra(job)
+    calibrated = copy.deepcopy(model.state_dict())
+    loss_fn, extra_trainable = job.make_loss(model)
+    per_tensor = learnable(activation_quantizers(model))
+    calibrated_ranges = amax_values(per_tensor)
+    ranges = LearnedRanges(per_tensor, cfg.range_lr / cfg.train.lr, model.edgekd_placement["upper_bounds"]) if cfg.learn_ranges else None
+    parts = {"student": model, "distill": extra_trainable, "ranges": ranges}
+    parts = {k: v for k, v in parts.items() if v is not None and (k == "student" or any(True for _ in v.parameters()))}
+    trainable = nn.ModuleDict(parts) if len(parts) > 1 else None
+    with learning_ranges(ranges) if ranges is not None else contextlib.nullcontext():
+        opts = FitOptions(augment=job.ctx.augment, seed=job.ctx.seed, kind=QUANTIZED_KIND, resume=job.ctx.resume,
+                          save_fn=lambda p, m, e: save_quantized(p, m, data.classes, e), ckpt_extra=extra, trainable=trainable,
+                          description="quantization-aware distillation")
+        result = fit(model, data, cfg.train, out_dir, loss_fn, pre, opts)
+    if hasattr(loss_fn, "close"):
+        loss_fn.close()
+    kept = keep_calibrated_if_better(model, calibrated, ptq_val, result, data.classes, extra)
+    best = load_quantized(result.best_path)
+    moved = range_changes(calibrated_ranges, amax_values(activation_quantizers(best)))
+    if ranges is not None and moved["quantizers"]:
+        ui.log(f"activation ranges learned in QAD ({moved['quantizers']} quantizers): trained / calibrated amax median {moved['median_ratio']:.3f}, "
+               f"from {moved['lowest_ratio']:.3f} to {moved['highest_ratio']:.3f}")
+    return QadPass(result, best, fp32_val, ptq_val, ptq_test, top1_on(best, data.val, data.classes), kept, calibrators, moved, ptq_target)

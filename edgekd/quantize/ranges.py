@@ -24,6 +24,8 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
+from edgekd.quantize.modelopt_api import register_backend, write_amax
+
 BACKEND = "edgekd_learned_range"
 _PARAM = "edgekd_log_amax"  # kept in the quantizer's __dict__: not a registered parameter, so state_dicts keep their keys
 _BOUND = "edgekd_amax_bound"  # the most the quantizer's input can be (a ReLU6's 6): its range stops there
@@ -41,8 +43,7 @@ def fake_quant_learned(x: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
     bound = quantizer.__dict__.get(_BOUND)
     if bound is not None:
         amax = amax.clamp(max=bound)
-    with torch.no_grad():
-        quantizer._amax.copy_(amax.detach().reshape(quantizer._amax.shape))
+    write_amax(quantizer, amax)
     bits, unsigned = quantizer.num_bits, quantizer.unsigned
     top = 2.0 ** (bits - 1 + int(unsigned)) - 1.0
     bottom = 0.0 if unsigned else (-top if quantizer.narrow_range else -top - 1.0)
@@ -76,10 +77,7 @@ def learnable(quantizers: dict[str, nn.Module]) -> dict[str, nn.Module]:
 def learning_ranges(ranges: LearnedRanges) -> Iterator[None]:
     """While inside, ``ranges``' quantizers fake-quantize through :func:`fake_quant_learned`;
     afterwards they are plain modelopt quantizers again, holding the last ranges trained."""
-    from modelopt.torch.quantization.nn.modules.tensor_quantizer import is_registered_quant_backend, register_quant_backend
-
-    if not is_registered_quant_backend(BACKEND):
-        register_quant_backend(BACKEND, fake_quant_learned)
+    register_backend(BACKEND, fake_quant_learned)
     for p, q, bound in zip(ranges.log_amax, ranges.quantizers, ranges.bounds):
         q.__dict__[_PARAM], q.__dict__[_BOUND] = p, bound
         q.backend = BACKEND

@@ -320,7 +320,7 @@ def sensitivity_plot(sens: Sensitivity, path: str | Path, top: int = 20) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from edgekd.manifest import atomic_path
+    from edgekd.atomic import atomic_path
 
     rows = sens.layers[:top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))

@@ -3,7 +3,7 @@
 Installing torch-based tools on a Jetson can replace JetPack's own torch build, so the device side
 needs only ``python3``, ``numpy``, ``pillow`` and ``onnxruntime`` (or ``openvino``, or JetPack's ``tensorrt``).
 This package is copied into every bundle (with ``edgekd/__init__.py``, ``errors.py`` and
-``manifest.py``, all torch-free) and runs from the bundle folder::
+``atomic.py``, all torch-free) and runs from the bundle folder::
 
     python3 -m edgekd.runtime BUNDLE image.png ... [--top-k 5] [--json]
     python3 -m edgekd.runtime selfcheck BUNDLE [--json]     # checksums, load, reference outputs
@@ -16,7 +16,7 @@ It must keep running on Python 3.8 (JetPack 5).
 
 from __future__ import annotations
 
-from edgekd.manifest import sha256_file
+from edgekd.atomic import sha256_file
 from edgekd.runtime.integrity import (BUNDLE_FORMAT, BUNDLE_JSON, BUNDLE_VERSION, REFERENCE_INPUTS, SUMS_NAME, bundle_root, member_problem, meta_problem,
                                       open_bundle, read_sums, safe_extract, safe_relpath, verify_bundle)
 from edgekd.runtime.preprocessing import GREY_WEIGHTS, load_image, map_channels, preprocess, resize_bilinear, softmax

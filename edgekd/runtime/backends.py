@@ -79,7 +79,7 @@ class OrtModel:
 class OvModel:
     """An OpenVINO compiled model (``pip install openvino``; no torch). The bundle's ONNX file is read
     directly; one static-shape compile per batch size, as the CPU plugin's fastest kernels need.
-    A small copy of the host's runner (:mod:`edgekd.runtimes.openvino`): the bundle stays torch-free."""
+    A small copy of the host's runner (:mod:`edgekd.runners.openvino`): the bundle stays torch-free."""
 
     name = "openvino"
 
@@ -226,7 +226,7 @@ def tensorrt_usable() -> str | None:
     """None when TensorRT can really run here, else the reason it cannot: ``tensorrt`` and cuda-python
     both import and a CUDA device answers (cudaGetDeviceCount >= 1). Any of them missing or broken
     (no driver, a CUDA-13 binding on a CUDA-12 driver) makes the ``auto`` backend use onnxruntime.
-    The host's runtime probe (``edgekd.runtimes``) asks this same function."""
+    The host's runtime probe (``edgekd.runners``) asks this same function."""
     for module, what in (("tensorrt", "TensorRT"), (None, "cuda-python")):
         try:
             importlib.import_module(module) if module else _cudart()

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgekd.errors import EdgekdError
-from edgekd.manifest import sha256_file  # torch-free; shipped in the bundle beside this package
+from edgekd.atomic import sha256_file  # torch-free; shipped in the bundle beside this package
 
 BUNDLE_FORMAT = "edgekd-bundle"
 BUNDLE_VERSION = 1

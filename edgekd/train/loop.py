@@ -30,7 +30,7 @@ from edgekd import ui
 from edgekd.config import TrainConfig
 from edgekd.data import Batch, DataSet, Preprocess, iterate, num_batches
 from edgekd.errors import EdgekdError
-from edgekd.manifest import write_json_atomic
+from edgekd.atomic import write_json_atomic
 from edgekd.models import safe_torch_load, save_checkpoint
 from edgekd.train.env import DistEnv, device, init_distributed, memory_format, on_main, rng_state, share, wrap_for_ranks
 from edgekd.train.evaluation import evaluate
@@ -278,14 +278,14 @@ def _close_epoch(run: _Run, val: dict, epoch: int, train_loss: float, times: tup
     return record, stop_reason(run.history, run.cfg, time.time() - loop.started) or "epochs"
 
 
-def fit(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Path, loss_fn: LossFn, preprocess: Preprocess, **options: Any) -> FitResult:
+def fit(model: nn.Module, data: DataSet, cfg: TrainConfig, out_dir: str | Path, loss_fn: LossFn, preprocess: Preprocess,
+        opts: FitOptions | None = None) -> FitResult:
     """Train ``model``; returns paths of best/last checkpoints, the history and why it stopped.
 
     The length fits the data (:func:`fit_to_data`), stops early on a validation plateau
-    (``patience``) and at ``time_limit_s``. ``options`` are :class:`FitOptions` fields (augment,
-    seed, kind, resume, save_fn, ckpt_extra, trainable, description).
+    (``patience``) and at ``time_limit_s``. ``opts``: how the run is fed, named and saved.
     """
-    opts = FitOptions(**options)
+    opts = opts or FitOptions()
     run = _start(model, data, cfg, out_dir, loss_fn, preprocess, opts)
     stopped, seen = _epochs(run, data)
     loop, cfg = run.loop, run.cfg

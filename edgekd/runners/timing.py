@@ -1,6 +1,8 @@
-"""The timing loops: warm-up, then a fixed number of runs (or a duration) with
-``time.perf_counter_ns`` around one inference, the garbage collector paused; two models timed
-interleaved (ABBA) when a reference is given.
+"""The timing loops, the only ones on the host side: warm-up, then a fixed number of runs (or a
+duration) with ``time.perf_counter_ns`` around one inference, the garbage collector paused; two
+models timed interleaved (ABBA) when a reference is given. ``edgekd bench`` and the export's own
+INT8-vs-FP32 check (:func:`median_latency_ms`) both time through them. (The bundle's torch-free
+runtime keeps its own copy: it runs on the device without edgekd.)
 """
 
 from __future__ import annotations
@@ -8,10 +10,15 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
 
+import numpy as np
 
 from edgekd.errors import EdgekdError
+from edgekd.runners import open_runner
+
+K = TypeVar("K")
 
 
 @dataclass
@@ -78,3 +85,27 @@ def time_interleaved(runner_a: Any, prepared_a: Any, runner_b: Any, prepared_b: 
             for runner, prepared, out in order:
                 out.append(runner.timed_run(prepared)[0] / 1e6)
     return a, b
+
+
+def median_latency_ms(runtime: str, path: str | Path, batch: int, shape: tuple[int, int, int], runs: int = 30, warmup: int = 3,
+                      threads: int | None = None) -> float:
+    """Median host time (ms) of one run of ``path`` at ``batch`` (random input of ``shape``) on ``runtime``."""
+    runner = open_runner(runtime, path, threads=threads)
+    x = np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
+    try:
+        host, _ = time_runner(runner, runner.prepare({runner.input_specs()[0].name: x}), TimingPlan(warmup=warmup, runs=runs))
+    finally:
+        runner.close()
+    return float(np.median(host))
+
+
+def interleaved_latency_ms(files: Mapping[K, str | Path], batch: int, shape: tuple[int, int, int], runs: int, rounds: int,
+                           runtime: str = "ort-cpu") -> dict[K, list[float]]:
+    """Each file's :func:`median_latency_ms` once per round, every file in turn each round: on a shared
+    or throttling CPU the speed drifts by tens of percent within a minute, and files timed one after
+    the other would show that drift as a difference between them. Take the median of each list."""
+    per: dict[K, list[float]] = {key: [] for key in files}
+    for _ in range(rounds):
+        for key, path in files.items():
+            per[key].append(median_latency_ms(runtime, path, batch, shape, runs))
+    return per

@@ -1,5 +1,5 @@
 """Which input shapes a TensorRT engine is built for: the one place that decides, for the native
-runner (:mod:`edgekd.runtimes.tensorrt`), the bundle's ``trtexec`` lines (:mod:`edgekd.bundle.scripts`)
+runner (:mod:`edgekd.runners.tensorrt`), the bundle's ``trtexec`` lines (:mod:`edgekd.bundle.scripts`)
 and onnxruntime's TensorRT execution provider.
 
 - GPU engines get one optimisation profile over the batch: ``min 1 / opt batch / max max_batch``.

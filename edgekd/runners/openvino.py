@@ -20,8 +20,8 @@ import numpy as np
 import openvino as ov
 
 from edgekd.errors import EdgekdError
-from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
-from edgekd.runtimes.ort import physical_cores
+from edgekd.runners.base import LayerTime, RuntimeInfo, TensorSpec
+from edgekd.runners.ort import physical_cores
 
 OV_TYPES = {"f32": "float32", "f16": "float16", "f64": "float64", "u8": "uint8", "i8": "int8", "i32": "int32", "i64": "int64", "boolean": "bool"}
 
@@ -44,7 +44,7 @@ def compile_config(threads: int, device: str, profile: bool = False) -> dict[str
 
 
 class OpenVinoRunner:
-    """Times one model (ONNX or OpenVINO IR) with OpenVINO; see :class:`edgekd.runtimes.Runner`."""
+    """Times one model (ONNX or OpenVINO IR) with OpenVINO; see :class:`edgekd.runners.Runner`."""
 
     def __init__(self, path: str | Path, threads: int | None = None, device: str = "CPU", **_: Any):
         self.path = Path(path)

@@ -18,7 +18,7 @@ Pinned to TensorRT >= 10.3, < 11 (pyproject's ``[tensorrt]`` extra; JetPack 6.1 
 (docs/jetson.md lists what). ``BuilderFlag.FP16``/``INT8`` exist through 10.x (deprecated from
 10.12); where they are gone (11) the network is built strongly typed and the ONNX's own types decide.
 Shapes (dynamic profile on the GPU, one static engine per batch on the DLA, a user's fixed batch)
-come from :mod:`edgekd.runtimes.shapes`.
+come from :mod:`edgekd.runners.shapes`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from edgekd.errors import EdgekdError
-from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
-from edgekd.runtimes.tensorrt_build import (EngineOptions, _check, _cudart, _logger, build_engine, engine_is_current,  # noqa: F401 - re-exported
+from edgekd.runners.base import LayerTime, RuntimeInfo, TensorSpec
+from edgekd.runners.tensorrt_build import (EngineOptions, _check, _cudart, _logger, build_engine, engine_is_current,  # noqa: F401 - re-exported
                                          gpu_description, require_tensorrt, strongly_typed_only)
 
 try:  # both are optional: the [tensorrt] extra
@@ -102,7 +102,7 @@ class TensorRTRunner:
         meta_path = self.engine_path.with_suffix(self.engine_path.suffix + ".json")
         extra = {"engine": str(self.engine_path), "tensorrt": trt.__version__, **gpu_description(), "static_per_batch": self.per_batch}
         if meta_path.is_file():
-            from edgekd.manifest import read_json
+            from edgekd.atomic import read_json
 
             extra["engine_metadata"] = read_json(meta_path, "engine metadata")
         self.info = RuntimeInfo(runtime="tensorrt", threads=None, providers=["TensorRT"], device="gpu" if dla_core is None else f"dla{dla_core}", extra=extra)

@@ -1,4 +1,6 @@
-"""Runtimes that load an exported model, run it and time it: one small registry, imported lazily.
+"""Host-side runners: load an exported model on a runtime of this machine, run it and time it; one
+small registry, imported lazily. (The torch-free code that runs *on the device*, inside every
+bundle, is :mod:`edgekd.runtime`.)
 
 Each runtime is a *runner* with the same few methods (see :class:`Runner`), so ``edgekd.bench``
 times onnxruntime on this CPU, onnxruntime's CUDA / TensorRT execution providers, native
@@ -8,87 +10,27 @@ opened, so ``edgekd.testing`` (a pytest plugin) can ask "is this runtime here?" 
 Pattern borrowed from Model Optimizer's deploy registry (runtime name -> compile/profile/infer).
 
 Remote devices (``ssh``): the deploy path (``edgekd.deploy``) copies the model to the device and
-times it there; bench only needs its samples back. See :func:`remote_hook`.
+times it there (``edgekd.deploy.remote_bench``); bench only needs its samples back.
 
->>> from edgekd.runtimes import open_runner
+>>> from edgekd.runners import open_runner
 >>> runner = open_runner("ort-cpu", "model.onnx", threads=2)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 from edgekd.errors import EdgekdError
+from edgekd.runners.base import LayerTime, Runner, RuntimeInfo, TensorSpec
 
-
-@dataclass
-class TensorSpec:
-    """One model input: its name, shape (``None`` where the dimension is dynamic) and numpy dtype name."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-
-    def batch_shape(self, batch: int) -> tuple[int, ...]:
-        """The concrete shape for ``batch`` images; refuses a fixed batch dimension of another size."""
-        if not self.shape:
-            raise EdgekdError(f"input '{self.name}' is a scalar", "benchmark a model whose input is an image batch (N, C, H, W)")
-        first = self.shape[0]
-        if first is not None and first != batch:
-            raise EdgekdError(f"input '{self.name}' has a fixed batch of {first}, cannot run batch {batch}",
-                              "export with a dynamic batch axis, or pass --batch " + str(first))
-        rest = tuple(1 if d is None else d for d in self.shape[1:])
-        return (batch, *rest)
-
-
-@dataclass
-class LayerTime:
-    """Time spent in one layer (node / fused kernel), averaged over the profiled runs."""
-
-    name: str
-    op: str
-    mean_ms: float
-    share: float = 0.0  # fraction of the summed layer time
-
-
-@dataclass
-class RuntimeInfo:
-    """What the runner really used (after fallbacks), stored with every result."""
-
-    runtime: str
-    threads: int | None
-    providers: list[str] = field(default_factory=list)
-    device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class Runner(Protocol):
-    """The interface every runtime implements (structural; no base class needed)."""
-
-    info: RuntimeInfo
-
-    def input_specs(self) -> list[TensorSpec]: ...
-
-    def metadata(self) -> dict[str, str]: ...
-
-    def prepare(self, arrays: dict[str, Any]) -> Any:
-        """Turn host arrays into whatever ``timed_run`` consumes (pre-allocated, copied to device once)."""
-
-    def timed_run(self, prepared: Any) -> tuple[int, float | None]:
-        """Run once; return host wall time in ns and device-side time in ms where the runtime has one."""
-
-    def outputs(self, prepared: Any) -> list[Any]: ...
-
-    def layer_profile(self, arrays: dict[str, Any], runs: int) -> list[LayerTime]: ...
-
-    def close(self) -> None: ...
+__all__ = ["CPU_RUNTIMES", "RUNTIMES", "LayerTime", "Runner", "RuntimeEntry", "RuntimeInfo", "TensorSpec", "gpu_present", "open_runner",
+           "runtime_available", "runtime_entry"]
 
 
 @dataclass
@@ -139,7 +81,7 @@ def _tensorrt_available() -> tuple[bool, str]:
 
 def _open_ort(providers: list[str]) -> Callable[..., Runner]:
     def factory(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
-        from edgekd.runtimes.ort import OrtRunner
+        from edgekd.runners.ort import OrtRunner
 
         return OrtRunner(path, providers=providers, threads=threads, **options)
 
@@ -153,13 +95,13 @@ def _openvino_available() -> tuple[bool, str]:
 
 
 def _open_openvino(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
-    from edgekd.runtimes.openvino import OpenVinoRunner  # OpenVINO is an optional extra: imported when asked for
+    from edgekd.runners.openvino import OpenVinoRunner  # OpenVINO is an optional extra: imported when asked for
 
     return OpenVinoRunner(path, threads=threads, **options)
 
 
 def _open_tensorrt(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
-    from edgekd.runtimes.tensorrt import TensorRTRunner
+    from edgekd.runners.tensorrt import TensorRTRunner
 
     return TensorRTRunner(path, **options)
 
@@ -196,19 +138,3 @@ def open_runner(runtime: str, path: str | Path, threads: int | None = None, **op
     if not ok:
         raise EdgekdError(f"runtime '{runtime}' is not available here: {why}", "pick another --runtime / --target, or run on the device")
     return entry.open(path, threads=threads, **options)
-
-
-def remote_hook() -> Callable[..., dict[str, Any]]:
-    """The deploy path's remote benchmark: ``edgekd.deploy.remote_bench(model, target=..., batch=..., plan=TimingPlan(warmup, runs),
-    threads=...)`` must return ``{"samples_ms": [...], "fingerprint": {...}}`` measured on the device.
-
-    Kept as a hook so bench never imports ssh code unless a remote target is asked for.
-    """
-    try:
-        deploy = importlib.import_module("edgekd.deploy")
-    except ImportError as exc:
-        raise EdgekdError("remote benchmarking needs edgekd.deploy, which is not available", "benchmark locally with --runtime ort-cpu") from exc
-    fn = getattr(deploy, "remote_bench", None)
-    if fn is None:
-        raise EdgekdError("edgekd.deploy has no remote_bench()", "update edgekd, or run `edgekd bench` on the device itself")
-    return fn

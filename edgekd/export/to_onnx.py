@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
-from edgekd.manifest import atomic_path
+from edgekd.atomic import atomic_path
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -112,10 +112,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def without_quantizers(model: nn.Module) -> nn.Module:
     """A copy with fake-quant weights baked in and every quantizer switched off (an FP32 network)."""
-    from edgekd.quantize import _tensor_quantizer_cls
+    from edgekd.quantize.modelopt_api import tensor_quantizer_cls  # modelopt takes seconds to import: only for a fake-quant model
 
     m = copy.deepcopy(model).eval()
-    TQ = _tensor_quantizer_cls()
+    TQ = tensor_quantizer_cls()
     with torch.no_grad():
         for mod in m.modules():
             wq = getattr(mod, "weight_quantizer", None)

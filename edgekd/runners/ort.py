@@ -22,8 +22,8 @@ import onnxruntime as ort
 
 from edgekd.errors import EdgekdError
 from edgekd.runtime.backends import ORT_DISABLED_OPTIMIZERS
-from edgekd.runtimes import LayerTime, RuntimeInfo, TensorSpec
-from edgekd.runtimes.shapes import tensorrt_major
+from edgekd.runners.base import LayerTime, RuntimeInfo, TensorSpec
+from edgekd.runners.shapes import tensorrt_major
 
 ORT_TYPES = {
     "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64", "tensor(uint8)": "uint8",
@@ -64,6 +64,18 @@ def session_options(threads: int, spinning: bool = True, profile_prefix: str | N
     return so
 
 
+def cpu_session(path: str | Path, threads: int | None = None, exact_qdq: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session for computing outputs (not timing). ``exact_qdq`` turns graph
+    optimisations off, so Q/DQ nodes run as written (quantize, dequantize, float op): the arithmetic
+    TensorRT performs on a ``tensorrt``-layout graph. With optimisations on, onnxruntime fuses some
+    DQ -> Conv -> Q groups of such a graph into its own s8 kernels, which saturate on AVX2 and are not
+    what the device runs."""
+    so = session_options(threads or physical_cores())
+    if exact_qdq:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return load_session(path, ["CPUExecutionProvider"], so)
+
+
 def load_session(path: str | Path, providers: list[Any], so: ort.SessionOptions) -> ort.InferenceSession:
     p = Path(path)
     if not p.is_file():
@@ -89,7 +101,7 @@ def tensorrt_ep_options(precision: str = "int8", tensorrt: str | None = None, dl
     - engine and timing caches in ``cache_dir`` (engines are built once per model, GPU and TensorRT version).
 
     No ``trt_profile_*_shapes``: without them the provider builds each engine for the shape it is fed
-    (static, as the DLA needs; edgekd.runtimes.shapes decides shapes where edgekd builds engines itself).
+    (static, as the DLA needs; edgekd.runners.shapes decides shapes where edgekd builds engines itself).
     """
     opts: dict[str, Any] = {"trt_fp16_enable": precision in ("int8", "fp16") or dla_core is not None,
                             "trt_int8_enable": precision == "int8" and tensorrt_major(tensorrt) < 10,
@@ -111,7 +123,7 @@ def provider_list(providers: list[str], model: Path, options: dict[str, Any]) ->
 
 
 class OrtRunner:
-    """Times one ONNX model with onnxruntime; see :class:`edgekd.runtimes.Runner`."""
+    """Times one ONNX model with onnxruntime; see :class:`edgekd.runners.Runner`."""
 
     def __init__(self, path: str | Path, providers: list[str], threads: int | None = None, spinning: bool = True, **options: Any):
         self.path = Path(path)

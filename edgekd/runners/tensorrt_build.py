@@ -1,6 +1,6 @@
 """Building TensorRT engines from a Q/DQ ONNX: builder flags, profiles, timing cache, engine metadata.
 
-Split from :mod:`edgekd.runtimes.tensorrt` (which runs and times engines); see its docstring for the
+Split from :mod:`edgekd.runners.tensorrt` (which runs and times engines); see its docstring for the
 TensorRT versions this is written for and read against. Needs ``tensorrt`` and ``cuda-python``.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.errors import EdgekdError
-from edgekd.runtimes.shapes import engine_profile
+from edgekd.runners.shapes import engine_profile
 
 try:  # both are optional: the [tensorrt] extra
     import tensorrt as trt
@@ -146,14 +146,14 @@ def dla_fallback_layers(network: Any, config: Any) -> list[str]:
 
 
 def engine_metadata(onnx_path: Path, opts: EngineOptions) -> dict[str, Any]:
-    from edgekd.manifest import sha256_file
+    from edgekd.atomic import sha256_file
 
     return {"tensorrt": trt.__version__, **gpu_description(), "options": asdict(opts), "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path)}
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOptions | None = None) -> Path:
     """Build and save ``engine_path`` (+ ``.json`` metadata) from a Q/DQ ONNX; returns the engine path."""
-    from edgekd.manifest import write_bytes_atomic, write_json_atomic
+    from edgekd.atomic import write_bytes_atomic, write_json_atomic
 
     require_tensorrt()
     opts = opts or EngineOptions()
@@ -186,7 +186,7 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOpt
 
 def engine_is_current(onnx_path: Path, engine_path: Path, opts: EngineOptions) -> bool:
     """An engine can be reused when it was built from the same ONNX, options, TensorRT and GPU."""
-    from edgekd.manifest import read_json
+    from edgekd.atomic import read_json
 
     meta_path = engine_path.with_suffix(engine_path.suffix + ".json")
     if not engine_path.is_file() or not meta_path.is_file():
