@@ -11,6 +11,8 @@ from typing import Annotated, Any, Iterator, Optional
 
 import typer
 
+from edgekd.manifest import hold_run_folder
+
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Recipe file (YAML/TOML); see `edgekd build --print-config`.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override any recipe key, e.g. --set student.train.epochs=3 (repeatable).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder for checkpoints and metrics.")]
@@ -33,7 +35,7 @@ TestSubsetOpt = Annotated[Optional[int], typer.Option(help="Use only N validatio
 
 def _train_default(section: str, key: str) -> Any:
     """The recipe's default for ``<section>.train.<key>``, so --help shows what a run really uses."""
-    from edgekd.config import Recipe
+    from edgekd.config import Recipe  # lazy: `edgekd --help` imports no pydantic models
 
     return getattr(getattr(Recipe(), section).train, key)
 
@@ -56,8 +58,6 @@ def output_folder(out: Path) -> Iterator[None]:
     """Hold ``out`` for a training command: a second run into it is refused while this one runs,
     and temporary files a killed run left there are removed. Under torchrun only rank 0 (the one
     that writes) takes the lock."""
-    from edgekd.manifest import hold_run_folder
-
     if os.environ.get("RANK", "0") != "0":
         yield
         return

@@ -13,6 +13,7 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10 (e.g. NGC TensorRT containers, JetPack 5)
     import tomli as tomllib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,7 +76,6 @@ class TrainConfig(Strict):
     amp: bool = Field(True, description="mixed precision where CUDA is present (ignored on CPU)")
     grad_clip: float | None = Field(None, gt=0)
     freeze_bn: bool = Field(False, description="keep BatchNorm statistics frozen (eval mode): small batches, or exact DDP equivalence")
-    workers: int = Field(0, ge=0, description="reserved: data is held in memory as tensors")
     min_steps: int = Field(0, ge=0, description="at least this many optimizer steps: on a small data set the epochs are raised to reach it "
                                               "(a recipe that sets `epochs` and not `min_steps` turns this off: explicit epochs win)")
     max_epochs: int = Field(300, ge=1, description="cap on the epochs `min_steps` may ask for")
@@ -123,8 +123,9 @@ class DistillConfig(Strict):
     peers: int | list[str] = Field(2, description="mode 'mutual': how many copies of the student, or the peers' model names "
                                                   "(the first is the student); the best on validation is kept")
     losses: list[Literal["kd", "fitnet", "rkd", "at"]] = Field(default_factory=lambda: ["kd"])
-    # T=1, alpha=0.5 measured best by validation for a teacher fine-tuned with label smoothing (edgekd's
-    # default): at Hinton's usual T=4 its soft targets are nearly uniform (benchmarks/distill_results.md).
+    # T=1, alpha=0.5 measured best on validation (benchmarks/distill_results.md) with a teacher fine-tuned
+    # with label smoothing 0.1, as teachers were then: at Hinton's usual T=4 its soft targets were nearly
+    # uniform. The default teacher now trains without smoothing; rerun that benchmark before changing these.
     temperature: float = Field(1.0, gt=0)
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft-target term; 1-alpha goes to hard labels")
     feature_weight: float = Field(1.0, ge=0, description="weight of fitnet / attention terms")
@@ -298,7 +299,7 @@ def merge_into(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any
 
 
 def parse_duration(text: str) -> float:
-    """'20m', '90s', '1.5h' or plain seconds -> seconds; 'none' or 'off' -> 0 (no budget)."""
+    """'20m', '90s', '1.5h' or plain seconds -> seconds; 'none', 'off' or 0 -> 0 (no budget)."""
     units = {"s": 1, "m": 60, "h": 3600}
     raw = text.strip().lower()
     if raw in ("none", "off"):
@@ -307,7 +308,9 @@ def parse_duration(text: str) -> float:
         value = float(raw[:-1]) * units[raw[-1]] if raw and raw[-1] in units else float(raw)
     except ValueError:
         value = -1.0
-    if value <= 0:
+    if value == 0:
+        return 0.0
+    if not math.isfinite(value) or value < 0:
         raise EdgekdError(f"time budget '{text}' is not a duration", "write e.g. 20m, 90s or 1.5h")
     return value
 

@@ -28,6 +28,7 @@ from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest
 from edgekd.atomic import sha256_json, write_json_atomic
 from edgekd.runners.ssh import SshDevice
+from edgekd.runtime import BUNDLE_JSON, sha256_file
 
 if TYPE_CHECKING:
     from edgekd.runners.timing import TimingPlan
@@ -181,8 +182,6 @@ def remote_bench(model: str | os.PathLike, target: str, batch: int, plan: Timing
 
 
 def _bundle_digest(root: Path) -> str:
-    from edgekd.runtime import BUNDLE_JSON, sha256_file
-
     return sha256_file(root / BUNDLE_JSON)
 
 

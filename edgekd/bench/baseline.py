@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 
+from edgekd.atomic import read_json, sha256_file, write_json_atomic
 from edgekd.errors import EdgekdError
 from edgekd.bench.fingerprint import fingerprint_differences
 from edgekd.bench.stats import DEFAULT_CONFIDENCE, Comparison, compare_samples
@@ -20,8 +21,6 @@ BASELINE_VERSION = 1
 
 def baseline_from_result(result: dict[str, Any], command: str | None = None) -> dict[str, Any]:
     """A baseline file's content: the primary batch's stats, raw samples, fingerprint (and the reference's)."""
-    from edgekd.atomic import sha256_file
-
     model = Path(result["model"])
     base = {
         "format": BASELINE_FORMAT,
@@ -46,15 +45,11 @@ def baseline_from_result(result: dict[str, Any], command: str | None = None) -> 
 
 
 def save_baseline(path: str | os.PathLike, result: dict[str, Any], command: str | None = None) -> Path:
-    from edgekd.atomic import write_json_atomic
-
     return write_json_atomic(path, baseline_from_result(result, command))
 
 
 def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
     """Read and validate a baseline file; every problem is one clear EdgekdError."""
-    from edgekd.atomic import read_json
-
     data = read_json(path, "latency baseline")
     hint = "write a fresh one with `edgekd bench MODEL --save-baseline FILE`"
     if not isinstance(data, dict) or data.get("format") != BASELINE_FORMAT:

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekd import runtime as rt
+from edgekd.atomic import read_json
 from edgekd.errors import EdgekdError
 
 
@@ -28,7 +30,6 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
         raise EdgekdError(f"model not found: {p}", "pass an .onnx file or a bundle directory")
     if not p.is_dir():
         raise EdgekdError(f"{p} is not a file or a directory", "pass an .onnx file or a bundle directory")
-    from edgekd import runtime as rt
 
     if (p / rt.SUMS_NAME).is_file():  # an edgekd bundle: time only what its checksums vouch for
         rt.verify_bundle(p)
@@ -68,8 +69,6 @@ def _path_in(value: Any) -> str | None:
 
 
 def _model_named_in(meta: Path) -> str | None:
-    from edgekd.atomic import read_json
-
     data = read_json(meta, "bundle description")
     if not isinstance(data, dict):
         return None
@@ -89,7 +88,7 @@ def _model_named_in(meta: Path) -> str | None:
 
 def _real_images(batch: int, seed: int) -> np.ndarray:
     """``batch`` Fashion-MNIST test images (uint8, N x 28 x 28), read by the data package's IDX reader."""
-    from edgekd.data import fashion_mnist_root, load_fashion_mnist_split
+    from edgekd.data import fashion_mnist_root, load_fashion_mnist_split  # lazy: torch, only when real images are asked for
 
     try:
         images = load_fashion_mnist_split(fashion_mnist_root(None), "test").images[:, 0].numpy()

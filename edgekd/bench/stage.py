@@ -15,6 +15,7 @@ from edgekd.errors import EdgekdError
 from edgekd.bench.fingerprint import fingerprint
 from edgekd.bench.inputs import bundle_preprocess, resolve_model_path, sample_inputs
 from edgekd.bench.stats import summarize
+from edgekd.runners import open_runner
 from edgekd.runners.timing import TimingPlan, time_interleaved, time_runner
 
 
@@ -37,8 +38,6 @@ class BenchRequest:
 
 
 def _open(runtime: str, path: Path, threads: int | None, options: dict[str, Any]) -> Any:
-    from edgekd.runners import open_runner
-
     return open_runner(runtime, path, threads=threads, **options)
 
 

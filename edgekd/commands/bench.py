@@ -19,7 +19,7 @@ def _target_settings(name: str | None) -> dict[str, Any]:
     """Runtime, batches, threads, TensorRT options and latency budgets from targets/NAME.toml."""
     if not name:
         return {}
-    from edgekd.targets import accelerator_present, get_target
+    from edgekd.targets import accelerator_present, get_target  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     t = get_target(name)
     avail = accelerator_present(t)
@@ -34,7 +34,7 @@ def _target_settings(name: str | None) -> dict[str, Any]:
 
 def _show(result: dict[str, Any], budgets: dict[int, float]) -> None:
     """A busy-machine warning, the latency table (against the budgets), the reference and the profile."""
-    from edgekd.bench import busy_machine_note
+    from edgekd.bench import busy_machine_note  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     note = busy_machine_note(result)
     if note:
@@ -98,7 +98,7 @@ def bench(
       edgekd bench model.onnx --reference ref.onnx --save-baseline benchmarks/baselines/nano.json
       edgekd bench model.onnx --reference ref.onnx --baseline benchmarks/baselines/nano.json --max-regression 10%
     """
-    from edgekd.bench import BenchRequest, TimingPlan, run_bench
+    from edgekd.bench import BenchRequest, TimingPlan, run_bench  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     tgt = _target_settings(target)
     recipe = _bench_recipe(config, set_, warmup, runs, batch, threads)
@@ -121,7 +121,7 @@ def bench(
 def _bench_recipe(config: Path | None, set_: list[str] | None, warmup: int | None, runs: int | None, batch: list[int] | None,
                   threads: int | None) -> Any:
     """The recipe's bench section with --warmup, --runs, --batch and --threads over it (validated there)."""
-    from edgekd.config import load_recipe
+    from edgekd.config import load_recipe  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     return load_recipe(config, (set_ or []) + overrides({"bench.warmup": warmup, "bench.runs": runs, "bench.batches": batch, "bench.threads": threads}))
 
@@ -146,7 +146,7 @@ def _runtime_choice(tgt: dict[str, Any], runtime: str | None, batches: list[int]
 
 def _ssh_device(host: str | None, port: int, identity: Path | None, known_hosts: Path | None, python: str) -> Any:
     """--remote: the device to measure on."""
-    from edgekd.runners.ssh import SshDevice
+    from edgekd.runners.ssh import SshDevice  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     if not host:
         raise EdgekdError("--remote needs --host user@device", "e.g. --remote --host jetson@192.168.1.20 --known-hosts ~/.ssh/known_hosts")
@@ -175,7 +175,7 @@ def _report(result: dict[str, Any], budgets: dict[int, float], save_baseline: Pa
 def _baseline_judge(baseline: Path | None, max_regression: str, allow_other_machine: bool, confidence: float) -> Callable[[dict[str, Any]], Any] | None:
     """Read --max-regression and --baseline now, so a bad one fails before minutes of measuring; the
     function returned judges a result against the baseline (None without --baseline)."""
-    from edgekd.bench import load_baseline, parse_percent
+    from edgekd.bench import load_baseline, parse_percent  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     budget = parse_percent(max_regression)
     if not baseline:
@@ -186,7 +186,7 @@ def _baseline_judge(baseline: Path | None, max_regression: str, allow_other_mach
 
 def _compare(result: dict[str, Any], base: dict[str, Any], baseline_name: str, budget: float, allow_other_machine: bool, confidence: float) -> Any:
     """Judge ``result`` against the baseline, say the verdict, and record it in ``result``."""
-    from edgekd.bench import check_regression
+    from edgekd.bench import check_regression  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     comparison = check_regression(result, base, budget, allow_other_machine, confidence, baseline_name)
     for n in comparison.notes:
@@ -202,7 +202,7 @@ def _json_view(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_baseline_file(path: Path, result: dict[str, Any]) -> Path:
-    from edgekd.bench import save_baseline
+    from edgekd.bench import save_baseline  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     return save_baseline(path, result, command=" ".join(["edgekd", *sys.argv[1:]]))
 

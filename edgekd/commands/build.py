@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
+from edgekd.time_budget import DEFAULT_TIME_BUDGET_S, shares_text
 from edgekd.cli_options import (AllowNotReadyOpt, ConfigOpt, DataRootOpt, DatasetOpt, ExcludeOpt, JsonOpt, MaxDropOpt, SeedOpt, SetOpt, UnlabeledOpt, emit,
                                 layer_list, overrides)
 
@@ -27,10 +28,10 @@ def build(
     seed: SeedOpt = None,
     quick: Annotated[bool, typer.Option("--quick", help="A first look in a few minutes: 3,000 images, 1 teacher epoch at 48 px, 3 student epochs.")] = False,
     until: Annotated[Optional[str], typer.Option(help="Stop after this stage (teacher, control, distill, qad, export, evaluate, bench, report, bundle).")] = None,
-    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Wall time for the whole build, e.g. 20m, 90s, 1.5h, or 'none'. The training "
-                                                       "stages share it out (teacher 25%, control and distill 23% each, QAD 6% of what is left when each "
-                                                       "starts) and stop on time, their learning rate annealed to the deadline. \\[default: 20m for the "
-                                                       "stages whose length edgekd sizes; a recipe's explicit epochs are not cut]")] = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Wall time for the whole build, e.g. 20m, 90s, 1.5h, or 'none' (or 0). The training "
+                                                       "stages share what is left when each starts, in proportion to their weights ("
+                                                       + shares_text() + "), and stop on time, their learning rate annealed to the deadline. \\[default: "
+                                                       f"{DEFAULT_TIME_BUDGET_S // 60}m for the stages whose length edgekd sizes; a recipe's explicit epochs are not cut]")] = None,
     control: Annotated[bool, typer.Option("--control/--no-control", help="Also train the student alone on hard labels (the control), report what "
                                           "distillation bought against it, and ship the better one.")] = True,
     targets_dir: Annotated[Optional[Path], typer.Option(help="Extra folder of target .toml files (also $EDGEKD_TARGETS_DIR).")] = None,
@@ -53,10 +54,10 @@ def build(
 
       edgekd build --print-config > my-recipe.yaml; edgekd build -c my-recipe.yaml --set student.train.epochs=20
     """
-    from edgekd.config import load_recipe, recipe_to_yaml
-    from edgekd.pipeline import QUICK_OVERRIDES, build as run_build
+    from edgekd.config import load_recipe, recipe_to_yaml  # lazy: `edgekd --help` and light commands import no torch/onnx
+    from edgekd.pipeline import QUICK_OVERRIDES, build as run_build  # lazy: `edgekd --help` and light commands import no torch/onnx
 
-    from edgekd.config import parse_duration
+    from edgekd.config import parse_duration  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     opts = overrides({"student.model": student, "data.dataset": dataset, "data.root": data_root, "data.unlabeled_root": unlabeled,
                       "data.target_test_root": target_test, "seed": seed, "target": target,
@@ -74,7 +75,7 @@ def build(
 
 def show_summary(result: dict) -> None:
     """The end of a build, in 80 columns: stages and times, what each stage bought, latency, the verdict, what to run next."""
-    from edgekd.report import accuracy_table, latency_table
+    from edgekd.report import accuracy_table, latency_table  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     budget = result.get("time_budget_s")
     rows = [[name, s["status"], f"{s['seconds']:.0f}"] + ([f"{s['budget_s']:.0f}" if s.get("budget_s") else "-"] if budget else [])
@@ -88,7 +89,7 @@ def show_summary(result: dict) -> None:
             ui.show(latency_table(report))
         cpu = report.get("cpu_runtimes") or {}
         if cpu.get("runtimes"):
-            from edgekd.bench.cpu_runtimes import runtime_rows
+            from edgekd.bench.cpu_runtimes import runtime_rows  # lazy: `edgekd --help` and light commands import no torch/onnx
 
             ui.show(ui.table("CPU runtimes here, p50 ms (same files)", ["runtime", "batch", "FP32 ms", "INT8 ms", "speed-up"], runtime_rows(cpu)))
             ui.log(f"[bold]runtimes[/]: {cpu['verdict']}")

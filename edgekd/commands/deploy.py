@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgekd import ui
 from edgekd.cli_options import JsonOpt, emit
 
 
@@ -31,9 +32,8 @@ def deploy_command(
 
     Host keys are verified (StrictHostKeyChecking=yes); add a new device with ssh-keyscan and check its fingerprint first.
     """
-    from edgekd import ui
-    from edgekd.deploy import deploy
-    from edgekd.runners.ssh import device_from_options
+    from edgekd.deploy import deploy  # lazy: `edgekd --help` and light commands import no torch/onnx
+    from edgekd.runners.ssh import device_from_options  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     device = device_from_options(host, port, identity, known_hosts, python)
     result = deploy(bundle, device, remote_dir, runs, warmup, engine, run_dir)

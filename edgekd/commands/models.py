@@ -21,7 +21,7 @@ def models(
 
     Any timm model name works as a student (--set student.model=NAME) or teacher.
     """
-    from edgekd.models import RECOMMENDED_TIMM, count_macs, count_params, create_model, list_students
+    from edgekd.models import RECOMMENDED_TIMM, count_macs, count_params, create_model, list_students  # lazy: `edgekd --help` and light commands import no torch/onnx
 
     rows = []
     for spec in list_students():

@@ -10,7 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from edgekd import ui
 from edgekd.cli_options import JsonOpt, emit
+from edgekd.targets import accelerator_present, load_targets, resolve
 
 TargetsDirOpt = Annotated[Optional[Path], typer.Option("--targets-dir", help="Extra folder of NAME.toml target files (also $EDGEKD_TARGETS_DIR); overrides shipped targets of the same name.")]
 
@@ -20,9 +22,6 @@ def list_targets(targets_dir: TargetsDirOpt = None, as_json: JsonOpt = False) ->
 
     Example: edgekd targets list --json
     """
-    from edgekd import ui
-    from edgekd.targets import accelerator_present, load_targets
-
     rows = []
     for name, lt in load_targets(targets_dir).items():
         t = lt.target
@@ -46,9 +45,6 @@ def show_target(
 
     Example: edgekd targets show jetson
     """
-    from edgekd import ui
-    from edgekd.targets import accelerator_present, resolve
-
     lt = resolve(name, targets_dir)
     data = lt.target.to_dict()
     here = accelerator_present(lt.target)

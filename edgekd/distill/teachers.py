@@ -18,6 +18,7 @@ from edgekd.errors import EdgekdError
 from edgekd.atomic import sha256_file
 from edgekd.models import load_checkpoint, model_from_checkpoint
 from edgekd.distill.hooks import FeatureHook
+from edgekd.train import predict_logits
 
 
 @dataclass
@@ -80,8 +81,6 @@ def measure_teachers(teachers: list[Teacher], data: DataSet, temperature: float)
     (p(true class) 0.25 on average). Label smoothing erases the logit structure KD feeds on (Mueller
     et al. 2019, "When does label smoothing help?"), so a lower temperature is what such a teacher needs.
     """
-    from edgekd.train import predict_logits
-
     if len(data.val) == 0:
         return [{} for _ in teachers]
     records = []

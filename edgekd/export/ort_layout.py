@@ -35,6 +35,7 @@ from edgekd import ui
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.export.graph import Graph, QdqReport
+from edgekd.export.logits import agreement, ort_logits, reference_logits
 from edgekd.export.to_onnx import INPUT_NAME, has_fake_quant, torch_to_onnx
 from edgekd.export.strip import strip_qdq
 from edgekd.atomic import atomic_path
@@ -269,8 +270,6 @@ def export_int8_ort_closest(qmodel: nn.Module, path: Path, preprocess: Preproces
     A model trained on 7-bit weights (the x86 default, :func:`edgekd.quantize.default_weight_bits`)
     cannot saturate, so its weights stay s8 everywhere (the fast kernels) and no u8 variant is tried.
     """
-    from edgekd.export.logits import agreement, ort_logits, reference_logits
-
     reference = reference_logits(qmodel, check_x)
     tried: dict[str, dict[str, Any]] = {}
     untrained: dict[str, list[str]] = {}

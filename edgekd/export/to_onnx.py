@@ -18,13 +18,13 @@ import torch.nn as nn
 from edgekd.data import Preprocess
 from edgekd.errors import EdgekdError
 from edgekd.atomic import atomic_path
+from edgekd.quantize import enabled_quantizers
+from edgekd.quantize.bias import bias_hooks, file_amax, snap_biases
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def has_fake_quant(model: nn.Module) -> bool:
-    from edgekd.quantize import enabled_quantizers
-
     return bool(enabled_quantizers(model))
 
 
@@ -37,9 +37,6 @@ def on_int8_grid(model: nn.Module) -> nn.Module:
     snapped to their 7-bit values first, so the file computes exactly what QAD trained. Biases that
     QAD rounded in a hook (ort-cpu layout, :mod:`edgekd.quantize.bias`) are written rounded.
     """
-    from edgekd.quantize import enabled_quantizers
-    from edgekd.quantize.bias import bias_hooks, file_amax, snap_biases
-
     narrow = [n for n, q in enabled_quantizers(model).items() if n.endswith("weight_quantizer") and q.num_bits < 8]
     if not narrow and not bias_hooks(model):
         return model

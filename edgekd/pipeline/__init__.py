@@ -5,7 +5,7 @@
     -> evaluate (accuracy of the exported file) -> bench (latency here) -> report (what each stage
     bought: table, report.md, report.png) -> bundle (folder + .tar.gz for the device)
 
-With a time budget (``--time-budget 20m``) the training stages share it out (:data:`TIME_SHARES`):
+With a time budget (``--time-budget 20m``) the training stages share it out (:data:`edgekd.time_budget.TIME_SHARES`):
 each gets its share of what is left when it starts, and reports what it used.
 
 Stages pass artifacts as files recorded in ``<out>/manifest.json`` with their sha256. A stage is

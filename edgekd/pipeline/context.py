@@ -9,17 +9,28 @@ from pathlib import Path
 from typing import Any
 
 from edgekd.config import Recipe
+from edgekd.errors import EdgekdError
 from edgekd.data import load_data
 from edgekd.manifest import Manifest
 from edgekd.stage_context import StageContext
+from edgekd.time_budget import DEFAULT_TIME_BUDGET_S, TIME_RESERVE, TIME_SHARES
 
 
-DEFAULT_TIME_BUDGET_S = 20 * 60  # for the stages whose length edgekd sizes itself, unless the recipe sets time_budget_s
-# Shares of what is left of the budget when each training stage starts. Control and distill get the
-# same share (the control is the student alone *with the same budget*); distill's share also pays for
-# its teacher-output cache, which is part of what distillation costs.
-TIME_SHARES = {"teacher": 0.25, "control": 0.3, "distill": 0.3, "qad": 0.07}
-TIME_RESERVE = 0.08  # export, evaluate, bench, report, bundle: ~30 s of the default build's 20 min
+
+
+# The one declaration of what each stage reads from the stages before it: (stage, artifact) pairs.
+# Their checksums are part of the stage's identity (an input that changed reruns it), and a stage
+# can read no other artifact (BuildContext.path refuses it), so the two cannot drift apart.
+STAGE_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "distill": (("teacher", "checkpoint"), ("control", "checkpoint")),
+    "qad": (("distill", "kd_teacher"), ("distill", "shipped_checkpoint")),
+    "export": (("qad", "checkpoint"), ("distill", "shipped_checkpoint")),
+    "evaluate": (("distill", "checkpoint"), ("export", "onnx"), ("export", "fp32_onnx")),
+    "bench": (("export", "onnx"), ("export", "fp32_onnx")),
+    "report": (("evaluate", "record"), ("bench", "record")),
+    "bundle": (("distill", "shipped_checkpoint"), ("qad", "sensitivity_json"), ("qad", "sensitivity_png"), ("export", "onnx"), ("export", "fp32_onnx"),
+               ("evaluate", "record"), ("bench", "record"), ("report", "json"), ("report", "md"), ("report", "png")),
+}
 
 
 @dataclass
@@ -33,6 +44,7 @@ class BuildContext:
     started: float = field(default_factory=time.time)
     order: list[str] = field(default_factory=list)
     stage_limit: float | None = None  # the running stage's time limit, set by run_stage
+    running: str | None = None  # the stage running now, set by run_stage: it may read only its STAGE_INPUTS
 
     def time_limit(self, stage: str) -> float | None:
         """This training stage's share of what is left of the build's time budget (None: no limit).
@@ -82,6 +94,10 @@ class BuildContext:
         return {**pre, "store_size": self.store_size, "resize": self.recipe.data.resize}
 
     def path(self, stage: str, key: str) -> Path:
+        """An earlier stage's artifact, for the running stage: only one of its declared inputs."""
+        if self.running is not None and (stage, key) not in STAGE_INPUTS.get(self.running, ()):
+            raise EdgekdError(f"internal: stage {self.running} reads {stage}.{key}, which is not among its inputs in pipeline.context.STAGE_INPUTS",
+                              "report this as an edgekd bug")
         return self.manifest.artifact_path(stage, key)
 
     def sha(self, stage: str, key: str) -> str:

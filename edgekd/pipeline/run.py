@@ -13,10 +13,12 @@ from edgekd.config import Recipe
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest, hold_run_folder
 from edgekd.atomic import sha256_file, sha256_json
-from edgekd.pipeline.context import BuildContext
+from edgekd.models import is_known_model, list_students
+from edgekd.pipeline.context import STAGE_INPUTS, BuildContext
 from edgekd.pipeline.delivery import export_precision, stage_bench, stage_bundle, stage_evaluate, stage_export, stage_report
 from edgekd.pipeline.summary import summary
 from edgekd.pipeline.training import stage_control, stage_distill, stage_qad, stage_teacher
+from edgekd.targets import resolve
 from edgekd.train.env import current as current_ranks, on_main
 
 
@@ -40,19 +42,6 @@ def stages_for(recipe: Recipe, target) -> list[str]:
     return [s for s in STAGES if (s != "qad" or quantized) and (s != "control" or recipe.student.control)]
 
 
-def _inputs(stage: str) -> list[tuple[str, str]]:
-    """(stage, artifact) pairs whose checksums are part of ``stage``'s identity."""
-    return {
-        "distill": [("teacher", "checkpoint"), ("control", "checkpoint")],
-        "qad": [("distill", "kd_teacher"), ("distill", "shipped_checkpoint")],
-        "export": [("qad", "checkpoint"), ("distill", "shipped_checkpoint")],
-        "evaluate": [("export", "onnx")],
-        "bench": [("export", "onnx")],
-        "report": [("evaluate", "record"), ("bench", "record")],
-        "bundle": [("export", "onnx"), ("evaluate", "record"), ("bench", "record"), ("report", "json")],
-    }.get(stage, [])
-
-
 def stage_config(recipe: Recipe, target, stage: str) -> dict:
     """The part of the recipe a stage depends on (so editing bench settings never retrains a teacher)."""
     rc = recipe.model_dump(mode="json")
@@ -73,8 +62,6 @@ def stage_config(recipe: Recipe, target, stage: str) -> dict:
 
 def check_model_names(recipe: Recipe, teacher_checkpoint: Path | None) -> None:
     """Refuse an unknown student/teacher name at once, not after minutes of teacher fine-tuning."""
-    from edgekd.models import is_known_model, list_students
-
     named = [("student", recipe.student.model)] + ([] if teacher_checkpoint else [("teacher", recipe.teacher.model)])
     for role, name in named:
         if not is_known_model(name):
@@ -83,7 +70,7 @@ def check_model_names(recipe: Recipe, teacher_checkpoint: Path | None) -> None:
 
 
 def stage_hash(ctx: BuildContext, stage: str) -> str:
-    inputs = {f"{s}.{k}": ctx.sha(s, k) for s, k in _inputs(stage) if ctx.manifest.stage(s) and k in ctx.manifest.stage(s).get("artifacts", {})}
+    inputs = {f"{s}.{k}": ctx.sha(s, k) for s, k in STAGE_INPUTS.get(stage, ()) if ctx.manifest.stage(s) and k in ctx.manifest.stage(s).get("artifacts", {})}
     extra = {"teacher_checkpoint": str(ctx.teacher_checkpoint) if ctx.teacher_checkpoint else None,
              "teacher_sha": sha256_file(ctx.teacher_checkpoint) if ctx.teacher_checkpoint and stage == "teacher" else None}
     return sha256_json({"stage": stage, "config": stage_config(ctx.recipe, ctx.target, stage), "inputs": inputs, **extra})
@@ -128,8 +115,12 @@ def run_stage(ctx: BuildContext, stage: str) -> dict:
     artifacts: dict = {}
     metrics: dict = {}
     if stage in TRAINING_FOLDERS or ranks.is_main:
-        with ui.heartbeat(stage):
-            artifacts, metrics = STAGE_FUNCS[stage](ctx)
+        ctx.running = stage
+        try:
+            with ui.heartbeat(stage):
+                artifacts, metrics = STAGE_FUNCS[stage](ctx)
+        finally:
+            ctx.running = None
     entry, ctx.manifest.data = on_main(lambda: (ctx.manifest.finish(stage, artifacts, metrics), ctx.manifest.data))
     return {"status": "done", "seconds": round(time.time() - t0, 2), "metrics": entry["metrics"], "budget_s": limit}
 
@@ -138,8 +129,6 @@ def build(recipe: Recipe, out: str | Path, target_name: str | None = None, targe
           teacher_checkpoint: str | Path | None = None, until: str | None = None) -> dict:
     """Run every stage for ``target_name`` into ``out``; returns the machine-readable summary.
     Under torchrun every rank calls this; only rank 0 locks and writes ``out``."""
-    from edgekd.targets import resolve
-
     loaded = resolve(target_name or recipe.target, targets_dir)
     target = loaded.target
     check_model_names(recipe, Path(teacher_checkpoint) if teacher_checkpoint else None)

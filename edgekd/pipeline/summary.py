@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgekd.pipeline.context import BuildContext, DEFAULT_TIME_BUDGET_S
+from edgekd.pipeline.context import BuildContext
+from edgekd.time_budget import DEFAULT_TIME_BUDGET_S
 
 
 def check_passed(check: Any) -> Any:

@@ -29,6 +29,7 @@ import torch.fx
 import torch.nn as nn
 
 from edgekd import ui
+from edgekd.atomic import atomic_path
 from edgekd.errors import EdgekdError
 from edgekd.quantize.placement import ACT_PREFIX, INPUT_KINDS, _is_passthrough, input_quantizers, op_kind
 
@@ -320,7 +321,6 @@ def sensitivity_plot(sens: Sensitivity, path: str | Path, top: int = 20) -> Path
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    from edgekd.atomic import atomic_path
 
     rows = sens.layers[:top][::-1]
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.5))

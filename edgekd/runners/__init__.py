@@ -81,7 +81,7 @@ def _tensorrt_available() -> tuple[bool, str]:
 
 def _open_ort(providers: list[str]) -> Callable[..., Runner]:
     def factory(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
-        from edgekd.runners.ort import OrtRunner
+        from edgekd.runners.ort import OrtRunner  # lazy: onnxruntime / TensorRT load only when this runtime is opened
 
         return OrtRunner(path, providers=providers, threads=threads, **options)
 
@@ -101,7 +101,7 @@ def _open_openvino(path: str | Path, threads: int | None = None, **options: Any)
 
 
 def _open_tensorrt(path: str | Path, threads: int | None = None, **options: Any) -> Runner:
-    from edgekd.runners.tensorrt import TensorRTRunner
+    from edgekd.runners.tensorrt import TensorRTRunner  # lazy: onnxruntime / TensorRT load only when this runtime is opened
 
     return TensorRTRunner(path, **options)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekd.atomic import read_json
 from edgekd.errors import EdgekdError
 from edgekd.runners.base import LayerTime, RuntimeInfo, TensorSpec
 from edgekd.runners.tensorrt_build import (EngineOptions, _check, _cudart, _logger, build_engine, engine_is_current,  # noqa: F401 - re-exported
@@ -102,8 +103,6 @@ class TensorRTRunner:
         meta_path = self.engine_path.with_suffix(self.engine_path.suffix + ".json")
         extra = {"engine": str(self.engine_path), "tensorrt": trt.__version__, **gpu_description(), "static_per_batch": self.per_batch}
         if meta_path.is_file():
-            from edgekd.atomic import read_json
-
             extra["engine_metadata"] = read_json(meta_path, "engine metadata")
         self.info = RuntimeInfo(runtime="tensorrt", threads=None, providers=["TensorRT"], device="gpu" if dla_core is None else f"dla{dla_core}", extra=extra)
 

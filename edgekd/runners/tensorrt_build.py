@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgekd import ui
+from edgekd.atomic import read_json, sha256_file, write_bytes_atomic, write_json_atomic
 from edgekd.errors import EdgekdError
 from edgekd.runners.shapes import engine_profile
 
@@ -104,8 +106,6 @@ def _timing_cache(config: Any, opts: EngineOptions) -> tuple[Any, str | None]:
     if config.set_timing_cache(cache, ignore_mismatch=False):
         return cache, None
     note = f"timing cache {path} was refused (made on another GPU or TensorRT version); building with a new one"
-    from edgekd import ui  # rich, only when there is something to say (as build_engine's DLA note)
-
     ui.warn(note)
     cache = config.create_timing_cache(b"")
     if not config.set_timing_cache(cache, ignore_mismatch=False):
@@ -146,15 +146,11 @@ def dla_fallback_layers(network: Any, config: Any) -> list[str]:
 
 
 def engine_metadata(onnx_path: Path, opts: EngineOptions) -> dict[str, Any]:
-    from edgekd.atomic import sha256_file
-
     return {"tensorrt": trt.__version__, **gpu_description(), "options": asdict(opts), "onnx": onnx_path.name, "onnx_sha256": sha256_file(onnx_path)}
 
 
 def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOptions | None = None) -> Path:
     """Build and save ``engine_path`` (+ ``.json`` metadata) from a Q/DQ ONNX; returns the engine path."""
-    from edgekd.atomic import write_bytes_atomic, write_json_atomic
-
     require_tensorrt()
     opts = opts or EngineOptions()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -167,7 +163,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOpt
     if fallback:
         if not opts.gpu_fallback:
             raise EdgekdError(f"{len(fallback)} layer(s) cannot run on the DLA ({', '.join(fallback[:5])}) and GPU fallback is off", "allow GPU fallback or run GPU-only")
-        from edgekd import ui
 
         ui.warn(f"{len(fallback)} of {network.num_layers} layers fall back from DLA core {opts.dla_core} to the GPU: {', '.join(fallback[:10])}"
                 + (" ..." if len(fallback) > 10 else ""))
@@ -186,8 +181,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, opts: EngineOpt
 
 def engine_is_current(onnx_path: Path, engine_path: Path, opts: EngineOptions) -> bool:
     """An engine can be reused when it was built from the same ONNX, options, TensorRT and GPU."""
-    from edgekd.atomic import read_json
-
     meta_path = engine_path.with_suffix(engine_path.suffix + ".json")
     if not engine_path.is_file() or not meta_path.is_file():
         return False
