@@ -162,13 +162,12 @@ def teacher_32px(tmp_path_factory: pytest.TempPathFactory, fmnist_600) -> Path:
 
     from edgekd.config import TrainConfig
     from edgekd.models import create_model
-    from edgekd.train import cross_entropy_loss, fit
+    from edgekd.train import cross_entropy_loss, fit, FitOptions
 
     torch.manual_seed(0)
     model = create_model("pico_cnn", fmnist_600.num_classes, in_chans=1, input_size=32)
     out = tmp_path_factory.mktemp("teacher32")
-    fit(model, fmnist_600, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess,
-        augment="flip", kind="teacher")
+    fit(model, fmnist_600, TrainConfig(epochs=3, batch_size=32, lr=5e-3, warmup_epochs=0.0), out, cross_entropy_loss(), model.preprocess, FitOptions(augment="flip", kind="teacher"))
     return out / "best.pt"
 
 
@@ -188,10 +187,10 @@ def pico_2000_ckpt(tmp_path_factory: pytest.TempPathFactory, fmnist_2000) -> Pat
 
     from edgekd.config import TrainConfig
     from edgekd.models import create_model
-    from edgekd.train import cross_entropy_loss, fit
+    from edgekd.train import cross_entropy_loss, fit, FitOptions
 
     torch.manual_seed(0)
     m = create_model("pico_cnn", 10)
     out = tmp_path_factory.mktemp("pico2000")
-    fit(m, fmnist_2000, TrainConfig(epochs=2, batch_size=64, lr=3e-3), out, cross_entropy_loss(), m.preprocess, augment="none", resume=False)
+    fit(m, fmnist_2000, TrainConfig(epochs=2, batch_size=64, lr=3e-3), out, cross_entropy_loss(), m.preprocess, FitOptions(augment="none", resume=False))
     return out / "best.pt"

@@ -81,7 +81,7 @@ def test_architecture_qad_and_both_layouts(name, data, tmp_path):
     for layout in ("tensorrt", "ort-cpu"):
         m = _student(name, data)
         bits = 7 if layout == "ort-cpu" else 8  # each layout's x86 default (edgekd.quantize.default_weight_bits)
-        q = quantize_model(m, QuantizeConfig(weight_bits=bits), data.train.images[:64], m.preprocess, layout)
+        q = quantize_model(m, QuantizeConfig(weight_bits=bits, layout=layout), data.train.images[:64], m.preprocess)
         assert any(n.startswith(ACT_PREFIX) for n in enabled_quantizers(q))
         _qad_steps(q, data)
         x = q.preprocess(data.test.images)
@@ -119,14 +119,14 @@ def test_architecture_qad_and_both_layouts(name, data, tmp_path):
 def test_reparameterizable_branches_are_fused_before_qad(data):
     m = _student("mobileone_s0", data)
     adds_before = sum(1 for mod in m.modules() if hasattr(mod, "reparameterize"))
-    q = quantize_model(m, QuantizeConfig(), data.train.images[:32], m.preprocess, "tensorrt")
+    q = quantize_model(m, QuantizeConfig(layout="tensorrt"), data.train.images[:32], m.preprocess)
     assert adds_before > 0 and q.edgekd_quant["reparameterized"]
     assert not [n for n in q.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "add"]
 
 
 def _resnet_with_unquantized_add(data) -> nn.Module:
     m = _student("resnet18", data)
-    q = quantize_model(m, QuantizeConfig(), data.train.images[:32], m.preprocess, "tensorrt")
+    q = quantize_model(m, QuantizeConfig(layout="tensorrt"), data.train.images[:32], m.preprocess)
     add = next(n for n in q.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "add")
     q.get_submodule(add.args[1].target).disable()  # the shortcut input loses its quantizer
     return q
@@ -148,7 +148,7 @@ def test_readiness_gate_stops_a_tensorrt_export_with_one_line_and_writes_nothing
 
 def test_other_runtimes_check_is_information_not_a_gate(data, tmp_path):
     m = _student("nano_cnn", data)
-    q = quantize_model(m, QuantizeConfig(), data.train.images[:32], m.preprocess, "tensorrt")
+    q = quantize_model(m, QuantizeConfig(layout="tensorrt"), data.train.images[:32], m.preprocess)
     rec = export_model(q, tmp_path, ExportRequest("int8", "tensorrt", data.classes, data.test.images[:32], time_runs=2))
     assert rec["checks"]["gate"]["ok"] and not rec["checks"]["ort_cpu_fusion"]["ok"]  # TensorRT layout runs in float on ORT CPU: expected
 
@@ -164,7 +164,7 @@ def test_untraceable_network_is_a_clear_error(data):
 
     pre = _student("resnet18").preprocess
     with pytest.raises(EdgekdError, match="cannot trace Branchy"):
-        quantize_model(Branchy(), QuantizeConfig(), torch.zeros(4, 3, 32, 32, dtype=torch.uint8), pre, "tensorrt")
+        quantize_model(Branchy(), QuantizeConfig(layout="tensorrt"), torch.zeros(4, 3, 32, 32, dtype=torch.uint8), pre)
 
 
 def test_cli_export_gate_stops_a_network_tensorrt_cannot_run_in_int8(tmp_path):
@@ -200,10 +200,10 @@ def test_repvgg_trains_in_the_training_loop(tmp_path):
     import subprocess
     import sys
 
-    code = ("from edgekd.config import DataConfig, TrainConfig; from edgekd.finetune import load_data; from edgekd.models import create_model; "
-            "from edgekd.train import cross_entropy_loss, fit; data = load_data(DataConfig(train_subset=160, test_subset=32), 0, store_size=32); "
+    code = ("from edgekd.config import DataConfig, TrainConfig; from edgekd.data import load_data; from edgekd.models import create_model; "
+            "from edgekd.train import cross_entropy_loss, fit, FitOptions; data = load_data(DataConfig(train_subset=160, test_subset=32), 0, store_size=32); "
             "m = create_model('repvgg_a0', 10, input_size=32); "
-            f"r = fit(m, data, TrainConfig(epochs=1, batch_size=32), r'{tmp_path}', cross_entropy_loss(), m.preprocess, augment='flip', resume=False); "
+            f"r = fit(m, data, TrainConfig(epochs=1, batch_size=32), r'{tmp_path}', cross_entropy_loss(), m.preprocess, FitOptions(augment='flip', resume=False)); "
             "print('epochs', len(r.history))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "epochs 1" in proc.stdout, proc.stderr[-2000:]

@@ -19,7 +19,7 @@ from edgekd.models import create_model
 from edgekd.pipeline import choose_student
 from edgekd.pipeline.training import distill_teacher
 from edgekd.report import accuracy_table, diff_half_width, latency_table, wilson
-from edgekd.train import cross_entropy_loss, fit, fit_to_data, stop_reason
+from edgekd.train import cross_entropy_loss, fit, fit_to_data, FitOptions, stop_reason
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
 
@@ -74,13 +74,12 @@ def test_fit_stops_on_a_plateau_and_on_its_time_limit(tmp_path):
     data = load_dataset("fashion-mnist", train_subset=400, test_subset=200)
     model = create_model("pico_cnn", 10, input_size=28)
     frozen = nn.Linear(1, 1)  # the optimiser updates only this and BN statistics are frozen: the model never changes, so validation cannot improve
-    res = fit(model, data, TrainConfig(epochs=40, batch_size=64, patience=2, freeze_bn=True), tmp_path / "p", cross_entropy_loss(), model.preprocess,
-              augment="none", trainable=frozen, resume=False)
+    res = fit(model, data, TrainConfig(epochs=40, batch_size=64, patience=2, freeze_bn=True), tmp_path / "p", cross_entropy_loss(), model.preprocess, FitOptions(augment="none", trainable=frozen, resume=False))
     assert res.stopped == "plateau" and len(res.history) == 3
     model = create_model("pico_cnn", 10, input_size=28)
     t0 = time.time()
     cfg = TrainConfig(epochs=1000, batch_size=32, lr=0.01, warmup_epochs=0, time_limit_s=3.0)
-    res = fit(model, data, cfg, tmp_path / "t", cross_entropy_loss(), model.preprocess, augment="none", resume=False)
+    res = fit(model, data, cfg, tmp_path / "t", cross_entropy_loss(), model.preprocess, FitOptions(augment="none", resume=False))
     assert res.stopped == "time" and len(res.history) < 1000 and time.time() - t0 < 30
     assert res.history[-1]["lr"] < 0.2 * cfg.lr  # the schedule followed the clock down instead of stopping at its peak
 

@@ -7,7 +7,7 @@ import torch
 from edgekd.config import QuantizeConfig
 from edgekd.data import Split
 from edgekd.models import load_checkpoint
-from edgekd.quantize import stage as qstage
+from edgekd.quantize import ptq as qstage
 
 
 def _class_sorted_split(n_per_class: int = 300, classes: int = 10) -> Split:
@@ -38,8 +38,8 @@ def test_auto_scores_every_calibrator_on_the_bounded_subset(pico_2000_ckpt, fmni
         return 0.0 if split is not None and hasattr(model, "edgekd_quant") else real(model, split, classes)  # max 'loses': all four are tried
 
     monkeypatch.setattr(qstage, "top1_on", counting)
-    cfg = QuantizeConfig(calibrator="auto", select_images=60, calib_images=64)
-    model, tried = qstage.calibrate(load_checkpoint(pico_2000_ckpt), cfg, fmnist_2000, "openvino")
+    cfg = QuantizeConfig(calibrator="auto", select_images=60, calib_images=64, layout="openvino", weight_bits=8)
+    model, tried = qstage.calibrate(load_checkpoint(pico_2000_ckpt), cfg, fmnist_2000)
     assert list(tried) == list(qstage.AUTO_CALIBRATORS) and len(fmnist_2000.val) > 60
     assert seen == [60] * (1 + len(qstage.AUTO_CALIBRATORS)), seen
     assert model.edgekd_quant["layout"] == "openvino"

@@ -23,6 +23,8 @@ from edgekd.distill import (AttentionTransferLoss, FeatureHook, HintLoss, KDLoss
 from edgekd.errors import EdgekdError
 from edgekd.atomic import sha256_file
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
+from edgekd.distill import DistillJob
+from edgekd.stage_context import StageContext
 
 
 
@@ -217,8 +219,7 @@ def test_two_teachers_are_averaged_with_their_weights(data, teacher_path, tmp_pa
 
 def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, tmp_path):
     cfg = StudentConfig(model="nano_cnn", train=TrainConfig(epochs=1, batch_size=64, lr=3e-3))
-    result = run_distill([teacher_path], cfg, DistillConfig(born_again_init="scratch"), DataConfig(augment="flip"), tmp_path / "run", data=data, self_distill=True,
-                         cache_dir=tmp_path / "cache")
+    result = run_distill(DistillJob(cfg, DistillConfig(born_again_init="scratch"), (teacher_path,), self_distill=True), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "cache"))
     ckpt = load_checkpoint(result["checkpoint"])
     teacher_ckpt = load_checkpoint(teacher_path)
     assert ckpt["kind"] == "student" and ckpt["model"] == teacher_ckpt["model"] and ckpt["preprocess"]["input_size"] == 32
@@ -291,9 +292,9 @@ def test_logits_only_run_reuses_the_logits_a_feature_run_cached(data, teacher_pa
 
 def test_resume_refuses_a_run_with_other_losses(data, teacher_path, tmp_path):
     cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=1, batch_size=64))
-    run_distill([teacher_path], cfg, DistillConfig(losses=["kd"]), DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
+    run_distill(DistillJob(cfg, DistillConfig(losses=["kd"]), (teacher_path,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     with pytest.raises(EdgekdError, match="other losses, teachers or data"):
-        run_distill([teacher_path], cfg, DistillConfig(losses=["kd", "at"]), DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
+        run_distill(DistillJob(cfg, DistillConfig(losses=["kd", "at"]), (teacher_path,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
 
 
 def test_a_teacher_weaker_than_its_student_is_reported(data, teacher_path, tmp_path, monkeypatch):
@@ -307,14 +308,12 @@ def test_a_teacher_weaker_than_its_student_is_reported(data, teacher_path, tmp_p
     weak = create_model("pico_cnn", data.num_classes, in_chans=1, input_size=28)
     weak_path = save_checkpoint(tmp_path / "weak.pt", weak, data.classes, "teacher")
     cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.0))
-    m = run_distill([weak_path], cfg, DistillConfig(losses=["kd"], alpha=0.5), DataConfig(augment="flip"), tmp_path / "run", data=data,
-                    cache_dir=tmp_path / "c")["metrics"]
+    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], alpha=0.5), (weak_path,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m["teachers"][0]["val_top1"] < 0.3 < m["val"]["top1"]
     assert m["teacher_weaker_than_student"] is True
     assert any("more accurate than its best teacher" in w for w in warnings_seen)
     # a real (trained) teacher is recorded too, and then the flag follows the numbers
-    m2 = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"]), DataConfig(augment="flip"), tmp_path / "run2", data=data,
-                     cache_dir=tmp_path / "c")["metrics"]
+    m2 = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"]), (teacher_path,)), data, tmp_path / "run2", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m2["teacher_weaker_than_student"] == (m2["teachers"][0]["val_top1"] < m2["val"]["top1"])
 
 
@@ -326,12 +325,10 @@ def test_flat_soft_targets_are_warned_about_before_training(data, teacher_path, 
     warnings_seen: list[str] = []
     monkeypatch.setattr(ui, "warn", warnings_seen.append)
     cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=1, batch_size=64))
-    m = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"], temperature=1000), DataConfig(augment="flip"), tmp_path / "hot",
-                    data=data, cache_dir=tmp_path / "c")["metrics"]
+    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], temperature=1000), (teacher_path,)), data, tmp_path / "hot", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m["teachers"][0]["soft_target_entropy_T1000"] > 0.99
     assert sum("nearly uniform" in w for w in warnings_seen) == 1
     warnings_seen.clear()
-    m = run_distill([teacher_path], cfg, DistillConfig(losses=["kd"], temperature=1), DataConfig(augment="flip"), tmp_path / "cool",
-                    data=data, cache_dir=tmp_path / "c")["metrics"]
+    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], temperature=1), (teacher_path,)), data, tmp_path / "cool", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m["teachers"][0]["soft_target_entropy_T1"] < 0.9
     assert not any("nearly uniform" in w for w in warnings_seen)

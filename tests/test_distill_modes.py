@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from cli_helpers import assert_one_line_error, json_out, run_inprocess
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
 from edgekd.data import FASHION_MNIST_DEFAULT
-from edgekd.distill import MutualLoss, run_distill_mode
+from edgekd.distill import DistillJob, MutualLoss, run_distill_mode
 from edgekd.atomic import sha256_file
 from edgekd.models import load_checkpoint
+from edgekd.stage_context import StageContext
 
 needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
 ONE_EPOCH = TrainConfig(epochs=1, batch_size=32, lr=5e-3, warmup_epochs=0.0)
@@ -65,22 +66,21 @@ def data(fmnist_600):
 def test_assistant_chain_distils_the_assistant_first_then_the_student_from_it(data, teacher_32px, tmp_path):
     student = StudentConfig(model="pico_cnn", train=ONE_EPOCH)
     cfg = DistillConfig(mode="assistant", assistant="pico_cnn")
-    r = run_distill_mode([teacher_32px], student, cfg, DataConfig(augment="flip"), tmp_path / "run", data=data, cache_dir=tmp_path / "c")
+    r = run_distill_mode(DistillJob(student, cfg, (teacher_32px,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     assistant = r["metrics"]["assistant"]
     assert assistant["trained_here"] and (tmp_path / "run" / "assistant" / "best.pt").is_file() and 0.0 < assistant["test_top1"]
     ckpt = load_checkpoint(r["checkpoint"])
     assert ckpt["teachers"][0]["sha256"] == sha256_file(tmp_path / "run" / "assistant" / "best.pt")  # the student learned from the assistant
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "assistant"
     # a given assistant checkpoint is used as it is: no second assistant is trained
-    again = run_distill_mode([teacher_32px], student, cfg.model_copy(update={"assistant": str(tmp_path / "run" / "assistant" / "best.pt")}),
-                             DataConfig(augment="flip"), tmp_path / "run2", data=data, cache_dir=tmp_path / "c")
+    again = run_distill_mode(DistillJob(student, cfg.model_copy(update={"assistant": str(tmp_path / "run" / "assistant" / "best.pt")}), (teacher_32px,)), data, tmp_path / "run2", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     assert not again["metrics"]["assistant"]["trained_here"] and not (tmp_path / "run2" / "assistant").exists()
 
 
 @needs_fmnist
 def test_mutual_learning_trains_peers_together_and_keeps_the_best(data, tmp_path):
     student = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.0))
-    r = run_distill_mode([], student, DistillConfig(mode="mutual", peers=["pico_cnn", "nano_cnn"]), DataConfig(augment="flip"), tmp_path / "run", data=data)
+    r = run_distill_mode(DistillJob(student, DistillConfig(mode="mutual", peers=["pico_cnn", "nano_cnn"]), ()), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip")))
     m = r["metrics"]
     scores = [p["val_top1"] for p in m["peers"]]
     assert [p["model"] for p in m["peers"]] == ["pico_cnn", "nano_cnn"] and m["chosen_peer"] == scores.index(max(scores))
@@ -96,8 +96,7 @@ def test_cross_resolution_feature_losses_pool_the_teachers_larger_maps(data, tea
     """Teacher at 32 px, student at 28 px: logits need nothing, fitnet and attention transfer
     compare the maps after pooling the larger one to the smaller."""
     student = StudentConfig(model="pico_cnn", input_size=28, train=ONE_EPOCH)
-    r = run_distill_mode([teacher_32px], student, DistillConfig(losses=["kd", "fitnet", "at"]), DataConfig(augment="flip"), tmp_path / "run",
-                         data=data, cache_dir=tmp_path / "c")
+    r = run_distill_mode(DistillJob(student, DistillConfig(losses=["kd", "fitnet", "at"]), (teacher_32px,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     assert load_checkpoint(teacher_32px)["preprocess"]["input_size"] == 32 and load_checkpoint(r["checkpoint"])["preprocess"]["input_size"] == 28
     parts = r["metrics"]["loss_parts"]
     assert set(parts) == {"kd", "ce", "fitnet", "at"} and all(0 < v < 1e3 for v in parts.values())

@@ -193,7 +193,7 @@ def test_target_test_folder_with_other_classes_is_refused(tmp_path):
 
 
 def test_target_calibration_uses_the_unlabeled_images_and_needs_them():
-    from edgekd.quantize.stage import calibration_split
+    from edgekd.quantize.ptq import calibration_split
 
     data = _dataset()
     assert calibration_split(QuantizeConfig(calibration="target"), data) is data.unlabeled
@@ -245,7 +245,7 @@ def _save(img: Image.Image, path: Path) -> None:
 def test_target_calibration_scores_agreement_with_fp32_on_target_images(tmp_path):
     """'auto' on target images has no labels to score with: it scores top-1 agreement with the FP32 student there."""
     from edgekd.models import load_checkpoint
-    from edgekd.quantize.stage import calibration_score
+    from edgekd.quantize.ptq import calibration_score
 
     data = _dataset()
     ckpt = load_checkpoint(_tiny_teacher(tmp_path))
@@ -262,11 +262,13 @@ def test_progressive_fine_tuning_unfreezes_during_the_run(tmp_path):
     """teacher.mode=progressive through the real fine-tuning stage: every group trains by the end;
     a model without timm stages is refused in one line."""
     from edgekd.config import load_recipe
+    from edgekd.data import load_data
     from edgekd.finetune import run_finetune
+    from edgekd.stage_context import StageContext
 
     rc = load_recipe(None, ["teacher.mode=progressive", "teacher.pretrained=none", "teacher.input_size=32", "teacher.train.epochs=1",
                             "teacher.train.batch_size=32", "data.train_subset=320", "data.test_subset=64"])
-    m = run_finetune(rc.teacher, rc.data, tmp_path / "t")["metrics"]
+    m = run_finetune(rc.teacher, load_data(rc.data, 0), tmp_path / "t", StageContext(data_cfg=rc.data))["metrics"]
     groups = [k for _, k in m["unfreezing"]]
     assert groups[0] == 1 and groups == sorted(groups) and len(groups) > 2
     proc = run_inprocess("finetune", "--set", "teacher.model=pico_cnn", "--set", "teacher.mode=progressive", "--set", "teacher.pretrained=none",

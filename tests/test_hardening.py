@@ -300,12 +300,12 @@ def bad_onnx(files, tmp_path):
 @pytest.mark.parametrize("which", ["trunc", "junk"])
 def test_broken_onnx_files_everywhere(bad_onnx, which):
     from edgekd import runtime
-    from edgekd.export import ort_session
+    from edgekd.runners.ort import cpu_session
 
     path = bad_onnx[which]
     assert_one_line_error(run_inprocess("bench", path, "--runs", "10"), "cannot load")
     with pytest.raises(EdgekdError, match="cannot load"):
-        ort_session(path)
+        cpu_session(path)
     with pytest.raises(EdgekdError, match="cannot load"):
         runtime.OrtModel(path)
 

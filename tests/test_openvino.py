@@ -36,8 +36,8 @@ def ov_files(pico_model, tmp_path_factory):
     export_fp32(model, fp32, pico_model.preprocess)
     import copy
 
-    q = quantize_model(copy.deepcopy(model), QuantizeConfig(calibrator="max", weight_bits=8), torch.from_numpy(pico_model.images[:64]),
-                       pico_model.preprocess, "openvino")
+    q = quantize_model(copy.deepcopy(model), QuantizeConfig(calibrator="max", weight_bits=8, layout="openvino"), torch.from_numpy(pico_model.images[:64]),
+                       pico_model.preprocess)
     path = export_int8_openvino(q, out / "int8.onnx", pico_model.preprocess)
     return {"int8": path, "fp32": fp32, "qmodel": q, "dir": out}
 
@@ -141,7 +141,7 @@ def test_export_refuses_a_model_quantized_for_another_layout(pico_model, tmp_pat
 
     from edgekd.quantize.fakequant import quantize_model
 
-    q = quantize_model(copy.deepcopy(pico_model.model), QuantizeConfig(calibrator="max"), torch.from_numpy(pico_model.images[:32]), pico_model.preprocess, "tensorrt")
+    q = quantize_model(copy.deepcopy(pico_model.model), QuantizeConfig(calibrator="max", layout="tensorrt"), torch.from_numpy(pico_model.images[:32]), pico_model.preprocess)
     with pytest.raises(EdgekdError, match="tensorrt layout, not openvino"):
         export_int8_openvino(q, tmp_path / "x.onnx", pico_model.preprocess)
     assert not (tmp_path / "x.onnx").exists()

@@ -27,6 +27,10 @@ from edgekd.data import calibration_images
 from edgekd.quantize import (enabled_quantizers, fold_batchnorm, load_quantized, quantize_model, run_qad, save_quantized)
 from edgekd.quantize.placement import ACT_PREFIX, input_quantizers
 from edgekd.train import cross_entropy_loss
+from edgekd.quantize import for_target, QadJob
+from edgekd.targets import host_arch
+from edgekd.export import ExportJob
+from edgekd.stage_context import StageContext
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -48,7 +52,7 @@ def trained_pico(pico_2000_ckpt):
 def quant_pico(trained_pico, data):
     q = copy.deepcopy(trained_pico[0])
     q.edgekd_spec, q.preprocess = trained_pico[0].edgekd_spec, trained_pico[0].preprocess
-    return quantize_model(q, QuantizeConfig(), data.train.images[:256], q.preprocess)
+    return quantize_model(q, QuantizeConfig(layout="tensorrt"), data.train.images[:256], q.preprocess)
 
 
 def _randomize_bn(model: nn.Module) -> None:
@@ -65,7 +69,7 @@ def _quant_resnet(data) -> nn.Module:
     torch.manual_seed(0)
     m = create_model("small_resnet", 10, width=0.25).eval()
     _randomize_bn(m)
-    return quantize_model(m, QuantizeConfig(), data.train.images[:128], m.preprocess)
+    return quantize_model(m, QuantizeConfig(layout="tensorrt"), data.train.images[:128], m.preprocess)
 
 
 # ----------------------------------------------------------------------------- quantize.py
@@ -99,7 +103,7 @@ def test_histogram_calibrator_clips_below_max(trained_pico, data):
     calib = data.train.images[:256]
     amax = {}
     for cal in ("max", "percentile"):
-        q = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calibrator=cal, percentile=99.0), calib, trained_pico[0].preprocess)
+        q = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calibrator=cal, percentile=99.0, layout="tensorrt"), calib, trained_pico[0].preprocess)
         amax[cal] = float(input_quantizers(q)["features.2.0"].amax)
     assert 0 < amax["percentile"] < amax["max"]
 
@@ -114,7 +118,7 @@ def test_every_calibrator_keeps_the_trained_accuracy(trained_pico, data, calibra
     x, labels = model.preprocess(data.test.images), data.test.labels
     with torch.no_grad():
         fp32 = float((model(x).argmax(1) == labels).float().mean())
-        q = quantize_model(copy.deepcopy(model), QuantizeConfig(calibrator=calibrator), data.train.images[:256], model.preprocess, "ort-cpu")
+        q = quantize_model(copy.deepcopy(model), QuantizeConfig(calibrator=calibrator, layout="ort-cpu"), data.train.images[:256], model.preprocess)
         int8 = float((q(x).argmax(1) == labels).float().mean())
     assert int8 >= fp32 - 0.03, (calibrator, fp32, int8)
 
@@ -168,7 +172,7 @@ def test_non_quantizable_model_is_a_clear_error():
     from edgekd.data import Preprocess
 
     with pytest.raises(EdgekdError, match="no layer INT8 can quantize"):
-        quantize_model(m, QuantizeConfig(fold_bn=False), torch.zeros(4, 1, 28, 28, dtype=torch.uint8), Preprocess(28, 1, (0.5,), (0.5,)))
+        quantize_model(m, QuantizeConfig(fold_bn=False, layout="tensorrt"), torch.zeros(4, 1, 28, 28, dtype=torch.uint8), Preprocess(28, 1, (0.5,), (0.5,)))
 
 
 def test_fp32_checkpoint_is_refused_by_load_quantized(trained_pico):
@@ -183,13 +187,12 @@ def test_run_qad_with_kd_from_fp32_teacher(trained_pico, data, tmp_path):
     teacher = load_teacher(trained_pico[1])  # the FP32 model teaches its own INT8 copy, through the loss the CLI uses
     small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
     cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
-    res = run_qad(trained_pico[1], cfg, small, tmp_path, lambda model: build_distill_loss(model, [teacher], DistillConfig(), small, augment="none"),
-                  augment="none")
+    res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(trained_pico[1]), lambda model: build_distill_loss(model, [teacher], DistillConfig(), small, augment="none")), small, tmp_path, StageContext(data_cfg=DataConfig(augment="none")))
     m = res["metrics"]
     assert m["quantizers"] == len(enabled_quantizers(load_quantized(res["checkpoint"])))
     assert m["test"]["top1"] > 0.3 and m["fp32_val_top1"] > 0.3
     with pytest.raises(EdgekdError, match="already quantized"):
-        run_qad(res["checkpoint"], cfg, small, tmp_path / "again", lambda model: (cross_entropy_loss(), None))
+        run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(res["checkpoint"]), lambda model: (cross_entropy_loss(), None)), small, tmp_path / "again", StageContext(data_cfg=DataConfig(augment="flip")))
 
 
 def test_auto_calibrator_keeps_max_within_a_point_else_the_best_of_four_on_validation(trained_pico, tmp_path, monkeypatch):
@@ -198,11 +201,11 @@ def test_auto_calibrator_keeps_max_within_a_point_else_the_best_of_four_on_valid
     small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
     cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
     assert cfg.calibrator == "auto"
-    m = run_qad(trained_pico[1], cfg, small, tmp_path / "a", lambda model: (cross_entropy_loss(), None), augment="none")["metrics"]
+    m = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(trained_pico[1]), lambda model: (cross_entropy_loss(), None)), small, tmp_path / "a", StageContext(data_cfg=DataConfig(augment="none")))["metrics"]
     assert 100 * (m["fp32_val_top1"] - m["calibrators_tried"]["max"]) <= 1.0, "the test needs a network max calibrates within a point"
     assert m["calibrators_tried"].keys() == {"max"} and m["calibrator"] == "max"
     monkeypatch.setattr(stage, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
-    res = run_qad(trained_pico[1], cfg, small, tmp_path / "b", lambda model: (cross_entropy_loss(), None), augment="none")
+    res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(trained_pico[1]), lambda model: (cross_entropy_loss(), None)), small, tmp_path / "b", StageContext(data_cfg=DataConfig(augment="none")))
     tried, chosen = res["metrics"]["calibrators_tried"], res["metrics"]["calibrator"]
     assert list(tried) == ["max", "mse", "percentile", "entropy"] and chosen == max(tried, key=tried.get)
     assert res["metrics"]["ptq_val_top1"] == tried[chosen]
@@ -213,11 +216,11 @@ def test_qad_that_makes_things_worse_keeps_the_calibrated_model(trained_pico, da
     the calibrated (PTQ) model it started from, not the wreck, and the metrics say so."""
     small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
     cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=5.0, optimizer="sgd", weight_decay=0.0, warmup_epochs=0.0))
-    res = run_qad(trained_pico[1], cfg, small, tmp_path, lambda model: (cross_entropy_loss(), None), augment="none")
+    res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(trained_pico[1]), lambda model: (cross_entropy_loss(), None)), small, tmp_path, StageContext(data_cfg=DataConfig(augment="none")))
     m = res["metrics"]
     assert m["history"][0]["val_top1"] < m["ptq_val_top1"], "the test needs a QAD epoch that hurts"
     assert m["result"] == "calibrated (PTQ)" and m["val"]["top1"] == pytest.approx(m["ptq_val_top1"])
-    calibrated = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calib_images=128), calibration_images(small.train, 128, 0),
+    calibrated = quantize_model(copy.deepcopy(trained_pico[0]), QuantizeConfig(calib_images=128, layout="tensorrt"), calibration_images(small.train, 128, 0),
                                 trained_pico[0].preprocess)
     kept = load_quantized(res["checkpoint"])
     for k, v in calibrated.state_dict().items():
@@ -290,7 +293,7 @@ def test_x86_ort_layout_trains_and_ships_7_bit_weights(trained_pico, data, tmp_p
     for bits in (7, 8):
         q = copy.deepcopy(trained_pico[0])
         q.edgekd_spec, q.preprocess = trained_pico[0].edgekd_spec, trained_pico[0].preprocess
-        qm = quantize_model(q, QuantizeConfig(weight_bits=bits), data.train.images[:256], q.preprocess, layout="ort-cpu")
+        qm = quantize_model(q, QuantizeConfig(weight_bits=bits, layout="ort-cpu"), data.train.images[:256], q.preprocess)
         rec = export_model(qm, tmp_path / str(bits), ExportRequest("int8", "ort-cpu", data.classes, data.test.images[:256], None, data.train.images[:256], time_runs=3))
         assert rec["weight_bits"] == bits and rec["checks"]["agreement"]["top1_agreement"] >= 0.99, rec["checks"]["agreement"]
         files[bits] = (rec, _weight_codes(Path(rec["path"])), qm)
@@ -454,6 +457,6 @@ def test_export_of_an_fp32_checkpoint_calibrates_like_qad(trained_pico, data, tm
     from edgekd.quantize import stage
 
     monkeypatch.setattr(stage, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
-    rec = run_export(trained_pico[1], tmp_path / "o", data, ExportConfig(precision="int8", layout="tensorrt", check_batch=64), QuantizeConfig(calib_images=64))
+    rec = run_export(ExportJob(ExportConfig(precision="int8", layout="tensorrt", check_batch=64), QuantizeConfig(calib_images=64), Path(trained_pico[1])), data, tmp_path / "o", StageContext())
     tried = rec["ptq_calibration"]["calibrators_tried"]
     assert list(tried) == ["max", "mse", "percentile", "entropy"] and rec["ptq_calibration"]["calibrator"] == max(tried, key=tried.get)

@@ -40,7 +40,7 @@ def exported(images, tmp_path_factory):
     for name in NETS:
         d = tmp_path_factory.mktemp(name)
         m = create_model(name, 10, pretrained="none", input_size=32)
-        q = quantize_model(m, QuantizeConfig(calibrator="max"), images[:64], m.preprocess, "tensorrt")
+        q = quantize_model(m, QuantizeConfig(calibrator="max", layout="tensorrt"), images[:64], m.preprocess)
         proto = onnx.load(str(export_int8_tensorrt(q, d / "edgekd.onnx", q.preprocess)))
         torch_to_onnx(without_quantizers(q), d / "fp32.onnx", q.preprocess)
         out[name] = (proto, d / "fp32.onnx", q.preprocess(images[:64]).numpy())
