@@ -140,8 +140,8 @@ def test_the_cycle_finder_finds_a_cycle_a_lazy_import_hides():
 
 
 def test_every_function_level_import_of_edgekd_says_why(modules):
-    silent = [f"{m.path.relative_to(ROOT)}:{node.lineno}" for m in modules.values() for _, node, inside in m.imports
-              if inside and "#" not in m.lines[node.lineno - 1] and "#" not in m.lines[node.end_lineno - 1]]
+    silent = sorted({f"{m.path.relative_to(ROOT)}:{node.lineno}" for m in modules.values() for _, node, inside in m.imports
+                     if inside and "#" not in m.lines[node.lineno - 1] and "#" not in m.lines[node.end_lineno - 1]})
     assert silent == [], "a lazy import needs a comment: heavy optional dependency, the torch-free bundle, or --help speed"
 
 

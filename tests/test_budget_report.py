@@ -52,8 +52,8 @@ def test_explicit_epochs_win_and_partial_overrides_keep_the_stage_defaults(tmp_p
 
 def test_time_budget_parsing():
     assert parse_duration("20m") == 1200 and parse_duration("90s") == 90 and parse_duration("1.5h") == 5400 and parse_duration("45") == 45
-    assert parse_duration("none") == 0  # no budget
-    for bad in ("soon", "-3m", "0"):
+    assert parse_duration("none") == 0 and parse_duration("0") == 0 and parse_duration("0m") == 0  # no budget, as time_budget_s documents
+    for bad in ("soon", "-3m", "nan", "inf", "nanm"):
         with pytest.raises(EdgekdError, match="not a duration"):
             parse_duration(bad)
 

@@ -18,7 +18,7 @@ from cli_helpers import assert_one_line_error, run_inprocess
 from edgekd.config import DataConfig, QuantizeConfig, TrainConfig
 from edgekd.data import calibration_images
 from edgekd.errors import EdgekdError
-from edgekd.export import check_ort_cpu_fusion, check_tensorrt_readiness, export_int8_ort, export_int8_tensorrt, ort_logits
+from edgekd.export import check_ort_cpu_fusion, check_tensorrt_readiness, confirm_on_export, export_int8_ort, export_int8_tensorrt, ort_logits
 from edgekd.data import load_data
 from edgekd.models import load_checkpoint, model_from_checkpoint, save_checkpoint
 from edgekd.quantize import (fit_accuracy_budget, float_layers_of, load_quantized, measure_sensitivity, quantize_model, quantized_layers, run_qad,
@@ -221,7 +221,7 @@ def test_run_qad_with_a_budget_keeps_sensitive_layers_and_trains_again(outlier_c
     small = load_data(DataConfig(train_subset=800, test_subset=200), 0)
     cfg = QuantizeConfig(calib_images=64, calibrator="max", max_accuracy_drop=0.5, sensitivity_images=100,  # max: this test is about the budget
                          train=TrainConfig(epochs=1, batch_size=64, lr=1e-5, weight_decay=0.0, warmup_epochs=0.0))
-    res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(outlier_ckpt), lambda model: (cross_entropy_loss(), None)), small, tmp_path, StageContext(data_cfg=DataConfig(augment="none")))
+    res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(outlier_ckpt), lambda model: (cross_entropy_loss(), None), confirm_on_export), small, tmp_path, StageContext(data_cfg=DataConfig(augment="none")))
     m = res["metrics"]
     budget = m["accuracy_budget"]
     assert budget["full_int8_val_drop_points"] > 0.5, "the test needs INT8 to lose more than the budget on validation"
