@@ -10,12 +10,13 @@ import struct
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from edgekd import ui
 from edgekd.errors import EdgekdError
 from edgekd.data.batches import DataSet, Split, stratified_split
-from edgekd.data.store import Storage, decoded_folder, stored_array
+from edgekd.data.store import Storage, decoded_folder, stored_array, stored_with_meta
 
 
 FASHION_MNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -139,25 +140,44 @@ def load_imagefolder(root: str | None, store_size: int | Storage = 64) -> tuple[
 
 
 # ----------------------------------------------------------------------------- torchvision
-def load_torchvision(name: str, root: str | None) -> tuple[dict[str, Split], list[str]]:
-    import torchvision.datasets as tvd
+def _files_under(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
 
-    lookup = {k.lower().replace("_", "").replace("-", ""): k for k in dir(tvd)}
+
+def load_torchvision(name: str, root: str | None, storage: Storage | None = None) -> tuple[dict[str, Split], list[str]]:
+    """A torchvision data set (downloaded into ``root`` the first time), converted once into the
+    image cache like every other source: a later run reads the cache and never unpickles the set."""
+    import torchvision.datasets as tvd  # torchvision: only for this source
+
+    lookup = {k.lower().replace("_", "").replace("-", ""): k for k in dir(tvd) if isinstance(getattr(tvd, k), type)}  # MNIST, not the module mnist
     key = name.lower().replace("_", "").replace("-", "")
     if key not in lookup:
         raise EdgekdError(f"unknown dataset '{name}'", "use 'fashion-mnist', 'imagefolder' (with --data-root) or a torchvision dataset name such as cifar10")
     cls = getattr(tvd, lookup[key])
-    folder = root or str(Path.home() / ".cache" / "edgekd" / "datasets")
-    out = {}
+    folder = Path(root or Path.home() / ".cache" / "edgekd" / "datasets")
+    out, classes = {}, []
     try:
+        if not _files_under(folder):
+            cls(str(folder), train=True, download=True)  # the files the cache key is made of
         for split, train in (("train", True), ("test", False)):
-            ds = cls(folder, train=train, download=True)
-            data = torch.as_tensor(ds.data)
-            data = data.unsqueeze(1) if data.ndim == 3 else data.permute(0, 3, 1, 2)
-            out[split] = Split(data.contiguous(), torch.as_tensor(ds.targets, dtype=torch.long))
+            store, extra, _ = stored_with_meta(f"torchvision:{lookup[key]}:{split}", _files_under(folder), lambda: _torchvision_arrays(cls, folder, train),
+                                               storage or Storage())
+            out[split] = Split(store, torch.tensor(extra["labels"], dtype=torch.long))
+            classes = extra["classes"]
+    except EdgekdError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any download/parse failure
         raise EdgekdError(f"could not load torchvision dataset '{name}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", "check the network or pass a local --data-root") from exc
-    return out, list(getattr(ds, "classes", [str(i) for i in range(int(out["train"].labels.max()) + 1)]))
+    return out, classes
+
+
+def _torchvision_arrays(cls, folder: Path, train: bool) -> tuple[np.ndarray, dict]:
+    """(N, C, H, W) uint8 images and {labels, classes} of one split, for the cache."""
+    ds = cls(str(folder), train=train, download=True)
+    data = np.asarray(ds.data, dtype=np.uint8)
+    data = data[:, None] if data.ndim == 3 else data.transpose(0, 3, 1, 2)
+    labels = [int(t) for t in ds.targets]
+    return data, {"labels": labels, "classes": list(getattr(ds, "classes", [str(i) for i in range(max(labels) + 1)]))}
 
 
 def load_dataset(
@@ -186,7 +206,7 @@ def load_dataset(
         if info["skipped_files"]:
             ui.warn(f"skipped {len(info['skipped_files'])} unreadable image(s) in {root}, e.g. {info['skipped_files'][0]}")
     else:
-        splits, classes = load_torchvision(dataset, root)
+        splits, classes = load_torchvision(dataset, root, storage)
         source, name = root or "torchvision", dataset
     train = splits["train"]
     test = splits.get("test")

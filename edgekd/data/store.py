@@ -213,6 +213,13 @@ def decoded_folder(files: Sequence[tuple[Path, int]], base: Path, storage: Stora
 def stored_array(name: str, sources: Sequence[Path], make: Callable[[], np.ndarray], storage: Storage) -> tuple[ImageStore, bool]:
     """(store, hit) for a data set that arrives as one uint8 array (Fashion-MNIST's gzipped IDX
     files): decompressed once into the cache, keyed by its files' paths, sizes and mtimes."""
+    store, _, hit = stored_with_meta(name, sources, lambda: (make(), {}), storage)
+    return store, hit
+
+
+def stored_with_meta(name: str, sources: Sequence[Path], make: Callable[[], tuple[np.ndarray, dict]], storage: Storage) -> tuple[ImageStore, dict, bool]:
+    """(store, extra, hit): as :func:`stored_array`, with a small JSON-able ``extra`` (labels, class
+    names) kept beside the array, so a cache hit needs nothing else from the source files."""
     h = hashlib.sha256(json.dumps({"v": STORE_VERSION, "name": name}).encode())
     for p in sources:
         st = Path(p).stat()
@@ -220,9 +227,10 @@ def stored_array(name: str, sources: Sequence[Path], make: Callable[[], np.ndarr
 
     def build(tmp: Path) -> dict:
         t0 = time.time()
-        arr = np.ascontiguousarray(make(), dtype=np.uint8)
+        arr, extra = make()
+        arr = np.ascontiguousarray(arr, dtype=np.uint8)
         arr.tofile(tmp)
-        return {"version": STORE_VERSION, "shape": list(arr.shape), "failed": [], "source": name, "decode_seconds": round(time.time() - t0, 2)}
+        return {"version": STORE_VERSION, "shape": list(arr.shape), "failed": [], "source": name, "decode_seconds": round(time.time() - t0, 2), "extra": extra}
 
     meta, hit, data = _cached(_cache_folder(storage), h.hexdigest()[:24], build)
-    return ImageStore(data, tuple(meta["shape"])), hit
+    return ImageStore(data, tuple(meta["shape"])), meta.get("extra", {}), hit
