@@ -196,7 +196,7 @@ def test_run_qad_with_kd_from_fp32_teacher(trained_pico, data, tmp_path):
 
 
 def test_auto_calibrator_keeps_max_within_a_point_else_the_best_of_four_on_validation(trained_pico, tmp_path, monkeypatch):
-    from edgekd.quantize import stage
+    from edgekd.quantize import ptq as stage
 
     small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
     cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
@@ -454,7 +454,7 @@ def test_export_of_an_fp32_checkpoint_calibrates_like_qad(trained_pico, data, tm
     the best of the four methods on validation is the one shipped."""
     from edgekd.config import ExportConfig
     from edgekd.export import run_export
-    from edgekd.quantize import stage
+    from edgekd.quantize import ptq as stage
 
     monkeypatch.setattr(stage, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
     rec = run_export(ExportJob(ExportConfig(precision="int8", layout="tensorrt", check_batch=64), QuantizeConfig(calib_images=64), Path(trained_pico[1])), data, tmp_path / "o", StageContext())
