@@ -196,7 +196,7 @@ def test_run_qad_with_kd_from_fp32_teacher(trained_pico, data, tmp_path):
 
 
 def test_auto_calibrator_keeps_max_within_a_point_else_the_best_of_four_on_validation(trained_pico, tmp_path, monkeypatch):
-    from edgekd.quantize import ptq as stage
+    from edgekd.quantize import ptq
 
     small = load_data(DataConfig(train_subset=512, test_subset=128), 0)
     cfg = QuantizeConfig(calib_images=128, train=TrainConfig(epochs=1, batch_size=64, lr=1e-4, weight_decay=0.0, warmup_epochs=0.0))
@@ -204,7 +204,7 @@ def test_auto_calibrator_keeps_max_within_a_point_else_the_best_of_four_on_valid
     m = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(trained_pico[1]), lambda model: (cross_entropy_loss(), None)), small, tmp_path / "a", StageContext(data_cfg=DataConfig(augment="none")))["metrics"]
     assert 100 * (m["fp32_val_top1"] - m["calibrators_tried"]["max"]) <= 1.0, "the test needs a network max calibrates within a point"
     assert m["calibrators_tried"].keys() == {"max"} and m["calibrator"] == "max"
-    monkeypatch.setattr(stage, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
+    monkeypatch.setattr(ptq, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
     res = run_qad(QadJob(for_target(cfg, "tensorrt", host_arch()), Path(trained_pico[1]), lambda model: (cross_entropy_loss(), None)), small, tmp_path / "b", StageContext(data_cfg=DataConfig(augment="none")))
     tried, chosen = res["metrics"]["calibrators_tried"], res["metrics"]["calibrator"]
     assert list(tried) == ["max", "mse", "percentile", "entropy"] and chosen == max(tried, key=tried.get)
@@ -454,9 +454,9 @@ def test_export_of_an_fp32_checkpoint_calibrates_like_qad(trained_pico, data, tm
     the best of the four methods on validation is the one shipped."""
     from edgekd.config import ExportConfig
     from edgekd.export import run_export
-    from edgekd.quantize import ptq as stage
+    from edgekd.quantize import ptq
 
-    monkeypatch.setattr(stage, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
+    monkeypatch.setattr(ptq, "AUTO_TOLERANCE_POINTS", -100.0)  # as if max had lost: every method is tried
     rec = run_export(ExportJob(ExportConfig(precision="int8", layout="tensorrt", check_batch=64), QuantizeConfig(calib_images=64), Path(trained_pico[1])), data, tmp_path / "o", StageContext())
     tried = rec["ptq_calibration"]["calibrators_tried"]
     assert list(tried) == ["max", "mse", "percentile", "entropy"] and rec["ptq_calibration"]["calibrator"] == max(tried, key=tried.get)
