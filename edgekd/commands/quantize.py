@@ -48,6 +48,7 @@ def quantize(
     from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
     from edgekd.quantize import QadJob, for_target, run_qad  # lazy: torch, modelopt
     from edgekd.export import confirm_on_export  # lazy: onnx, onnxruntime
+    from edgekd.models import load_checkpoint  # lazy: torch
     from edgekd.targets import get_target  # lazy: kept with the others of this command
 
     recipe = run.recipe(config, set_, {"quantize.calibrator": calibrator, "quantize.calib_images": calib_images, "quantize.fold_bn": fold_bn,
@@ -55,6 +56,7 @@ def quantize(
                                        "quantize.exclude": layer_list(exclude), **train.overrides()}, QUICK)
     target = get_target(recipe.target)
     recipe.quantize = for_target(recipe.quantize, target.layout, target.arch)
+    load_checkpoint(checkpoint)  # a bad checkpoint fails in one line before anything else is said or loaded
     data = load_data(recipe.data, recipe.seed)
     augment = "flip" if recipe.data.augment != "none" else "none"
     job = QadJob(recipe.quantize, checkpoint, _loss_factory(teacher, recipe, data, augment), confirm_on_export)

@@ -211,8 +211,7 @@ class ExportJob:
 
 def _calibrate_here(ckpt: dict[str, Any], job: ExportJob, data: DataSet, ctx: StageContext) -> tuple[nn.Module, dict[str, Any]]:
     """PTQ of an FP32 checkpoint asked for INT8, for the export's layout and the target's CPU."""
-    ui.warn(f"{job.checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {job.quantize.calib_images} images (post-training quantization, "
-            "no QAD); run `edgekd quantize` first for quantization-aware distillation")
+    ui.log(f"{job.checkpoint} is an FP32 checkpoint: calibrating INT8 ranges on {job.quantize.calib_images} images")
     layout = job.export.layout
     cfg = for_target(job.quantize.model_copy(update={"layout": layout}), layout, get_target(ctx.target).arch if ctx.target else host_arch())
     model, tried = calibrate(ckpt, cfg, data, ctx.seed)
@@ -230,6 +229,9 @@ def run_export(job: ExportJob, data: DataSet, out_dir: str | Path, ctx: StageCon
         model, ptq = _calibrate_here(ckpt, job, data, ctx)
     if precision == "int8":
         budget = choose_float_layers(model, job.quantize, data, Path(out_dir))
+    if ptq:  # said once the calibrated model is usable: a bad --exclude fails with its own one line first
+        ui.warn(f"{job.checkpoint} was quantized by post-training calibration only (no QAD); run `edgekd quantize` first for "
+                "quantization-aware distillation")
     check = data.test.subset(job.export.check_batch)
     req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, ctx.target, job.export.opset,
                         job.export.allow_not_ready, fp32_model=fp32_model)
