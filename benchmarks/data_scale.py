@@ -107,14 +107,17 @@ def _rss_mb(children: bool = False) -> float:
     return round(resource.getrusage(resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def rss(seconds: int) -> None:
-    """A build's teacher stage on the 50,000 images at 128 px, stopped by a time limit; peak RSS of that process."""
+def rss(seconds: int, batch: int, train_subset: int | None) -> None:
+    """A build's teacher stage on the 50,000 images at 128 px (or their first ``train_subset``), stopped by a
+    time limit; peak RSS of that process. The same command on a subset shows what the data set adds."""
     out = ROOT / "run"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [EDGEKD, "build", "--dataset", "imagefolder", "--data-root", str(FOLDER), "--until", "teacher", "--out", str(out), "--no-control",
            "--set", "teacher.model=nano_cnn", "--set", "teacher.pretrained=none", "--set", f"teacher.input_size={SIZE}",
            "--set", "teacher.train.epochs=1", "--set", f"teacher.train.time_limit_s={seconds}", "--set", f"data.cache_dir={CACHE}",
-           "--set", "data.test_subset=2000", "--json"]  # training sees all 36,000 training images; validation and test 2,000 each
+           "--set", "data.test_subset=2000", "--set", f"teacher.train.batch_size={batch}", "--json"]  # training sees all 36,000 training images; validation and test 2,000 each
+    if train_subset:
+        cmd += ["--set", f"data.train_subset={train_subset}"]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "EDGEKD_QUIET": "1"})
     if proc.returncode != 0:
@@ -173,7 +176,8 @@ def report() -> None:
     d1 = next(r for r in decodes if r["workers"] == 1)  # the first pair: both with the JPEGs in the page cache, the same code
     dn = next(r for r in decodes if r["workers"] > 1)
     latest_n = [r for r in decodes if r["workers"] > 1][-1]
-    ready_row, rss_row, tp = last["ready"], last.get("rss"), last.get("throughput")
+    full = [r for r in rows if r["piece"] == "rss" and "data.train_subset=" not in r["command_run"]]
+    ready_row, rss_row, tp = last["ready"], (full[-1] if full else None), last.get("throughput")
     lines = [
         "# Data beyond memory: 50,000 JPEGs decoded once (benchmarks/data_scale.py)", "",
         f"Host: {dn['host']}.", "",
@@ -186,16 +190,20 @@ def report() -> None:
         f"{d1['seconds'] / dn['seconds']:.2f}x faster | one process per core |",
         f"| second run, data ready (`{ready_row['command']}`, cache {ready_row['cache']}) | {ready_row['seconds']:.2f} s = "
         f"{100 * ready_row['seconds'] / latest_n['seconds']:.2f}% of the latest parallel first decode ({latest_n['seconds']:.1f} s) | < 5% |",
-        (f"| peak RSS of `edgekd build --until teacher` training on the 50,000 images at {SIZE} px | {rss_row['peak_rss_mb']:.0f} MB "
-         f"(array {d1['array_bytes'] / 1e6:.0f} MB) | < 2 GB |") if rss_row else "| peak RSS of a build training | not measured (see below) | < 2 GB |",
+        (f"| peak RSS of `edgekd build --until teacher` training on the 50,000 images at {SIZE} px, batch {rss_row['metrics']['plan']['batch_size']} "
+         f"| {rss_row['peak_rss_mb']:.0f} MB (array {d1['array_bytes'] / 1e6:.0f} MB){'' if rss_row['peak_rss_mb'] < 2048 else ': **goal missed**'} | < 2 GB |") if rss_row else "| peak RSS of a build training | not measured (see below) | < 2 GB |",
         (f"| training throughput, cache file vs in RAM (`{tp['command']}`) | {tp['median_cache']:.0f} vs {tp['median_memory']:.0f} img/s: "
          f"ratio {tp['ratio']:.3f} | within 5% |") if tp else "| training throughput, cache file vs RAM | not measured (see below) | within 5% |", "",
         (f"RSS run: `edgekd {rss_row['command_run']}` (its teacher stage stopped: {rss_row['metrics'].get('stopped')}, "
          f"{rss_row['images_per_second']} img/s training; the labels are random, so top-1 is chance).") if rss_row else "RSS: the piece did not run in time.", "",
         (f"Throughput: nano_cnn at {SIZE} px, batch 64, crop-flip augmentation, {tp['steps']} steps per measurement, "
          f"{tp['rounds']} rounds alternating the order, median; all rates (img/s): {json.dumps(tp['img_s'])}.") if tp else "Throughput: the piece did not run in time.", "",
-        "Every RSS run, in order: " + ", ".join(f"{r['peak_rss_mb']:.0f} MB ({r.get('reader', 'memory map')}, teacher batch "
-                                               f"{r['metrics']['plan']['batch_size']})" for r in rows if r["piece"] == "rss") + ".", "",
+        "Every RSS run, in order (peak RSS; how the cache was read; teacher batch; training images): " + "; ".join(
+            f"{r['peak_rss_mb']:.0f} MB ({r.get('reader', 'memory map')}, batch {r['metrics']['plan']['batch_size']}, "
+            f"{'data.train_subset=' + r['command_run'].split('data.train_subset=')[1].split()[0] if 'data.train_subset=' in r['command_run'] else 'all 36,000'})"
+            for r in rows if r["piece"] == "rss") + ". A training step's own tensors (nano_cnn at 128 px: activations kept for the backward pass) "
+        "are most of the peak: the same build on 2,000 images peaks at the same RSS, so the data set adds nothing; the cache's pages are "
+        "read per batch and never resident (RssFile stayed at the libraries' 350 MB in a sampled run).", "",
         "Every decode run, in order (seconds; the JPEGs' page-cache state differed: the first 1-process run came right after they were "
         "written, the second after other jobs had evicted 836 MB of them): "
         + ", ".join(f"{r['workers']} process(es) {r['seconds']:.1f}" for r in rows if r["piece"] == "decode") + ". The parallel runs before "
@@ -215,10 +223,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--seconds", type=int, default=90)
+    ap.add_argument("--batch", type=int, default=64, help="rss: the teacher's batch size (its activations are most of a training step's memory)")
+    ap.add_argument("--train-subset", type=int, default=None, help="rss: train on the first N images only (what the data set adds)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=6)
     a = ap.parse_args()
-    {"generate": lambda: generate(a.n), "decode": lambda: decode(a.workers), "ready": ready, "rss": lambda: rss(a.seconds),
+    {"generate": lambda: generate(a.n), "decode": lambda: decode(a.workers), "ready": ready, "rss": lambda: rss(a.seconds, a.batch, a.train_subset),
      "throughput": lambda: throughput(a.steps, a.rounds), "report": report}[a.piece]()
 
 

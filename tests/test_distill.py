@@ -228,7 +228,7 @@ def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, t
 
 
 def test_born_again_from_the_teachers_weights_starts_as_the_teacher(data, teacher_path):
-    from edgekd.distill.stage import make_student
+    from edgekd.distill.kd import make_student
 
     teacher = load_teacher(teacher_path)
     x = teacher.preprocess(data.test.images[:16])

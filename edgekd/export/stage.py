@@ -230,7 +230,7 @@ def run_export(job: ExportJob, data: DataSet, out_dir: str | Path, ctx: StageCon
     if precision == "int8":
         budget = choose_float_layers(model, job.quantize, data, Path(out_dir))
     if ptq:  # said once the calibrated model is usable: a bad --exclude fails with its own one line first
-        ui.warn(f"{job.checkpoint} was quantized by post-training calibration only (no QAD); run `edgekd quantize` first for "
+        ui.warn(f"{job.checkpoint} was quantized by post-training quantization only (calibration, no QAD); run `edgekd quantize` first for "
                 "quantization-aware distillation")
     check = data.test.subset(job.export.check_batch)
     req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, ctx.target, job.export.opset,
