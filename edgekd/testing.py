@@ -50,8 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def target_unavailable(name: str) -> str | None:
     """Why ``name``'s hardware/runtime is absent here, or None when tests for it can run."""
-    from edgekd.errors import EdgekdError
-    from edgekd.targets import accelerator_present, get_target
+    from edgekd.errors import EdgekdError  # lazy: pytest plugin, no torch at load
+    from edgekd.targets import accelerator_present, get_target  # lazy: pytest plugin, no torch at load
 
     try:
         avail = accelerator_present(get_target(name))
@@ -61,8 +61,8 @@ def target_unavailable(name: str) -> str | None:
 
 
 def runtime_unavailable(name: str) -> str | None:
-    from edgekd.errors import EdgekdError
-    from edgekd.runners import runtime_available
+    from edgekd.errors import EdgekdError  # lazy: pytest plugin, no torch at load
+    from edgekd.runners import runtime_available  # lazy: pytest plugin, no torch at load
 
     try:
         ok, why = runtime_available(name)
@@ -85,7 +85,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def _budget_from_target(target: str, batch: int) -> float | None:
-    from edgekd.targets import get_target
+    from edgekd.targets import get_target  # lazy: pytest plugin, no torch at load
 
     t = get_target(target)
     return {1: t.latency_budget.batch1_ms, t.batch: t.latency_budget.batch_ms}.get(batch)
@@ -101,15 +101,16 @@ def assert_latency(model: str | Path, target: str | None = None, runtime: str | 
     ``target`` supplies the runtime, batch, threads and (when ``budget_ms`` is None) the latency
     budget; a target whose hardware is absent skips the test with the reason. Returns the bench result.
     """
-    from edgekd.bench import BenchRequest, TimingPlan, check_regression, load_baseline, parse_percent, run_bench, save_baseline
-    from edgekd.errors import EdgekdError
+    from edgekd.bench import (  # lazy: pytest plugin, no torch at load
+        BenchRequest, TimingPlan, check_regression, load_baseline, parse_percent, run_bench, save_baseline)
+    from edgekd.errors import EdgekdError  # lazy: pytest plugin, no torch at load
 
     tgt_runtime, tgt_batch, tgt_threads = None, None, None
     if target:
         why = target_unavailable(target)
         if why:
             pytest.skip(f"edgekd target '{target}' not available here: {why}")
-        from edgekd.targets import get_target
+        from edgekd.targets import get_target  # lazy: pytest plugin, no torch at load
 
         t = get_target(target)
         tgt_runtime, tgt_batch, tgt_threads = t.runtime, t.batch, t.threads

@@ -68,6 +68,7 @@ class ImageStore:
         expected = self.shape[0] * self._row_bytes
         if os.fstat(self._fd).st_size != expected:
             os.close(self._fd)
+            self._fd = None  # closed here: __del__ must not close the number again (another file may hold it by then)
             raise EdgekdError(f"the image cache file {path} has {os.path.getsize(path):,} bytes, not {expected:,}", "delete it; the next run decodes the images again")
 
     def __len__(self) -> int:
