@@ -165,6 +165,21 @@ def throughput(steps: int, rounds: int) -> None:
            ratio=round(med["cache"] / med["memory"], 4), torch_threads=torch.get_num_threads())
 
 
+def _what_the_data_adds(rows: list[dict]) -> str:
+    """The full-data RSS run against the latest one on a training subset at the same batch: what the data set itself costs."""
+    rss = [r for r in rows if r["piece"] == "rss" and r.get("reader") == READER]
+    batch = lambda r: r["metrics"]["plan"]["batch_size"]  # noqa: E731
+    full = [r for r in rss if "data.train_subset=" not in r["command_run"]]
+    for f in reversed(full):
+        sub = [r for r in rss if "data.train_subset=" in r["command_run"] and batch(r) == batch(f)]
+        if sub:
+            d = f["peak_rss_mb"] - sub[-1]["peak_rss_mb"]
+            return (f"At batch {batch(f)}, training on all 36,000 images peaks {d:+.0f} MB against the same build on a subset "
+                    f"({sub[-1]['peak_rss_mb']:.0f} MB): that difference is what the data set adds; the rest is the build's own "
+                    "(torch, the model's activations kept for the backward pass, the test split in RAM).")
+    return "No subset run at the same batch yet: what the data set adds is not separated from the build's own memory."
+
+
 def report() -> None:
     """benchmarks/data_scale_results.md from the latest line of each piece."""
     rows = [json.loads(line) for line in LOG.read_text().splitlines()]
@@ -201,9 +216,7 @@ def report() -> None:
         "Every RSS run, in order (peak RSS; how the cache was read; teacher batch; training images): " + "; ".join(
             f"{r['peak_rss_mb']:.0f} MB ({r.get('reader', 'memory map')}, batch {r['metrics']['plan']['batch_size']}, "
             f"{'data.train_subset=' + r['command_run'].split('data.train_subset=')[1].split()[0] if 'data.train_subset=' in r['command_run'] else 'all 36,000'})"
-            for r in rows if r["piece"] == "rss") + ". A training step's own tensors (nano_cnn at 128 px: activations kept for the backward pass) "
-        "are most of the peak: the same build on 2,000 images peaks at the same RSS, so the data set adds nothing; the cache's pages are "
-        "read per batch and never resident (RssFile stayed at the libraries' 350 MB in a sampled run).", "",
+            for r in rows if r["piece"] == "rss") + ". " + _what_the_data_adds(rows), "",
         "Every decode run, in order (seconds; the JPEGs' page-cache state differed: the first 1-process run came right after they were "
         "written, the second after other jobs had evicted 836 MB of them): "
         + ", ".join(f"{r['workers']} process(es) {r['seconds']:.1f}" for r in rows if r["piece"] == "decode") + ". The parallel runs before "
