@@ -24,13 +24,17 @@ def json_out(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
-    """Exit code 2, a single 'error: ...' line naming the problem, and no traceback."""
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str, after: tuple[str, ...] = ()) -> None:
+    """Exit code 2 and stderr is exactly one line, ``error: ...``, that names the problem (``needle``).
+
+    ``after`` lists the starts of lines a test expects before the error (an information line the
+    command prints on purpose); any other earlier line, a wrapped error or a traceback fails."""
     assert proc.returncode == 2, (proc.returncode, proc.stdout[-500:], proc.stderr[-2000:])
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert len(lines) == 1 or all("error" not in line.lower() for line in lines[:-1]), proc.stderr
-    assert needle in proc.stderr.replace("\n", " "), proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert needle in lines[-1], (needle, lines[-1])
+    unexpected = [line for line in lines[:-1] if not line.startswith(after or ("\0",))]
+    assert unexpected == [], proc.stderr[-2000:]
 
 
 def run_inprocess(*args: str) -> subprocess.CompletedProcess:

@@ -178,7 +178,7 @@ def test_cli_export_gate_stops_a_network_tensorrt_cannot_run_in_int8(tmp_path):
     args = ["export", ckpt, "--target", "jetson-orin-nano", "--calib-images", "16", "--check-batch", "16", "--set", "data.train_subset=64",
             "--set", "data.test_subset=32", "--set", "quantize.calibrator=max"]  # the gate is under test, not the choice of ranges
     proc = run_inprocess(*args, "--out", tmp_path / "out")
-    assert_one_line_error(proc, "is not ready for tensorrt")
+    assert_one_line_error(proc, "is not ready for tensorrt", after=("WARNING: ",))
     assert "--allow-not-ready" in proc.stderr and not (tmp_path / "out" / "model.onnx").exists()
     rec = json_out(run_inprocess(*args, "--allow-not-ready", "--out", tmp_path / "out2", "--json"))
     assert rec["checks"]["gate"]["allowed_not_ready"] and (tmp_path / "out2" / "model.onnx").is_file()

@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from rich.console import Console
 from cli_helpers import json_out, run_cli
 from edgekd import ui
 from edgekd.config import TrainConfig, load_recipe, parse_duration
-from edgekd.data import FASHION_MNIST_DEFAULT, load_dataset
+from edgekd.data import load_dataset
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest
 from edgekd.models import create_model
@@ -20,8 +19,8 @@ from edgekd.pipeline import choose_student
 from edgekd.pipeline.training import distill_teacher
 from edgekd.report import accuracy_table, diff_half_width, latency_table, wilson
 from edgekd.train import cross_entropy_loss, fit, fit_to_data, FitOptions, stop_reason
+from needs import needs_fmnist
 
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
 
 
 # ----------------------------------------------------------------------------- budgets

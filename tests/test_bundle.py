@@ -63,10 +63,15 @@ def test_image_files_go_through_the_same_pipeline(bundle, pico_model, tmp_path):
         p = tmp_path / f"img{i}.png"
         Image.fromarray(pico_model.images[i, 0]).save(p)
         paths.append(p)
-    preds = rt.Classifier(bundle).classify_files(paths, top_k=3)
+    clf = rt.Classifier(bundle)
+    preds, every = clf.classify_files(paths, top_k=3), clf.classify_files(paths, top_k=len(pico_model.classes))
     torch_top1 = _torch_logits(pico_model.model, pico_model.images[:4]).argmax(1)
     assert [p[0][0] for p in preds] == [pico_model.classes[i] for i in torch_top1]
-    assert all(len(p) == 3 and abs(sum(pr for _, pr in p)) <= 1.0 + 1e-6 for p in preds)
+    for top3, full in zip(preds, every):
+        probs = [pr for _, pr in full]
+        # all classes form a distribution, ranked; top-3 is its head, not a re-normalised or re-ordered copy
+        assert abs(sum(probs) - 1.0) < 1e-5 and probs == sorted(probs, reverse=True) and len({c for c, _ in full}) == len(full)
+        assert top3 == full[:3]
 
 
 @pytest.mark.parametrize("src, size, channels", [((3, 40, 52), 28, 1), ((1, 28, 28), 64, 3), ((3, 224, 224), 64, 3), ((1, 28, 28), 28, 1)])

@@ -1,17 +1,16 @@
 """Data: real Fashion-MNIST, ImageFolder of mixed images, deterministic splits, preprocessing."""
 
 import gzip
-import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from edgekd.data import FASHION_MNIST_DEFAULT, Preprocess, augment_batch, iterate, load_dataset
+from edgekd.data import Preprocess, augment_batch, iterate, load_dataset
 from edgekd.errors import EdgekdError
+from needs import needs_fmnist
 
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="apt-get install dataset-fashion-mnist")
 
 
 @needs_fmnist

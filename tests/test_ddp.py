@@ -18,12 +18,13 @@ import torch
 from cli_helpers import EDGEKD
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.models import create_model
+from needs import needs_fmnist
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
+@needs_fmnist
 def test_two_gloo_ranks_match_single_process(tmp_path):
     common = ["finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "256", "--test-subset", "64",
               "--epochs", "1", "--set", "teacher.train.freeze_bn=true", "--set", "data.augment=none", "--set", "teacher.train.label_smoothing=0", "--no-resume"]
@@ -85,7 +86,7 @@ def _no_edgekd_traceback(err: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
+@needs_fmnist
 def test_torchrun_build_end_to_end_matches_one_process(tmp_path):
     """The README's command on 2 gloo ranks: every stage, one manifest and bundle written by rank 0;
     teacher and control (BN frozen, no augmentation) equal to one process at the same global batch."""
@@ -116,7 +117,7 @@ def test_torchrun_build_end_to_end_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
+@needs_fmnist
 @pytest.mark.parametrize("stop, options", [("plateau", ["--epochs", "30", "--set", "teacher.train.patience=1"]),
                                            ("time", ["--epochs", "200", "--set", "teacher.train.time_limit_s=4"])])
 def test_two_ranks_stop_together(tmp_path, stop, options):
@@ -133,7 +134,7 @@ def test_two_ranks_stop_together(tmp_path, stop, options):
     assert statistics.median(val_share) < 0.35  # validation on rank 0 is a small part of an epoch (200 val / 1,200 train images here)
 
 
-@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
+@needs_fmnist
 def test_a_failing_rank_ends_every_rank_with_one_line(tmp_path):
     """Rank 1 reads a corrupt copy of the data set (a node whose disk went bad): it prints its error
     on one line; rank 0 says rank 1 failed and why; both exit 1; no traceback of edgekd's."""

@@ -4,7 +4,6 @@ and cross-resolution teacher/student pairs. Real Fashion-MNIST subsets, real tin
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -12,13 +11,12 @@ import torch.nn.functional as F
 
 from cli_helpers import assert_one_line_error, json_out, run_inprocess
 from edgekd.config import DataConfig, DistillConfig, StudentConfig, TrainConfig
-from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.distill import DistillJob, MutualLoss, run_distill_mode
 from edgekd.atomic import sha256_file
 from edgekd.models import load_checkpoint
 from edgekd.stage_context import StageContext
+from needs import needs_fmnist
 
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST")
 ONE_EPOCH = TrainConfig(epochs=1, batch_size=32, lr=5e-3, warmup_epochs=0.0)
 
 

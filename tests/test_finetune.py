@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from cli_helpers import EDGEKD, assert_one_line_error, json_out, run_cli, run_inprocess
-from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.models import create_model, load_checkpoint
+from needs import needs_fmnist
 
-needs_fmnist = pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="apt-get install dataset-fashion-mnist")
 TINY = ["--train-subset", "512", "--test-subset", "256", "--input-size", "48", "--batch-size", "64"]
 
 

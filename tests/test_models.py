@@ -77,20 +77,28 @@ def test_truncated_checkpoint(tmp_path):
 
 
 class _Evil:
+    """A pickle payload that writes ``marker`` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("echo pwned > /tmp/edgekd-pwned",))
+        return (os.system, (f"echo pwned > {self.marker}",))
 
 
 def test_pickle_that_runs_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
     p = tmp_path / "evil.pt"
-    torch.save({"format": "edgekd-checkpoint", "x": _Evil()}, p)
+    torch.save({"format": "edgekd-checkpoint", "x": _Evil(marker)}, p)
     with pytest.raises(EdgekdError, match="refusing to load"):
         safe_torch_load(p)
     p2 = tmp_path / "evil.pkl"
-    p2.write_bytes(pickle.dumps(_Evil()))
+    p2.write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(EdgekdError):
         safe_torch_load(p2)
-    assert not os.path.exists("/tmp/edgekd-pwned")
+    assert not marker.exists()
+    pickle.loads(p2.read_bytes())  # the payload is live: an unsafe load would have left the marker
+    assert marker.exists()
 
 
 def test_checkpoint_from_another_architecture(tmp_path):

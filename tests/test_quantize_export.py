@@ -398,16 +398,14 @@ def test_tensorrt_layout_on_ort_cpu_is_reported_as_float(tmp_path, quant_pico):
 
 # ----------------------------------------------------------------------------- traps and bad input
 def test_dynamo_exporter_trap(quant_pico, tmp_path):
-    """The real trap: dynamo=True does not emit Q/DQ for modelopt fake-quant (or fails); edgekd refuses it up front."""
-    x = torch.zeros(1, 1, 28, 28)
-    try:
-        torch.onnx.export(quant_pico, (x,), str(tmp_path / "dyn.onnx"), dynamo=True)
-        ops = {n.op_type for n in onnx.load(str(tmp_path / "dyn.onnx")).graph.node}
-        assert "QuantizeLinear" not in ops
-    except Exception:  # noqa: BLE001 - failing outright is the other face of the trap
-        pass
+    """The trap: dynamo=True does not emit modelopt's Q/DQ (or fails outright); edgekd refuses it up
+    front with one error, and the TorchScript exporter it uses instead does emit them."""
     with pytest.raises(EdgekdError, match="dynamo"):
         torch_to_onnx(quant_pico, tmp_path / "x.onnx", quant_pico.preprocess, dynamo=True)
+    assert not (tmp_path / "x.onnx").exists()
+    torch_to_onnx(quant_pico, tmp_path / "ts.onnx", quant_pico.preprocess)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "ts.onnx")).graph.node]
+    assert ops.count("QuantizeLinear") >= 2 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
 
 
 def test_unknown_target_and_missing_layout_are_clear_errors():

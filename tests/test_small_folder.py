@@ -4,16 +4,15 @@ The budget must fit the data (issue 13): the default build, with nothing tuned, 
 the held-out test images within 5 minutes on 2 cores, and says how sure that figure is.
 """
 
-import os
 import time
 
 import pytest
 
 from cli_helpers import json_out, run_cli
-from edgekd.data import FASHION_MNIST_DEFAULT
 from rgb_folder import make_rgb_folder
+from needs import needs_fmnist
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEFAULT), reason="needs Fashion-MNIST (the photos the folder is made from)")]
+pytestmark = [pytest.mark.slow, needs_fmnist]
 
 
 def test_default_build_on_a_small_rgb_folder(tmp_path):
