@@ -1,5 +1,5 @@
-"""What a test needs from the machine, as skip markers: one definition each, so every test that
-needs Fashion-MNIST skips (with how to get it) instead of erroring where it is absent."""
+"""What a test needs from the machine, as skip markers: one definition each, so every test marked
+with it skips (saying how to get Fashion-MNIST) where edgekd cannot find the data."""
 
 from __future__ import annotations
 
@@ -20,8 +20,3 @@ def have_fashion_mnist() -> bool:
 
 needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
 
-
-def skip_without_fmnist() -> None:
-    """For session fixtures that load Fashion-MNIST: every test using them skips rather than errors."""
-    if not have_fashion_mnist():
-        pytest.skip("needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
