@@ -60,3 +60,18 @@ def run_inprocess(*args: str) -> subprocess.CompletedProcess:
             os.environ["EDGEKD_QUIET"] = quiet_env
         ui.set_quiet(quiet)
     return subprocess.CompletedProcess(["edgekd", *args], code, out.getvalue(), err.getvalue())
+
+
+# A real build shrunk to seconds: pico CNN teacher and student at 28 px on a real Fashion-MNIST subset.
+TINY_BUILD = {
+    "teacher.model": "pico_cnn", "teacher.pretrained": "none", "teacher.input_size": 28, "teacher.train.epochs": 2, "teacher.train.lr": 0.003,
+    "student.model": "pico_cnn", "student.train.epochs": 2, "data.train_subset": 1500, "data.test_subset": 500,
+    "quantize.train.epochs": 1, "quantize.calib_images": 128, "bench.runs": 20, "bench.warmup": 2, "bench.batches": "[1,8]", "export.check_batch": 128,
+}
+
+
+def tiny_build(changes: dict | None = None) -> list[str]:
+    """``--set`` arguments of :data:`TINY_BUILD` with ``changes`` on top (a value of None drops the key,
+    so the recipe's default applies): one place for what "a tiny build" means in every test."""
+    merged = {**TINY_BUILD, **(changes or {})}
+    return [arg for key, value in merged.items() if value is not None for arg in ("--set", f"{key}={value}")]

@@ -119,37 +119,27 @@ class PicoModel:
 
 
 @pytest.fixture(scope="session")
-def pico_model(tmp_path_factory: pytest.TempPathFactory) -> PicoModel:
-    """pico_cnn trained for ~1 s on 2,000 real Fashion-MNIST images, exported to ONNX (dynamic batch)."""
+def pico_model(tmp_path_factory: pytest.TempPathFactory, pico_2000_ckpt, fmnist_2000) -> PicoModel:
+    """``pico_2000_ckpt`` (the one trained pico_cnn the suite shares) exported to ONNX (dynamic batch),
+    with 64 real held-out test images."""
     import torch
 
-    from edgekd.data import iterate, load_dataset
-    from edgekd.models import create_model
+    from edgekd.models import model_from_checkpoint
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model on a shared 2-core machine: extra threads only contend
-    torch.manual_seed(0)
-    data = load_dataset("fashion-mnist", train_subset=2000, test_subset=64, seed=0)
-    model = create_model("pico_cnn", len(data.classes))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    model.train()
-    for epoch in range(2):
-        for batch in iterate(data.train, 64, shuffle=True, seed=0, epoch=epoch):
-            loss = torch.nn.functional.cross_entropy(model(model.preprocess(batch.images)), batch.labels)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
-    torch.set_num_threads(threads)
+    model = model_from_checkpoint(pico_2000_ckpt).eval()
+    test = fmnist_2000.test
     out = tmp_path_factory.mktemp("pico") / "pico.onnx"
-    torch.onnx.export(model, model.preprocess(data.test.images[:2]), str(out), input_names=["input"], output_names=["logits"],
+    torch.onnx.export(model, model.preprocess(test.images[:2]), str(out), input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
-    return PicoModel(model, out, list(data.classes), model.preprocess, data.test.images.numpy(), data.test.labels.numpy())
+    return PicoModel(model, out, list(fmnist_2000.classes), model.preprocess, test.images[:64].numpy(), test.labels[:64].numpy())
 
 
 @pytest.fixture(scope="session")
 def fmnist_600():
     """600 real Fashion-MNIST training images (val and test: 200 each), shared by the distillation tests."""
+    from needs import skip_without_fmnist  # lazy, as the other imports here: needs imports edgekd.data (torch)
+
+    skip_without_fmnist()
     from edgekd.data import load_dataset
 
     return load_dataset("fashion-mnist", train_subset=600, test_subset=200, seed=0)
@@ -174,6 +164,9 @@ def teacher_32px(tmp_path_factory: pytest.TempPathFactory, fmnist_600) -> Path:
 @pytest.fixture(scope="session")
 def fmnist_2000():
     """2,000 real Fashion-MNIST training images (val: 200) and 300 test images, shared by the quantization tests."""
+    from needs import skip_without_fmnist  # lazy, as the other imports here: needs imports edgekd.data (torch)
+
+    skip_without_fmnist()
     from edgekd.config import DataConfig
     from edgekd.data import load_data
 

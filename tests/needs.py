@@ -18,5 +18,12 @@ def have_fashion_mnist() -> bool:
     return True
 
 
-needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason="needs Fashion-MNIST: apt-get install dataset-fashion-mnist")
+FMNIST_REASON = "needs Fashion-MNIST: apt-get install dataset-fashion-mnist (or set $EDGEKD_FASHION_MNIST)"
+needs_fmnist = pytest.mark.skipif(not have_fashion_mnist(), reason=FMNIST_REASON)
+
+
+def skip_without_fmnist() -> None:
+    """For fixtures: a fixture cannot carry a marker, so the shared data fixtures skip their tests themselves."""
+    if not have_fashion_mnist():
+        pytest.skip(FMNIST_REASON)
 

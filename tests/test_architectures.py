@@ -22,6 +22,7 @@ from edgekd.data import load_data
 from edgekd.models import RECOMMENDED_TIMM, create_model
 from edgekd.quantize import enabled_quantizers, quantize_model
 from edgekd.quantize.placement import ACT_PREFIX
+from needs import needs_fmnist, skip_without_fmnist
 
 # One network per family users bring: residual (resnet18), grouped convs (regnetx), inverted residuals with
 # ReLU6 (efficientnet_lite0, the same blocks as mobilenetv2_100), squeeze-excite + hard-swish (mobilenetv3),
@@ -29,10 +30,16 @@ from edgekd.quantize.placement import ACT_PREFIX
 # (mobilenetv4), edgekd's own. mobilenetv2_100 and repvgg_a0 run in benchmarks/architectures.py.
 ARCHS = ["resnet18", "mobilenetv3_large_100", "efficientnet_lite0", "regnetx_002", "mobileone_s0", "mobilenetv4_conv_small", "nano_cnn", "small_cnn"]
 STRICT = {"resnet18", "nano_cnn", "small_cnn"}
+# Mean |logit difference| / mean |logit| of onnxruntime's integer kernels vs PyTorch on these random-weight
+# networks, measured 2026-12-04 (AVX-512 VNNI): mobilenetv3 0.034, efficientnet_lite0 0.044, mobileone 0.021,
+# mobilenetv4 0.004, regnetx_002 0.245 (grouped convs: a last-bit rounding difference grows layer by layer in
+# random weights; trained, it agrees on 99.92% of top-1, benchmarks/architectures_results.md). Bounds ~2x those.
+ORT_KERNEL_DRIFT = {"regnetx_002": 0.5}
 
 
 @pytest.fixture(scope="module")
 def data():
+    skip_without_fmnist()
     return load_data(DataConfig(train_subset=256, test_subset=128), 0, store_size=32)
 
 
@@ -106,14 +113,15 @@ def test_architecture_qad_and_both_layouts(name, data, tmp_path):
             # the same int32 biases (QAD rounds them as onnxruntime does), the same clipping (zero point 128)
             assert np.array_equal(ort_logits(path, x.numpy(), exact_qdq=True), qdq)
             got = ort_logits(path, x.numpy())
-        # Plain and residual ReLU networks: the shipped file drifts from PyTorch no more than the
-        # exporter's own Q/DQ graph does (plus a margin). Random depthwise / ReLU6 networks are
-        # chaotic (PyTorch's and onnxruntime's float rounding differ in the last bit, and a flipped
-        # rounding grows layer by layer), so for them only gross errors are caught here; trained
-        # networks are measured in benchmarks/architectures_results.md.
+        # The exporter's Q/DQ graph computes the fake-quant model (run by onnxruntime in float, so the
+        # only differences are float rounding): measured at most 0.056 of PyTorch's logits, bound 0.1.
         floor = drift(ref, qdq)
-        bound = 2 * floor + 0.05 if name in STRICT else 1.0
-        assert np.isfinite(got).all() and drift(ref, got) <= bound, (layout, drift(ref, got), floor, agreement(ref, got))
+        assert np.isfinite(got).all() and floor <= 0.1, (layout, floor)
+        if layout == "tensorrt":  # the readiness-checked file is that same graph (its layout changes no arithmetic)
+            assert drift(qdq, got) <= 1e-3, (drift(qdq, got), agreement(qdq, got))
+        else:  # onnxruntime's integer kernels: ReLU networks as exact as the Q/DQ graph; the others within a measured bound
+            bound = 2 * floor + 0.05 if name in STRICT else ORT_KERNEL_DRIFT.get(name, 0.1)
+            assert drift(ref, got) <= bound, (drift(ref, got), floor, agreement(ref, got))
 
 
 def test_reparameterizable_branches_are_fused_before_qad(data):
@@ -167,6 +175,7 @@ def test_untraceable_network_is_a_clear_error(data):
         quantize_model(Branchy(), QuantizeConfig(layout="tensorrt"), torch.zeros(4, 3, 32, 32, dtype=torch.uint8), pre)
 
 
+@needs_fmnist
 def test_cli_export_gate_stops_a_network_tensorrt_cannot_run_in_int8(tmp_path):
     """timm's TF-padding convs (Conv2dSame) are not quantized by modelopt: the TensorRT export must
     stop with one line and leave no model.onnx, and --allow-not-ready ships it with a record."""
@@ -178,7 +187,7 @@ def test_cli_export_gate_stops_a_network_tensorrt_cannot_run_in_int8(tmp_path):
     args = ["export", ckpt, "--target", "jetson-orin-nano", "--calib-images", "16", "--check-batch", "16", "--set", "data.train_subset=64",
             "--set", "data.test_subset=32", "--set", "quantize.calibrator=max"]  # the gate is under test, not the choice of ranges
     proc = run_inprocess(*args, "--out", tmp_path / "out")
-    assert_one_line_error(proc, "is not ready for tensorrt", after=("WARNING: ",))
+    assert_one_line_error(proc, "is not ready for tensorrt")
     assert "--allow-not-ready" in proc.stderr and not (tmp_path / "out" / "model.onnx").exists()
     rec = json_out(run_inprocess(*args, "--allow-not-ready", "--out", tmp_path / "out2", "--json"))
     assert rec["checks"]["gate"]["allowed_not_ready"] and (tmp_path / "out2" / "model.onnx").is_file()
@@ -193,6 +202,7 @@ def test_models_lists_the_recommended_timm_students():
     assert rows["nano_cnn"]["params"] < 100_000
 
 
+@needs_fmnist
 def test_repvgg_trains_in_the_training_loop(tmp_path):
     """A real epoch of timm's repvgg_a0 through edgekd's training loop, in a child process with a
     time limit: in channels_last (which the loop used on CPU) oneDNN's AVX2 1x1-conv weight

@@ -25,6 +25,7 @@ from edgekd.errors import EdgekdError
 from edgekd.runners import TensorSpec, runtime_available
 from edgekd.runners.ort import layer_times_from_trace
 from cli_helpers import assert_one_line_error, json_out, run_cli, run_inprocess
+from needs import needs_fmnist
 
 
 # ------------------------------------------------------------------------------------------ models
@@ -157,6 +158,7 @@ def test_too_few_runs_to_compare() -> None:
 
 
 # ------------------------------------------------------------------------------------------ inputs and lookup
+@needs_fmnist
 def test_sample_inputs_random_and_real_images() -> None:
     spec = TensorSpec("input", (None, 3, 32, 32), "float32")
     rnd = sample_inputs(spec, 4, "random", seed=1)
@@ -291,6 +293,7 @@ def test_baseline_batch_and_reference_mismatches(tmp_path: Path, measured: dict)
 
 
 # ------------------------------------------------------------------------------------------ CLI
+@needs_fmnist
 def test_cli_json_sweep_and_profile(models: dict[str, Path]) -> None:
     out = json_out(run_cli("bench", models["base"], "--runtime", "ort-cpu", "-b", "1", "-b", "2", "--runs", "30", "--warmup", "3",
                            "--threads", "1", "--profile", "--top", "2", "--input", "fashion-mnist", "--json"))

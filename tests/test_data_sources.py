@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgekd.data import FASHION_MNIST_DEFAULT, load_dataset
+from edgekd.data import fashion_mnist_root, load_dataset
 from edgekd.data.store import Storage
+from needs import have_fashion_mnist, needs_fmnist
 
-FMNIST = Path(FASHION_MNIST_DEFAULT)
-pytestmark = pytest.mark.skipif(not (FMNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason="Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+pytestmark = needs_fmnist
+FMNIST = Path(fashion_mnist_root(None)) if have_fashion_mnist() else None  # where edgekd finds it ($EDGEKD_FASHION_MNIST too)
 
 
 def _idx_subset(src: Path, dst: Path, n: int) -> None:

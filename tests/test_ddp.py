@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import EDGEKD
+from cli_helpers import EDGEKD, tiny_build
 from edgekd.data import FASHION_MNIST_DEFAULT
 from edgekd.models import create_model
 from needs import needs_fmnist
@@ -66,12 +66,9 @@ def test_two_gloo_ranks_match_single_process(tmp_path):
 
 
 RUN_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY_BUILD = ["--target", "x86-cpu", "--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28",
-              "--set", "teacher.train.epochs=2", "--set", "teacher.train.lr=0.003", "--set", "student.model=pico_cnn", "--set", "student.train.epochs=2",
-              "--set", "data.train_subset=1000", "--set", "data.test_subset=300", "--set", "quantize.train.epochs=1", "--set", "quantize.calib_images=128",
-              "--set", "bench.runs=20", "--set", "bench.warmup=2", "--set", "bench.batches=[1]", "--set", "export.check_batch=128",
-              "--set", "data.augment=none", "--set", "student.augment=none", "--set", "teacher.train.label_smoothing=0",
-              "--set", "teacher.train.freeze_bn=true", "--set", "student.train.freeze_bn=true"]
+TINY_BUILD = ["--target", "x86-cpu", *tiny_build({"data.train_subset": 1000, "data.test_subset": 300, "bench.batches": "[1]", "data.augment": "none",
+                                                   "student.augment": "none", "teacher.train.label_smoothing": 0, "teacher.train.freeze_bn": "true",
+                                                   "student.train.freeze_bn": "true"})]
 
 
 def _torchrun(*args: str, timeout: int = 400, launcher: list[str] | None = None) -> subprocess.CompletedProcess:

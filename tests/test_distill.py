@@ -25,15 +25,11 @@ from edgekd.atomic import sha256_file
 from edgekd.models import create_model, load_checkpoint, save_checkpoint
 from edgekd.distill import DistillJob
 from edgekd.stage_context import StageContext
+from needs import needs_fmnist
 
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def data(fmnist_600):
-    return fmnist_600
-
-
 @pytest.fixture(scope="module")
 def teacher_path(teacher_32px):
     return teacher_32px
@@ -153,15 +149,15 @@ def test_feature_hook_finds_layers_by_path_and_rejects_unknown_ones():
 
 
 # ----------------------------------------------------------------------------- teacher cache
-def test_cached_outputs_equal_online_teacher_for_both_flip_views(data, teacher_path, tmp_path):
+def test_cached_outputs_equal_online_teacher_for_both_flip_views(fmnist_600, teacher_path, tmp_path):
     student = create_model("nano_cnn", 10)
     teacher = load_teacher(teacher_path)
-    loss, adapters = build_distill_loss(student, [teacher], DistillConfig(losses=["kd", "fitnet"]), data, tmp_path, augment="flip", device=torch.device("cpu"))
+    loss, adapters = build_distill_loss(student, [teacher], DistillConfig(losses=["kd", "fitnet"]), fmnist_600, tmp_path, augment="flip", device=torch.device("cpu"))
     cache = loss.caches[0]
     assert cache is not None and not cache.hit and cache.path.is_file()
-    assert cache.tables["logits"].shape == (len(data.train), 2, 10)
+    assert cache.tables["logits"].shape == (len(fmnist_600.train), 2, 10)
     assert len(adapters) == 1  # 48 student channels -> 64 teacher channels
-    batch = next(iterate(data.train, 64, shuffle=True, seed=3, augment="flip"))
+    batch = next(iterate(fmnist_600.train, 64, shuffle=True, seed=3, augment="flip"))
     assert batch.flipped.any() and (~batch.flipped).any()
     cached, online = cache.lookup(batch, torch.device("cpu")), teacher_forward(teacher, batch.images, torch.device("cpu"))
     torch.testing.assert_close(cached["logits"], online["logits"], rtol=1e-5, atol=1e-5)
@@ -169,18 +165,18 @@ def test_cached_outputs_equal_online_teacher_for_both_flip_views(data, teacher_p
     loss.close()
 
 
-def test_cache_hit_miss_and_invalidation_when_teacher_changes(data, teacher_path, tmp_path):
+def test_cache_hit_miss_and_invalidation_when_teacher_changes(fmnist_600, teacher_path, tmp_path):
     own = tmp_path / "teacher.pt"
     shutil.copy(teacher_path, own)
     cfg = DistillConfig(losses=["kd"])
 
     def cache_for(path):
-        loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(path)], cfg, data, tmp_path / "cache", augment="none", device=torch.device("cpu"))
+        loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(path)], cfg, fmnist_600, tmp_path / "cache", augment="none", device=torch.device("cpu"))
         return loss.caches[0]
 
     first, second = cache_for(own), cache_for(own)
     assert not first.hit and second.hit and first.key == second.key
-    assert second.tables["logits"].shape == (len(data.train), 1, 10)
+    assert second.tables["logits"].shape == (len(fmnist_600.train), 1, 10)
     torch.testing.assert_close(first.tables["logits"], second.tables["logits"])
     ckpt = load_checkpoint(own)
     model = create_model("pico_cnn", 10, in_chans=1, input_size=32)
@@ -194,32 +190,32 @@ def test_cache_hit_miss_and_invalidation_when_teacher_changes(data, teacher_path
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
 
 
-def test_random_crops_make_the_teacher_run_online(data, teacher_path, tmp_path):
-    loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(teacher_path)], DistillConfig(), data, tmp_path, augment="crop-flip", device=torch.device("cpu"))
+def test_random_crops_make_the_teacher_run_online(fmnist_600, teacher_path, tmp_path):
+    loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(teacher_path)], DistillConfig(), fmnist_600, tmp_path, augment="crop-flip", device=torch.device("cpu"))
     assert loss.caches == [None] and not list(tmp_path.glob("*.pt"))
 
 
-def test_two_teachers_are_averaged_with_their_weights(data, teacher_path, tmp_path):
+def test_two_teachers_are_averaged_with_their_weights(fmnist_600, teacher_path, tmp_path):
     torch.manual_seed(5)
     other = create_model("nano_cnn", 10)
-    save_checkpoint(tmp_path / "t2.pt", other, data.classes, "teacher")
+    save_checkpoint(tmp_path / "t2.pt", other, fmnist_600.classes, "teacher")
     teachers = [load_teacher(teacher_path), load_teacher(tmp_path / "t2.pt")]
     cfg = DistillConfig(losses=["kd"], teacher_weights=[3.0, 1.0], temperature=2.0, alpha=0.5)
     student = create_model("pico_cnn", 10)
-    loss, _ = build_distill_loss(student, teachers, cfg, data, tmp_path / "cache", augment="flip", device=torch.device("cpu"))
-    batch = next(iterate(data.train, 16, augment="flip"))
+    loss, _ = build_distill_loss(student, teachers, cfg, fmnist_600, tmp_path / "cache", augment="flip", device=torch.device("cpu"))
+    batch = next(iterate(fmnist_600.train, 16, augment="flip"))
     x = student.preprocess(batch.images)
     total, logits = loss(student, batch, x)
     zt = [teacher_forward(t, batch.images, torch.device("cpu"))["logits"] for t in teachers]
     p = 0.75 * F.softmax(zt[0] / 2, 1) + 0.25 * F.softmax(zt[1] / 2, 1)
     assert total.item() == pytest.approx(KDLoss(2.0, 0.5)(logits, p, batch.labels).item(), rel=1e-5)
     with pytest.raises(EdgekdError, match="2 teachers"):
-        build_distill_loss(student, teachers, DistillConfig(teacher_weights=[1.0]), data, tmp_path / "cache", augment="flip")
+        build_distill_loss(student, teachers, DistillConfig(teacher_weights=[1.0]), fmnist_600, tmp_path / "cache", augment="flip")
 
 
-def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, tmp_path):
+def test_born_again_student_is_a_fresh_copy_of_the_teacher(fmnist_600, teacher_path, tmp_path):
     cfg = StudentConfig(model="nano_cnn", train=TrainConfig(epochs=1, batch_size=64, lr=3e-3))
-    result = run_distill(DistillJob(cfg, DistillConfig(born_again_init="scratch"), (teacher_path,), self_distill=True), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "cache"))
+    result = run_distill(DistillJob(cfg, DistillConfig(born_again_init="scratch"), (teacher_path,), self_distill=True), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "cache"))
     ckpt = load_checkpoint(result["checkpoint"])
     teacher_ckpt = load_checkpoint(teacher_path)
     assert ckpt["kind"] == "student" and ckpt["model"] == teacher_ckpt["model"] and ckpt["preprocess"]["input_size"] == 32
@@ -227,13 +223,13 @@ def test_born_again_student_is_a_fresh_copy_of_the_teacher(data, teacher_path, t
     assert ckpt["config"]["self_distill"] is True and ckpt["teachers"][0]["sha256"] == sha256_file(teacher_path)
 
 
-def test_born_again_from_the_teachers_weights_starts_as_the_teacher(data, teacher_path):
+def test_born_again_from_the_teachers_weights_starts_as_the_teacher(fmnist_600, teacher_path):
     from edgekd.distill.kd import make_student
 
     teacher = load_teacher(teacher_path)
-    x = teacher.preprocess(data.test.images[:16])
+    x = teacher.preprocess(fmnist_600.test.images[:16])
     cfg = StudentConfig(model="nano_cnn")
-    continued, fresh = make_student(cfg, data, [teacher], True, "teacher"), make_student(cfg, data, [teacher], True, "scratch")
+    continued, fresh = make_student(cfg, fmnist_600, [teacher], True, "teacher"), make_student(cfg, fmnist_600, [teacher], True, "scratch")
     with torch.no_grad():
         assert torch.equal(continued.eval()(x), teacher.model(x)) and not torch.allclose(fresh.eval()(x), teacher.model(x))
     assert all(p.requires_grad for p in continued.parameters())  # the teacher is frozen, its copy trains
@@ -257,6 +253,7 @@ def test_cli_distill_end_to_end(teacher_path, tmp_path):
     assert ckpt["config"]["distill"]["losses"] == ["kd", "fitnet"]
 
 
+@needs_fmnist
 def test_cli_error_when_teacher_has_other_class_count(tmp_path):
     bad = create_model("pico_cnn", 5)
     save_checkpoint(tmp_path / "five.pt", bad, ["a", "b", "c", "d", "e"], "teacher")
@@ -274,13 +271,13 @@ def test_cli_error_for_unknown_layer(teacher_path, tmp_path):
 
 def test_cli_error_for_unknown_student(teacher_path, tmp_path):
     proc = run_inprocess("distill", "--teacher", teacher_path, "--student", "mega_cnn_xl", "--out", tmp_path / "o")
-    assert_one_line_error(proc, "unknown student 'mega_cnn_xl'")
+    assert_one_line_error(proc, "unknown student model 'mega_cnn_xl'")
     assert "nano_cnn" in proc.stderr
 
 
-def test_logits_only_run_reuses_the_logits_a_feature_run_cached(data, teacher_path, tmp_path):
+def test_logits_only_run_reuses_the_logits_a_feature_run_cached(fmnist_600, teacher_path, tmp_path):
     def cache_for(losses):
-        loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(teacher_path)], DistillConfig(losses=losses), data, tmp_path, augment="flip", device=torch.device("cpu"))
+        loss, _ = build_distill_loss(create_model("pico_cnn", 10), [load_teacher(teacher_path)], DistillConfig(losses=losses), fmnist_600, tmp_path, augment="flip", device=torch.device("cpu"))
         loss.close()
         return loss.caches[0]
 
@@ -290,14 +287,14 @@ def test_logits_only_run_reuses_the_logits_a_feature_run_cached(data, teacher_pa
     assert logits_only.path == with_features.path and with_features.paths["feature"] != with_features.path
 
 
-def test_resume_refuses_a_run_with_other_losses(data, teacher_path, tmp_path):
+def test_resume_refuses_a_run_with_other_losses(fmnist_600, teacher_path, tmp_path):
     cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=1, batch_size=64))
-    run_distill(DistillJob(cfg, DistillConfig(losses=["kd"]), (teacher_path,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
+    run_distill(DistillJob(cfg, DistillConfig(losses=["kd"]), (teacher_path,)), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     with pytest.raises(EdgekdError, match="other losses, teachers or data"):
-        run_distill(DistillJob(cfg, DistillConfig(losses=["kd", "at"]), (teacher_path,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
+        run_distill(DistillJob(cfg, DistillConfig(losses=["kd", "at"]), (teacher_path,)), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
 
 
-def test_a_teacher_weaker_than_its_student_is_reported(data, teacher_path, tmp_path, monkeypatch):
+def test_a_teacher_weaker_than_its_student_is_reported(fmnist_600, teacher_path, tmp_path, monkeypatch):
     """An untrained teacher (~10% top-1) teaching with alpha 0.5: the student still learns from the
     hard labels, ends up far above the teacher, and the run says so (metrics + a warning)."""
     from edgekd import ui
@@ -305,22 +302,22 @@ def test_a_teacher_weaker_than_its_student_is_reported(data, teacher_path, tmp_p
     warnings_seen: list[str] = []
     monkeypatch.setattr(ui, "warn", warnings_seen.append)
     torch.manual_seed(1)
-    weak = create_model("pico_cnn", data.num_classes, in_chans=1, input_size=28)
-    weak_path = save_checkpoint(tmp_path / "weak.pt", weak, data.classes, "teacher")
+    weak = create_model("pico_cnn", fmnist_600.num_classes, in_chans=1, input_size=28)
+    weak_path = save_checkpoint(tmp_path / "weak.pt", weak, fmnist_600.classes, "teacher")
     cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.0))
-    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], alpha=0.5), (weak_path,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
+    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], alpha=0.5), (weak_path,)), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m["teachers"][0]["val_top1"] < 0.3 < m["val"]["top1"]
     assert m["teacher_weaker_than_student"] is True
     assert any("more accurate than its best teacher" in w for w in warnings_seen)
     # a trained teacher, better than the student it teaches: no flag, no warning
     warnings_seen.clear()
-    m2 = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"]), (teacher_path,)), data, tmp_path / "run2", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
+    m2 = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"]), (teacher_path,)), fmnist_600, tmp_path / "run2", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m2["teachers"][0]["val_top1"] > m2["val"]["top1"], (m2["teachers"], m2["val"])
     assert m2["teacher_weaker_than_student"] is False
     assert not any("more accurate than its best teacher" in w for w in warnings_seen)
 
 
-def test_flat_soft_targets_are_warned_about_before_training(data, teacher_path, tmp_path, monkeypatch):
+def test_flat_soft_targets_are_warned_about_before_training(fmnist_600, teacher_path, tmp_path, monkeypatch):
     """At a high temperature every teacher's soft targets are close to uniform: the run warns before
     it trains and records the entropy; at T=1 the same teacher is sharp enough and nothing is said."""
     from edgekd import ui
@@ -328,10 +325,10 @@ def test_flat_soft_targets_are_warned_about_before_training(data, teacher_path, 
     warnings_seen: list[str] = []
     monkeypatch.setattr(ui, "warn", warnings_seen.append)
     cfg = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=1, batch_size=64))
-    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], temperature=1000), (teacher_path,)), data, tmp_path / "hot", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
+    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], temperature=1000), (teacher_path,)), fmnist_600, tmp_path / "hot", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m["teachers"][0]["soft_target_entropy_T1000"] > 0.99
     assert sum("nearly uniform" in w for w in warnings_seen) == 1
     warnings_seen.clear()
-    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], temperature=1), (teacher_path,)), data, tmp_path / "cool", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
+    m = run_distill(DistillJob(cfg, DistillConfig(losses=["kd"], temperature=1), (teacher_path,)), fmnist_600, tmp_path / "cool", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))["metrics"]
     assert m["teachers"][0]["soft_target_entropy_T1"] < 0.9
     assert not any("nearly uniform" in w for w in warnings_seen)

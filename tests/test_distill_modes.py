@@ -55,30 +55,25 @@ def test_mutual_needs_two_peers():
 
 
 # ----------------------------------------------------------------------------- tiny runs of each mode
-@pytest.fixture(scope="module")
-def data(fmnist_600):
-    return fmnist_600
-
-
 @needs_fmnist
-def test_assistant_chain_distils_the_assistant_first_then_the_student_from_it(data, teacher_32px, tmp_path):
+def test_assistant_chain_distils_the_assistant_first_then_the_student_from_it(fmnist_600, teacher_32px, tmp_path):
     student = StudentConfig(model="pico_cnn", train=ONE_EPOCH)
     cfg = DistillConfig(mode="assistant", assistant="pico_cnn")
-    r = run_distill_mode(DistillJob(student, cfg, (teacher_32px,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
+    r = run_distill_mode(DistillJob(student, cfg, (teacher_32px,)), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     assistant = r["metrics"]["assistant"]
     assert assistant["trained_here"] and (tmp_path / "run" / "assistant" / "best.pt").is_file() and 0.0 < assistant["test_top1"]
     ckpt = load_checkpoint(r["checkpoint"])
     assert ckpt["teachers"][0]["sha256"] == sha256_file(tmp_path / "run" / "assistant" / "best.pt")  # the student learned from the assistant
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["mode"] == "assistant"
     # a given assistant checkpoint is used as it is: no second assistant is trained
-    again = run_distill_mode(DistillJob(student, cfg.model_copy(update={"assistant": str(tmp_path / "run" / "assistant" / "best.pt")}), (teacher_32px,)), data, tmp_path / "run2", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
+    again = run_distill_mode(DistillJob(student, cfg.model_copy(update={"assistant": str(tmp_path / "run" / "assistant" / "best.pt")}), (teacher_32px,)), fmnist_600, tmp_path / "run2", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     assert not again["metrics"]["assistant"]["trained_here"] and not (tmp_path / "run2" / "assistant").exists()
 
 
 @needs_fmnist
-def test_mutual_learning_trains_peers_together_and_keeps_the_best(data, tmp_path):
+def test_mutual_learning_trains_peers_together_and_keeps_the_best(fmnist_600, tmp_path):
     student = StudentConfig(model="pico_cnn", train=TrainConfig(epochs=2, batch_size=32, lr=5e-3, warmup_epochs=0.0))
-    r = run_distill_mode(DistillJob(student, DistillConfig(mode="mutual", peers=["pico_cnn", "nano_cnn"]), ()), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip")))
+    r = run_distill_mode(DistillJob(student, DistillConfig(mode="mutual", peers=["pico_cnn", "nano_cnn"]), ()), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip")))
     m = r["metrics"]
     scores = [p["val_top1"] for p in m["peers"]]
     assert [p["model"] for p in m["peers"]] == ["pico_cnn", "nano_cnn"] and m["chosen_peer"] == scores.index(max(scores))
@@ -90,14 +85,29 @@ def test_mutual_learning_trains_peers_together_and_keeps_the_best(data, tmp_path
 
 
 @needs_fmnist
-def test_cross_resolution_feature_losses_pool_the_teachers_larger_maps(data, teacher_32px, tmp_path):
+def test_cross_resolution_feature_losses_pool_the_teachers_larger_maps(fmnist_600, teacher_32px, tmp_path, monkeypatch):
     """Teacher at 32 px, student at 28 px: logits need nothing, fitnet and attention transfer
     compare the maps after pooling the larger one to the smaller."""
+    from edgekd.distill import losses
+
+    matched = []  # (student map, teacher map) sizes going in, and the sizes compared
+
+    def recording_match_spatial(a, b):
+        pa, pb = losses_match_spatial(a, b)
+        torch.testing.assert_close(pb, F.adaptive_avg_pool2d(b, pa.shape[-2:]))  # the teacher's map, average-pooled
+        matched.append((tuple(a.shape[-2:]), tuple(b.shape[-2:]), tuple(pa.shape[-2:]), tuple(pb.shape[-2:])))
+        return pa, pb
+
+    losses_match_spatial = losses.match_spatial
+    monkeypatch.setattr(losses, "match_spatial", recording_match_spatial)
     student = StudentConfig(model="pico_cnn", input_size=28, train=ONE_EPOCH)
-    r = run_distill_mode(DistillJob(student, DistillConfig(losses=["kd", "fitnet", "at"]), (teacher_32px,)), data, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
+    r = run_distill_mode(DistillJob(student, DistillConfig(losses=["kd", "fitnet", "at"]), (teacher_32px,)), fmnist_600, tmp_path / "run", StageContext(data_cfg=DataConfig(augment="flip"), cache_dir=tmp_path / "c"))
     assert load_checkpoint(teacher_32px)["preprocess"]["input_size"] == 32 and load_checkpoint(r["checkpoint"])["preprocess"]["input_size"] == 28
     parts = r["metrics"]["loss_parts"]
     assert set(parts) == {"kd", "ce", "fitnet", "at"} and all(0 < v < 1e3 for v in parts.values())
+    assert len(matched) >= 2 * 2  # fitnet and at, every step of the epoch
+    for student_hw, teacher_hw, compared_s, compared_t in matched:
+        assert teacher_hw[0] > student_hw[0] and compared_s == compared_t == student_hw, matched[:2]
 
 
 # ----------------------------------------------------------------------------- CLI

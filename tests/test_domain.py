@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import assert_one_line_error, json_out, run_inprocess
+from cli_helpers import assert_one_line_error, json_out, run_inprocess, tiny_build
 from edgekd.config import DistillConfig, MMDConfig, QuantizeConfig
 from edgekd.data import DataSet, Split
 from edgekd.data.store import Storage
 from edgekd.data.unlabeled import UNLABELED, load_target_test, load_unlabeled
 from edgekd.distill.domain import class_conditional_mmd2, mmd2
 from edgekd.errors import EdgekdError
+from needs import needs_fmnist
 
 BANDS = [0.5, 1.0, 2.0]
 
@@ -165,6 +166,7 @@ def test_unlabeled_folder_any_layout_and_converted_channels(tmp_path, capsys):
     assert err.count("converted to grey") == 1
 
 
+@needs_fmnist
 def test_unlabeled_folder_without_readable_images_is_one_line(tmp_path):
     storage = Storage(28, cache_dir=str(tmp_path / "cache"), workers=1)
     (tmp_path / "empty" / "sub").mkdir(parents=True)
@@ -204,13 +206,12 @@ def test_target_calibration_uses_the_unlabeled_images_and_needs_them():
 
 
 # ----------------------------------------------------------------------------- a tiny build
-TINY = ["--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28", "--set", "teacher.train.epochs=1",
-        "--set", "teacher.train.lr=0.003", "--set", "student.model=pico_cnn", "--set", "student.train.epochs=1", "--set", "data.train_subset=800",
-        "--set", "data.test_subset=300", "--set", "quantize.train.epochs=1", "--set", "quantize.calib_images=64", "--set", "bench.runs=10",
-        "--set", "bench.warmup=1", "--set", "bench.batches=[1]", "--set", "export.check_batch=64", "--set", "time_budget_s=0"]
+TINY = tiny_build({"teacher.train.epochs": 1, "student.train.epochs": 1, "data.train_subset": 800, "data.test_subset": 300, "quantize.calib_images": 64,
+                   "bench.runs": 10, "bench.warmup": 1, "bench.batches": "[1]", "export.check_batch": 64, "time_budget_s": 0})
 
 
 @pytest.mark.slow
+@needs_fmnist
 def test_tiny_build_with_unlabeled_images_reports_both_domains(tmp_path):
     from edgekd.data import fashion_mnist_root, load_fashion_mnist_split
     from edgekd.data.unlabeled import folder_class_name
@@ -258,6 +259,7 @@ def test_target_calibration_scores_agreement_with_fp32_on_target_images(tmp_path
 
 
 @pytest.mark.slow
+@needs_fmnist
 def test_progressive_fine_tuning_unfreezes_during_the_run(tmp_path):
     """teacher.mode=progressive through the real fine-tuning stage: every group trains by the end;
     a model without timm stages is refused in one line."""

@@ -92,6 +92,7 @@ def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
     assert not [p.name for p in out.iterdir() if p.suffix == ".tmp"]  # no half-written file left by the kill
 
 
+@needs_fmnist
 def test_bad_inputs_give_one_line_errors(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -104,7 +105,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
         (["--data-root", str(tmp_path / "nowhere")], "Fashion-MNIST not found"),
         (["--dataset", "imagefolder", "--data-root", str(empty)], "no class sub-folders"),
         (["--dataset", "imagefolder", "--data-root", str(tmp_path / "nowhere")], "dataset folder not found"),
-        (["--model", "efficientnet_b99"], "unknown model 'efficientnet_b99'"),
+        (["--model", "efficientnet_b99"], "unknown teacher model 'efficientnet_b99'"),
         (["--pretrained", str(weights), "--train-subset", "64"], "another architecture"),
         (["--epochs", "-1"], "teacher.train.epochs"),
         (["--mode", "sideways"], "teacher.mode"),

@@ -18,6 +18,7 @@ from edgekd.train import cross_entropy_loss
 from pathlib import Path
 from edgekd.targets import host_arch
 from edgekd.stage_context import StageContext
+from needs import skip_without_fmnist
 
 
 def _quantizer(amax: float, unsigned: bool = False):
@@ -67,6 +68,7 @@ def test_range_learns_toward_less_quantization_error(start, direction):
 
 @pytest.fixture(scope="module")
 def small():
+    skip_without_fmnist()
     return load_data(DataConfig(train_subset=512, test_subset=128), 0)
 
 

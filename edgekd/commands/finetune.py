@@ -38,11 +38,13 @@ def finetune(
     """
     from edgekd.data import load_data  # lazy: `edgekd --help` imports no torch
     from edgekd.finetune import run_finetune  # lazy: torch, timm
+    from edgekd.models import check_model_name  # lazy: torch
 
     recipe = run.recipe(config, set_, {
         "teacher.model": model, "teacher.pretrained": pretrained, "teacher.mode": mode, "teacher.input_size": input_size,
         **train.overrides(), "teacher.train.optimizer": optimizer, "teacher.train.label_smoothing": label_smoothing,
     }, QUICK)
+    check_model_name("teacher", recipe.teacher.model)  # before the data set is loaded
     with output_folder(run.out):
         data = load_data(recipe.data, recipe.seed, store_size=max(64, recipe.teacher.input_size) if recipe.data.dataset == "imagefolder" else 64)
         result = run_finetune(recipe.teacher, data, run.out, run.context(recipe))

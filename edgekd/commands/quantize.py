@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from edgekd import ui
+from edgekd.atomic import sha256_file
 from edgekd.cli_options import ConfigOpt, ExcludeOpt, MaxDropOpt, SetOpt, emit, layer_list, output_folder
 from edgekd.commands import TRAINING_OPTIONS, CalibImagesOpt, CalibratorOpt, CheckpointArg, RunOptions, TrainOptions, run_options, train_options
 
@@ -68,7 +69,9 @@ def quantize(
     if m.get("accuracy_budget"):
         show_budget(m["accuracy_budget"])
     emit({"checkpoint": result["checkpoint"], "metrics_file": result["metrics_file"], "fp32_val_top1": m["fp32_val_top1"], "ptq_val_top1": m["ptq_val_top1"],
-          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "float_layers": m["float_layers"], "learned_ranges": m.get("learned_ranges"), "accuracy_budget": m.get("accuracy_budget")}, run.as_json)
+          "val_top1": m["val"]["top1"], "test_top1": m["test"]["top1"], "float_layers": m["float_layers"], "learned_ranges": m.get("learned_ranges"),
+          "accuracy_budget": m.get("accuracy_budget"), "layout": recipe.quantize.layout, "weight_bits": recipe.quantize.weight_bits,
+          "teacher": None if teacher is None else {"path": str(teacher), "sha256": sha256_file(teacher)}}, run.as_json)
 
 
 def show_budget(budget: dict) -> None:
@@ -87,8 +90,11 @@ def _loss_factory(teacher: Path | None, recipe, data, augment: str):
     from edgekd.train import cross_entropy_loss  # lazy: torch
 
     if teacher is None:
-        ui.warn("no --teacher: quantization-aware fine-tuning uses hard labels only (pass the FP32 teacher for QAD)")
-        return lambda model: (cross_entropy_loss(), None)
+        def hard_labels(model):  # warned when QAD starts: a checkpoint that cannot be quantized fails with its own one line first
+            ui.warn("no --teacher: quantization-aware fine-tuning uses hard labels only (pass the FP32 teacher for QAD)")
+            return cross_entropy_loss(), None
+
+        return hard_labels
     from edgekd.distill import build_distill_loss, load_teacher  # lazy: torch, timm
 
     t = load_teacher(teacher)

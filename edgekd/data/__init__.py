@@ -17,9 +17,10 @@ decoded-once cache), ``sources`` (Fashion-MNIST, ImageFolder, torchvision; ``loa
 ``unlabeled`` (deployment-domain folders) and ``load`` (``load_data``: a recipe's ``data:`` section).
 """
 
-from edgekd.data.batches import Batch, DataSet, Preprocess, Split, augment_batch, calibration_images, iterate, num_batches, stratified_split
+from edgekd.data.batches import (Batch, DataSet, Preprocess, Split, augment_batch, calibration_images, eval_batch_size, iterate, num_batches,
+                                 stratified_split)
 from edgekd.data.load import load_data
 from edgekd.data.sources import FASHION_MNIST_CLASSES, FASHION_MNIST_DEFAULT, fashion_mnist_root, load_dataset, load_fashion_mnist_split, load_imagefolder
 
-__all__ = ["Batch", "DataSet", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DEFAULT", "Preprocess", "Split", "augment_batch", "calibration_images",
+__all__ = ["Batch", "DataSet", "FASHION_MNIST_CLASSES", "FASHION_MNIST_DEFAULT", "Preprocess", "Split", "augment_batch", "calibration_images", "eval_batch_size",
            "fashion_mnist_root", "iterate", "load_data", "load_dataset", "load_fashion_mnist_split", "load_imagefolder", "num_batches", "stratified_split"]

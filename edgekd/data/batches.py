@@ -178,6 +178,17 @@ def iterate(
         yield Batch(images, split.labels[idx], idx, flipped, augment == "crop-flip")
 
 
+EVAL_PIXELS = 256 * 64 * 64  # images x pixels per inference batch: 256 images up to 64 px, fewer above
+
+
+def eval_batch_size(side: int) -> int:
+    """Inference batch (evaluation, teacher outputs, reference logits) for ``side``-px inputs. A fixed
+    256 at 128 px held 4x the activations of the training batch of 64 and set a build's peak memory
+    (benchmarks/data_scale.py); constant pixels per batch keep inference under training's memory
+    at every resolution (256 images at 64 px, 64 at 128, 20 at 224; 8 at least)."""
+    return max(8, min(256, EVAL_PIXELS // (side * side)))
+
+
 def num_batches(n: int, batch_size: int, world: int = 1, drop_last: bool = False) -> int:
     per_rank = n // world if world > 1 else n
     return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)

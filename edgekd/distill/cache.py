@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from edgekd import ui
-from edgekd.data import Batch, DataSet, Split
+from edgekd.data import Batch, DataSet, Split, eval_batch_size
 from edgekd.data.unlabeled import split_fingerprint
 from edgekd.errors import EdgekdError
 from edgekd.atomic import atomic_path, sha256_json
@@ -81,9 +81,10 @@ def _read_table(path: Path, n: int, views: int) -> torch.Tensor | None:
     return table
 
 
-def compute_teacher_tables(teacher: Teacher, split: Split, views: int, device: torch.device, batch_size: int = 256) -> tuple[dict[str, torch.Tensor], float]:
+def compute_teacher_tables(teacher: Teacher, split: Split, views: int, device: torch.device, batch_size: int | None = None) -> tuple[dict[str, torch.Tensor], float]:
     """Run the teacher once over every image (and its mirror when views=2): logits float32, features float16."""
     n = len(split)
+    batch_size = batch_size or eval_batch_size(teacher.preprocess.input_size)
     tables: dict[str, torch.Tensor] = {}
     t0, done = time.time(), 0
     with ui.progress() as prog:

@@ -18,16 +18,9 @@ from edgekd.data import DataSet
 from edgekd.distill.objective import build_distill_loss, teacher_weights
 from edgekd.distill.teachers import Teacher, check_teachers_stronger, load_teacher, measure_teachers, warn_flat_soft_targets
 from edgekd.errors import EdgekdError
-from edgekd.models import count_params, create_model, create_student, is_known_model, list_students, load_checkpoint, model_from_checkpoint, safe_torch_load
+from edgekd.models import check_model_name, count_params, create_model, create_student, load_checkpoint, model_from_checkpoint, safe_torch_load
 from edgekd.stage_context import StageContext
 from edgekd.train import device as train_device, final_metrics, fit, FitOptions, seed_everything
-
-
-def check_student_name(name: str) -> None:
-    """Fail before any data is loaded when the student name is neither an edgekd student nor a timm model."""
-    if is_known_model(name):
-        return
-    raise EdgekdError(f"unknown student '{name}'", f"pick one of {', '.join(s.name for s in list_students())} (see `edgekd models`) or a timm model name")
 
 
 def make_student(student_cfg: StudentConfig, data: DataSet, teachers: list[Teacher], self_distill: bool, init: str) -> nn.Module:
@@ -77,7 +70,7 @@ def _check_teachers(job: DistillJob) -> None:
     if job.self_distill and len(job.teachers) != 1:
         raise EdgekdError(f"self-distillation takes exactly one teacher, got {len(job.teachers)}", "pass one --teacher: the trained student to teach a fresh copy of itself")
     if not job.self_distill:
-        check_student_name(job.student.model)
+        check_model_name("student", job.student.model)
 
 
 def within_stage_limit(train_cfg: TrainConfig, started: float, share: float = 1.0) -> TrainConfig:

@@ -22,9 +22,9 @@ from edgekd import ui
 from edgekd.atomic import atomic_path
 from edgekd.config import DistillConfig, StudentConfig
 from edgekd.data import Batch, DataSet
-from edgekd.distill.kd import DistillJob, check_student_name
+from edgekd.distill.kd import DistillJob
 from edgekd.distill.losses import MutualLoss
-from edgekd.models import count_params, create_student, safe_torch_load, save_checkpoint
+from edgekd.models import check_model_name, count_params, create_student, safe_torch_load, save_checkpoint
 from edgekd.stage_context import StageContext
 from edgekd.train import evaluate, final_metrics, fit, FitOptions, seed_everything
 from edgekd.train.env import on_main
@@ -77,7 +77,7 @@ def make_peers(student_cfg: StudentConfig, distill_cfg: DistillConfig, data: Dat
     """Fresh peers at the student's input size and the data's channels, all with the first one's preprocessing."""
     models = []
     for name in peer_names(student_cfg, distill_cfg):
-        check_student_name(name)
+        check_model_name("student", name)
         models.append(create_student(name, data.num_classes, data.channels, student_cfg.input_size, student_cfg.width, student_cfg.pretrained))
     for m in models[1:]:
         m.preprocess = models[0].preprocess

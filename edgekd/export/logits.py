@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from edgekd.data import eval_batch_size
 from edgekd.export.to_onnx import INPUT_NAME
 from edgekd.runners.ort import cpu_session
 
@@ -29,5 +30,7 @@ def agreement(reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray |
 
 
 def reference_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """PyTorch's logits of preprocessed ``x``, in inference batches sized for its resolution."""
+    step = eval_batch_size(x.shape[-1])
     with torch.no_grad():
-        return torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)]).float().numpy()
+        return torch.cat([model(x[i : i + step]) for i in range(0, len(x), step)]).float().numpy()

@@ -167,7 +167,11 @@ def compare_with_fp32(path: Path, fp32_path: Path, x: np.ndarray, labels: np.nda
         i8, f32 = (median_latency_ms(runtime, p, batch, shape, req.time_runs) for p in (path, fp32_path))
         out[f"batch{batch}"] = {"int8_ms": i8, "fp32_ms": f32, "speedup": f32 / i8 if i8 > 0 else None}
     slower = [b for b in (1, 64) if out[f"batch{b}"]["int8_ms"] > out[f"batch{b}"]["fp32_ms"]]
-    if slower:
+    target_arch = get_target(req.target).arch if req.target else host_arch()
+    if slower and target_arch != host_arch():  # this CPU is not the target's: its speed decides nothing for the device
+        out["latency"] = f"timed on this {host_arch()} CPU, not the {target_arch} target: measure on the device (edgekd deploy)"
+        ui.log(f"INT8 vs FP32 timed on this {host_arch()} CPU only (the target is {target_arch}): measure on the device (edgekd deploy)")
+    elif slower:
         times = ", ".join(f"{out['batch%d' % b]['int8_ms']:.3f} vs {out['batch%d' % b]['fp32_ms']:.3f} ms" for b in slower)
         ui.warn(f"INT8 is not faster than FP32 on this CPU at batch {', '.join(map(str, slower))} ({times}): "
                 "small, depthwise or squeeze-excite networks are overhead-bound in onnxruntime's integer kernels here; "
@@ -229,13 +233,13 @@ def run_export(job: ExportJob, data: DataSet, out_dir: str | Path, ctx: StageCon
         model, ptq = _calibrate_here(ckpt, job, data, ctx)
     if precision == "int8":
         budget = choose_float_layers(model, job.quantize, data, Path(out_dir))
-    if ptq:  # said once the calibrated model is usable: a bad --exclude fails with its own one line first
-        ui.warn(f"{job.checkpoint} was quantized by post-training quantization only (calibration, no QAD); run `edgekd quantize` first for "
-                "quantization-aware distillation")
     check = data.test.subset(job.export.check_batch)
     req = ExportRequest(precision, layout, ckpt["classes"], check.images, check.labels, calib, ctx.target, job.export.opset,
                         job.export.allow_not_ready, fp32_model=fp32_model)
     record = export_model(model, out_dir, req)
+    if ptq:  # said once the file is written: an export that fails (a bad --exclude, the readiness gate) says only its own one line
+        ui.warn(f"{job.checkpoint} was quantized by post-training quantization only (calibration, no QAD); run `edgekd quantize` first for "
+                "quantization-aware distillation")
     record["checkpoint"] = str(job.checkpoint)
     if ptq:
         record["ptq_calibration"] = ptq

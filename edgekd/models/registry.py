@@ -8,6 +8,8 @@ from typing import Callable
 
 import torch.nn as nn
 
+from edgekd.errors import EdgekdError
+
 
 @dataclass(frozen=True)
 class StudentSpec:
@@ -30,6 +32,14 @@ def register_student(family: str) -> Callable:
 
 def list_students() -> list[StudentSpec]:
     return list(STUDENTS.values())
+
+
+def check_model_name(role: str, name: str) -> None:
+    """Refuse an unknown model name (``role``: teacher, student) in one line before any data is
+    loaded or any stage trains: every command calls it first."""
+    if not is_known_model(name):
+        students = ", ".join(s.name for s in list_students())
+        raise EdgekdError(f"unknown {role} model '{name}'", f"use one of {students} (see `edgekd models`) or a timm model name")
 
 
 def is_known_model(name: str) -> bool:

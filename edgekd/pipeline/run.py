@@ -13,7 +13,7 @@ from edgekd.config import Recipe
 from edgekd.errors import EdgekdError
 from edgekd.manifest import Manifest, hold_run_folder
 from edgekd.atomic import sha256_file, sha256_json
-from edgekd.models import is_known_model, list_students
+from edgekd.models import check_model_name
 from edgekd.pipeline.context import STAGE_INPUTS, BuildContext
 from edgekd.pipeline.delivery import export_precision, stage_bench, stage_bundle, stage_evaluate, stage_export, stage_report
 from edgekd.pipeline.summary import summary
@@ -64,9 +64,7 @@ def check_model_names(recipe: Recipe, teacher_checkpoint: Path | None) -> None:
     """Refuse an unknown student/teacher name at once, not after minutes of teacher fine-tuning."""
     named = [("student", recipe.student.model)] + ([] if teacher_checkpoint else [("teacher", recipe.teacher.model)])
     for role, name in named:
-        if not is_known_model(name):
-            students = ", ".join(s.name for s in list_students())
-            raise EdgekdError(f"unknown {role} model '{name}'", f"use one of {students} (see `edgekd models`) or a timm model name")
+        check_model_name(role, name)
 
 
 def stage_hash(ctx: BuildContext, stage: str) -> str:
