@@ -183,3 +183,17 @@ def test_image_store_reads_the_rows_asked_in_the_order_asked_and_rejects_a_short
     path.write_bytes(path.read_bytes()[:-1])
     with pytest.raises(EdgekdError, match="delete it"):
         ImageStore(path, arr.shape)
+
+
+def test_inference_batches_hold_constant_pixels_so_evaluation_stays_under_training_memory():
+    """At 128 px a fixed batch of 256 set a build's peak RSS (2.3 GB, benchmarks/data_scale_results.md);
+    the evaluation batch now shrinks with the resolution, and a model's logits do not depend on it."""
+    from edgekd.data import Split, eval_batch_size
+    from edgekd.models import create_model
+    from edgekd.train import predict_logits
+
+    assert [eval_batch_size(s) for s in (28, 64, 128, 224, 512)] == [256, 256, 64, 20, 8]
+    torch.manual_seed(0)
+    m = create_model("pico_cnn", 10, in_chans=1, input_size=28).eval()
+    split = Split(torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8), torch.zeros(300, dtype=torch.long))
+    torch.testing.assert_close(predict_logits(m, split, m.preprocess), predict_logits(m, split, m.preprocess, batch_size=7), rtol=1e-4, atol=1e-5)
