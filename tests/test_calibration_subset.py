@@ -43,3 +43,31 @@ def test_auto_scores_every_calibrator_on_the_bounded_subset(pico_2000_ckpt, fmni
     assert list(tried) == list(qstage.AUTO_CALIBRATORS) and len(fmnist_2000.val) > 60
     assert seen == [60] * (1 + len(qstage.AUTO_CALIBRATORS)), seen
     assert model.edgekd_quant["layout"] == "openvino"
+
+
+def test_one_histogram_pass_gives_each_method_the_ranges_it_gets_alone(pico_2000_ckpt, fmnist_2000):
+    """'auto' collects the activation histogram once and derives the MSE, percentile and entropy ranges
+    from it (one pass instead of three, and one max calibration instead of four): each method's ranges
+    equal those of a calibration with that method alone, and the max ranges are left in place."""
+    from edgekd.data import calibration_images
+    from edgekd.models import model_from_checkpoint
+    from edgekd.quantize import activation_quantizers, forward_loop_over, quantize_model
+    from edgekd.quantize.calibrate import histogram_amaxes
+
+    ckpt = load_checkpoint(pico_2000_ckpt)
+    calib = calibration_images(fmnist_2000.train, 64, 0)
+    cfg = QuantizeConfig(calib_images=64, layout="tensorrt", weight_bits=8)
+
+    def calibrated(method: str):
+        fp32 = model_from_checkpoint(ckpt)
+        model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess)
+        return model, list(activation_quantizers(model).values())
+
+    model, quantizers = calibrated("max")
+    maxes = [q.amax.clone() for q in quantizers]
+    ranges = histogram_amaxes(quantizers, model, forward_loop_over(calib, model.preprocess), ("mse", "percentile", "entropy"))
+    assert [q.amax for q in quantizers] == maxes and all(q.is_enabled and not q._if_calib for q in quantizers)
+    for method, amaxes in ranges.items():
+        alone = [float(q.amax) for q in calibrated(method)[1]]
+        assert [float(a) for a in amaxes] == alone, method
+        assert alone != [float(m) for m in maxes], f"{method} gives max's ranges: the comparison proves nothing"

@@ -154,6 +154,47 @@ def test_entropy_amax_is_modelopts_own_choice(unsigned):
         ours = float(amax_with_least_kl_divergence(hist, edges, 8, unsigned))
         assert ours == float(_compute_amax_entropy(hist.copy(), edges, 8, unsigned)) and 0 < ours <= edges[-1]
 
+
+def test_percentile_amax_is_modelopts_own_choice():
+    """edgekd reads the percentile from the same histogram as MSE and entropy (one pass for all three):
+    it equals what modelopt's percentile calibrator computes."""
+    from types import SimpleNamespace
+
+    from edgekd.quantize.calibrate import amax_at_percentile
+    from edgekd.quantize.modelopt_api import calibration_histogram, start_histogram_calibration, tensor_quantizer_cls
+
+    q = tensor_quantizer_cls()()
+    start_histogram_calibration(q)
+    for batch in torch.randn(4, 10_000, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1.0], [2.0], [1.5], [3.0]]):
+        q._calibrator.collect(batch)
+    for pct in (99.0, 99.9, 99.99):
+        assert float(amax_at_percentile(*calibration_histogram(q), pct)) == float(q._calibrator.compute_amax("percentile", percentile=pct))
+    assert calibration_histogram(SimpleNamespace(_calibrator=q._calibrator))[1] is q._calibrator._calib_bin_edges  # consistent edges pass through
+
+
+def test_histogram_edges_match_the_counts_after_modelopt_widens_the_range():
+    """modelopt 0.47 re-bins a widened range with torch.histc over [0, last edge] but builds the edges with
+    torch.arange, which can overshoot: two more edges than counts + 1 (MobileNetV3-Large at 224 px, where
+    the MSE search then failed on the shapes). The edges edgekd reads are those the counts were binned with."""
+    import warnings
+    from types import SimpleNamespace
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from modelopt.torch.quantization.calib import HistogramCalibrator
+
+    from edgekd.quantize.calibrate import amax_at_percentile
+    from edgekd.quantize.modelopt_api import calibration_histogram
+
+    calibrator = HistogramCalibrator(num_bits=8, axis=None, unsigned=False)
+    calibrator.collect(torch.tensor([0.0, 0.07057428359985352]))
+    calibrator.collect(torch.tensor([0.0, 18.17422342300415]))  # found by a search over random ranges
+    assert len(calibrator._calib_bin_edges) == len(calibrator._calib_hist) + 2, "modelopt no longer overshoots: this case is gone"
+    hist, edges = calibration_histogram(SimpleNamespace(_calibrator=calibrator))
+    assert len(edges) == len(hist) + 1 and edges[0] == 0 and edges[-1] == calibrator._calib_bin_edges[-1]
+    assert 18.0 < float(amax_at_percentile(hist, edges, 100.0)) <= float(edges[-1])
+
+
 def test_quantized_checkpoint_loads_weights_only_and_reproduces_outputs(quant_pico, fmnist_2000, tmp_path):
     path = save_quantized(tmp_path / "q.pt", quant_pico, fmnist_2000.classes)
     raw = torch.load(path, weights_only=True)

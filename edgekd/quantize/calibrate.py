@@ -43,17 +43,45 @@ def recalibrate_activations(quantizers: list[nn.Module], model: nn.Module, loop:
     Weights keep their per-channel max: clipping weights gains nothing for INT8 (TensorRT's guide
     and modelopt both calibrate weights by max).
     """
+    set_amaxes(quantizers, histogram_amaxes(quantizers, model, loop, (method,), percentile)[method])
+
+
+def histogram_amaxes(quantizers: list[nn.Module], model: nn.Module, loop: Callable[[nn.Module], None], methods: tuple[str, ...],
+                     percentile: float = 99.99) -> dict[str, list[torch.Tensor]]:
+    """Each method's amax for every quantizer, from ONE pass over the calibration images: the three
+    methods read the same histogram, so calibrator 'auto' collects it once instead of three times
+    (at 224 px each pass over 512 images took about a minute on the AVX2 host). The quantizers are
+    left quantizing again, their ranges unchanged (:func:`set_amaxes` applies a method's)."""
     for q in quantizers:
         start_histogram_calibration(q)
     loop(model)
+    out: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
     for q in quantizers:
-        if method in ("mse", "entropy"):
-            search = amax_with_least_squared_error if method == "mse" else amax_with_least_kl_divergence
-            q.amax = search(*calibration_histogram(q), q.num_bits, q.unsigned)
-        else:
-            q.load_calib_amax(method, percentile=percentile)
+        kept = None if q.amax is None else q.amax.detach().clone()  # set_amaxes applies a method's ranges
+        for method in methods:
+            if method == "percentile":
+                out[method].append(amax_at_percentile(*calibration_histogram(q), percentile))
+            else:
+                search = amax_with_least_squared_error if method == "mse" else amax_with_least_kl_divergence
+                out[method].append(search(*calibration_histogram(q), q.num_bits, q.unsigned))
+        if kept is not None:
+            q.amax = kept
         q.enable_quant()
         q.disable_calib()
+    return out
+
+
+def set_amaxes(quantizers: list[nn.Module], amaxes: list[torch.Tensor]) -> None:
+    for q, amax in zip(quantizers, amaxes, strict=True):
+        q.amax = amax
+
+
+def amax_at_percentile(hist, bin_edges, percentile: float) -> torch.Tensor:
+    """The bin edge below which ``percentile`` % of the calibration values lie: modelopt's percentile
+    calibrator (``_compute_amax_percentile``, counts as integers) on edges that match the counts."""
+    counts = torch.as_tensor(hist).int().cpu().numpy()
+    idx = int(np.searchsorted(np.cumsum(counts / counts.sum()), percentile / 100))
+    return torch.tensor(float(torch.as_tensor(bin_edges)[idx]))
 
 
 def amax_with_least_squared_error(hist, bin_edges, num_bits: int, unsigned: bool) -> torch.Tensor:
@@ -83,8 +111,10 @@ def amax_with_least_kl_divergence(hist, bin_edges, num_bits: int, unsigned: bool
     """The amax with the least KL divergence between the calibration histogram (clipped at the
     candidate) and its quantized version: modelopt's ``_compute_amax_entropy`` (TensorRT's entropy
     calibrator) step for step, including its choice of the last of equal minima, with numpy doing
-    each candidate's binning instead of a Python loop over bins."""
-    from scipy.stats import entropy
+    each candidate's binning instead of a Python loop over bins. The divergence is scipy.stats.entropy's
+    own arithmetic (normalise both, ``rel_entr``, sum) without its argument-checking wrapper, which took
+    85% of the search's time (about 2 s of each quantizer's 2.3 s on the AVX2 host)."""
+    from scipy.special import rel_entr
 
     bins = np.asarray(hist, dtype=np.float64).copy()
     bins[0] = bins[1]
@@ -99,7 +129,7 @@ def amax_with_least_kl_divergence(hist, bin_edges, num_bits: int, unsigned: bool
         candidate = np.where(used, mean[level], 0.0)
         reference = bins[:i].copy()
         reference[-1] += bins[i:].sum()
-        divergences.append(entropy(reference, candidate))
+        divergences.append(float(rel_entr(reference / reference.sum(), candidate / candidate.sum()).sum()))
     divergences = np.asarray(divergences)
     last_argmin = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
     return torch.tensor(float(bin_edges[last_argmin + start_bin]))

@@ -14,7 +14,9 @@ from edgekd.config import QuantizeConfig
 from edgekd.data import DataSet, Split, calibration_images
 from edgekd.errors import EdgekdError
 from edgekd.models import model_from_checkpoint
-from edgekd.quantize.fakequant import quantize_model
+from edgekd.quantize.bias import bias_hooks
+from edgekd.quantize.calibrate import forward_loop_over, histogram_amaxes, set_amaxes
+from edgekd.quantize.fakequant import activation_quantizers, quantize_model
 from edgekd.train import evaluate, predict_logits
 
 AUTO_CALIBRATORS = ("max", "mse", "percentile", "entropy")  # 'auto' tries the histogram ones only when max loses more than:
@@ -41,19 +43,38 @@ def calibrate(student_ckpt: dict[str, Any], cfg: QuantizeConfig, data: DataSet, 
 
     score, reference = calibration_score(student_ckpt, cfg, data, seed, fp32_val)
     calib = calibration_images(calibration_split(cfg, data), cfg.calib_images, seed)
-    tried: dict[str, float] = {}
-    best = None
-    for method in AUTO_CALIBRATORS if cfg.calibrator == "auto" else (cfg.calibrator,):
-        fp32 = model_from_checkpoint(student_ckpt)  # quantize_model folds and rounds in place: a fresh copy each time
-        model = quantize_model(fp32, cfg.model_copy(update={"calibrator": method}), calib, fp32.preprocess, float_layers)
+    first = "max" if cfg.calibrator == "auto" else cfg.calibrator
+    fp32 = model_from_checkpoint(student_ckpt)  # quantize_model folds and rounds in place: a fresh copy
+    model = quantize_model(fp32, cfg.model_copy(update={"calibrator": first}), calib, fp32.preprocess, float_layers)
+    tried = {first: score(model)}
+    if cfg.calibrator != "auto" or 100 * (reference - tried["max"]) <= AUTO_TOLERANCE_POINTS:
+        return model, tried
+    _best_histogram_ranges(model, calib, cfg.percentile, score, tried)
+    ui.log(f"calibrators on {'target agreement' if cfg.calibration == 'target' else 'validation'} (max lost more than a point): "
+           + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {model.edgekd_quant['calibrator']}")
+    return model, tried
+
+
+def _best_histogram_ranges(model: nn.Module, calib_u8: torch.Tensor, percentile: float, score: Callable[[nn.Module], float], tried: dict[str, float]) -> None:
+    """Score each histogram method's activation ranges on the max-calibrated ``model`` (one histogram
+    pass for all three, :func:`histogram_amaxes`) and leave the model with the best of all ``tried``.
+    Only the ranges differ between calibrators: weights, placement and bias rounding are the same."""
+    quantizers = list(activation_quantizers(model).values())
+    ranges = {"max": [q.amax.detach().clone() for q in quantizers]}
+    rounding = [hook for _, hook in bias_hooks(model)]  # off while collecting, as during the max calibration (ort-cpu layout)
+    for hook in rounding:
+        hook.enabled = False
+    try:
+        ranges |= histogram_amaxes(quantizers, model, forward_loop_over(calib_u8, model.preprocess), AUTO_CALIBRATORS[1:], percentile)
+    finally:
+        for hook in rounding:
+            hook.enabled = True
+    for method in AUTO_CALIBRATORS[1:]:
+        set_amaxes(quantizers, ranges[method])
         tried[method] = score(model)
-        if best is None or tried[method] > tried[best[0]]:
-            best = (method, model)
-        if method == "max" and 100 * (reference - tried[method]) <= AUTO_TOLERANCE_POINTS:
-            break
-    if len(tried) > 1:
-        ui.log(f"calibrators on {'target agreement' if cfg.calibration == 'target' else 'validation'} (max lost more than a point): " + ", ".join(f"{k} {v:.4f}" for k, v in tried.items()) + f"; keeping {best[0]}")
-    return best[1], tried
+    best = max(tried, key=tried.get)  # the first of equal scores: max before the histogram methods
+    set_amaxes(quantizers, ranges[best])
+    model.edgekd_quant["calibrator"] = best
 
 
 def selection_split(val: Split, cfg: QuantizeConfig) -> Split:
