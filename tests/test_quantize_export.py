@@ -507,3 +507,23 @@ def test_export_of_an_fp32_checkpoint_calibrates_like_qad(trained_pico, fmnist_2
     rec = run_export(ExportJob(ExportConfig(precision="int8", layout="tensorrt", check_batch=64), QuantizeConfig(calib_images=64), Path(trained_pico[1])), fmnist_2000, tmp_path / "o", StageContext())
     tried = rec["ptq_calibration"]["calibrators_tried"]
     assert list(tried) == ["max", "mse", "percentile", "entropy"] and rec["ptq_calibration"]["calibrator"] == max(tried, key=tried.get)
+
+
+def test_entropy_skips_candidates_that_have_no_distribution():
+    """An activation that never comes near zero leaves the first bins empty: the KL search's candidates
+    clipped there have no distribution at all (0/0, a nan divergence). modelopt's argmin takes one of
+    them, a range below every value (4.998 for values in [5, 6]); edgekd skips them, and warns nothing."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from modelopt.torch.quantization.calib.histogram import _compute_amax_entropy
+
+    from edgekd.quantize.calibrate import amax_with_least_kl_divergence
+
+    values = np.random.default_rng(0).uniform(5.0, 6.0, 50_000)
+    hist, edges = np.histogram(np.concatenate([[0.0], values]), bins=2048)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        amax = float(amax_with_least_kl_divergence(hist, edges, 8, True))
+    assert float(_compute_amax_entropy(hist.copy(), edges, 8, True)) < 5.0 <= amax, amax

@@ -129,7 +129,10 @@ def amax_with_least_kl_divergence(hist, bin_edges, num_bits: int, unsigned: bool
         candidate = np.where(used, mean[level], 0.0)
         reference = bins[:i].copy()
         reference[-1] += bins[i:].sum()
-        divergences.append(float(rel_entr(reference / reference.sum(), candidate / candidate.sum()).sum()))
-    divergences = np.asarray(divergences)
+        with np.errstate(invalid="ignore", divide="ignore"):  # as scipy.stats.entropy: an empty candidate is nan, not a warning
+            divergences.append(float(rel_entr(reference / reference.sum(), candidate / candidate.sum()).sum()))
+    # A candidate whose first i bins are all empty has no distribution (nan): numpy's argmin returns a nan
+    # first, so modelopt picks one, a range below every value; here such a candidate is never the best.
+    divergences = np.nan_to_num(np.asarray(divergences), nan=np.inf)
     last_argmin = len(divergences) - 1 - int(np.argmin(divergences[::-1]))
     return torch.tensor(float(bin_edges[last_argmin + start_bin]))
