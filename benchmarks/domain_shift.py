@@ -257,7 +257,7 @@ def table(results: Path) -> None:
     speeds = [r["distill_img_s"] for r in recs if r.get("distill_img_s")]
     lines = ["# Domain adaptation: unlabeled target images, MMD, target calibration (issue 31)", "",
              f"Written by `{shlex.join(['python', 'benchmarks/domain_shift.py', 'table'])}` on {datetime.date.today()} from the runs of "
-             "`benchmarks/domain_shift.py run` (pieces of < 10 min under the shared CPU lock), machine: " + machine() + f"; CPU flags: {cpu_flags()}"
+             "`benchmarks/domain_shift.py run` (one run at a time, nothing else on the machine), machine: " + machine() + f"; CPU flags: {cpu_flags()}"
              + (f"; distillation ran at {statistics.median(speeds):.0f} img/s (median over the runs, labeled + unlabeled images)." if speeds else "."), "",
              "Every figure is the top-1 of the **shipped INT8 ONNX file** (the build's evaluate stage), mean +- sample standard deviation over "
              "the seeds listed, and the change against source only paired by seed; the source figure is on the 10,000 plain Fashion-MNIST "
