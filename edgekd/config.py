@@ -134,8 +134,9 @@ class DistillConfig(Strict):
     teacher_layer: str | None = Field(None, description="teacher module path for feature losses (default: model's feature_layer)")
     teacher_weights: list[float] | None = Field(None, description="one weight per teacher (multi-teacher); default equal")
     cache_teacher: bool = Field(True, description="cache teacher logits when augmentation allows it")
-    unlabeled_weight: float = Field(1.0, ge=0, description="weight of the KD term on unlabeled target images (data.unlabeled_root; teacher "
-                                                           "soft targets only, no label term)")
+    unlabeled_weight: float = Field(0.1, ge=0, description="weight of the KD term on unlabeled target images (data.unlabeled_root; teacher "
+                                                           "soft targets only, no label term); at 1 a pico student lost 1.2-4.8 source points, "
+                                                           "at 0.1 under one (benchmarks/domain_results.md)")
     unlabeled_ratio: float = Field(1.0, gt=0, le=8, description="unlabeled images per labeled image in each step")
     mmd: MMDConfig = Field(default_factory=MMDConfig, description="the student's features aligned on source and unlabeled target images")
     ship: Literal["better", "distilled"] = Field("better", description="'better': when the control (student alone) beats the distilled "
