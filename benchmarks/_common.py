@@ -13,9 +13,15 @@ def machine() -> str:
         cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu)
     except OSError:
         pass
+    flags = ""
+    try:
+        have = set(next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")))
+        flags = " (" + ("AVX-512 VNNI" if "avx512_vnni" in have else "AVX2 only, no AVX-512 VNNI" if "avx2" in have else "no AVX2") + ")"
+    except (OSError, StopIteration):
+        pass
     load = ""
     try:
         load = f", 1-min load average {os.getloadavg()[0]:.1f} when this was written"
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}{load}"
+    return f"{cpu}{flags}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}{load}"

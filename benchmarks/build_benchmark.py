@@ -7,7 +7,10 @@ stage's time, the build report's accuracy ladder (teacher, student alone, distil
 exported file, each with its 95% interval) and latency, and writes ``benchmarks/build_results.md``.
 
     python benchmarks/build_benchmark.py                       # all three (about 25 min idle)
-    python benchmarks/build_benchmark.py --only small-folder
+    python benchmarks/build_benchmark.py --only small-folder --results benchmarks/build_results_small_folder.md
+
+Exits 1 when a build misses its goal (issue 13: the default build >= 93% in 20 min, the small
+folder >= 95% in 5 min on 2 cores).
 """
 
 from __future__ import annotations
@@ -68,6 +71,22 @@ def machine_speed(seconds: float = 6.0) -> str:
     return f"pico_cnn trains at {n / (time.time() - t0):,.0f} img/s here today (FACTS.md measured ~5,800 img/s on these machines)"
 
 
+# Issue 13's goals, checked on every run of the benchmark (this was a test in the suite until issue 29
+# moved the 3-minute build here; tests/test_small_folder.py keeps the route's logic in the suite).
+GOALS = {"default": (0.93, 20 * 60), "small-folder": (0.95, 5 * 60)}
+
+
+def goal_line(r: dict) -> str | None:
+    """'met' or 'MISSED' for this build's accuracy and wall-time goal (None: the build has none)."""
+    if r["name"] not in GOALS:
+        return None
+    top1, wall_s = GOALS[r["name"]]
+    acc = r["result"]["accuracy"]
+    ok = acc >= top1 and r["wall"] <= wall_s
+    return (f"Goal (issue 13): >= {100 * top1:.0f}% in at most {wall_s / 60:.0f} min: **{'met' if ok else 'MISSED'}** "
+            f"({100 * acc:.2f}% in {r['wall'] / 60:.1f} min)")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=sorted(RUNS), help="run only this build (repeat for several)")
@@ -97,13 +116,15 @@ def main() -> int:
             change = f"{100 * a['change']:+.2f} +-{100 * a['change_ci95']:.2f}" if "change" in a else ""
             lines.append(f"| {a['step']} | {100 * a['test_top1']:.2f} | {100 * a['ci95']:.2f} | {change} | {a.get('seconds') or '-'} | {a.get('note', '')} |")
         lines += ["", f"Verdict: {r['result']['report']['verdict']}"] + [f"- {n}" for n in r["result"]["report"]["notes"]]
+        if goal_line(r):
+            lines += ["", goal_line(r)]
     lines += ["", f"- Machine: {machine()}; {speed}", f"- Date: {datetime.datetime.now().isoformat(timespec='seconds')}",
               f"- Command: `python benchmarks/build_benchmark.py {' '.join(sys.argv[1:])}` (each build in a fresh folder under {args.work})",
               "- Goals (issue 13): default build at most 20 minutes on 2 cores shipping >= 93.0% and at least the student alone; "
               "the small RGB folder >= 95% in at most 5 minutes."]
     (ROOT / args.results).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
+    return 0 if all("MISSED" not in (goal_line(r) or "") for r in rows) else 1
 
 
 if __name__ == "__main__":
