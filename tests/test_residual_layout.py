@@ -122,3 +122,25 @@ def test_readiness_passes_model_optimizers_own_onnx_ptq(exported, tmp_path):
     # the same residual placement; what remains is edgekd's INT8 head and ModelOpt's Q/DQ before pooling (see architectures_results.md)
     assert not [d for d in diff["only_ours"] + diff["only_theirs"] if "Add" in d.split(" <- ")[0]], diff
     assert all("Gemm" in d for d in diff["only_ours"]) and all("Pool" in d for d in diff["only_theirs"]) and not diff["unmatched"], diff
+
+
+def test_a_venv_without_model_optimizer_is_named_as_such(tmp_path, monkeypatch):
+    """The probe finds the packages without importing them (an import of modelopt.onnx takes ~12 s)
+    and says which are missing, so the reference test above skips with the reason."""
+    import shutil
+    import sys
+
+    from edgekd.export.modelopt_reference import VENV_ENV
+
+    bare = shutil.which("python3", path="/usr/bin:/bin")
+    if bare is None or bare == sys.executable:
+        pytest.skip("no system python3 beside the test's own")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").symlink_to(bare)
+    monkeypatch.setenv(VENV_ENV, str(tmp_path))
+    py, why = modelopt_python()
+    if py is not None:
+        pytest.skip(f"{bare} has Model Optimizer, onnx and onnxruntime")
+    assert "lacks modelopt" in why, why
+    monkeypatch.setenv(VENV_ENV, str(tmp_path / "nowhere"))
+    assert modelopt_python()[0] is None and "no Model Optimizer ONNX venv" in modelopt_python()[1]

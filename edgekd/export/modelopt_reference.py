@@ -31,6 +31,13 @@ from modelopt.onnx.quantization import quantize
 quantize(sys.argv[1], quantize_mode="int8", calibration_data=np.load(sys.argv[2]), calibration_eps=["cpu"], output_path=sys.argv[3])
 """
 
+_PROBE = """
+import importlib.util, sys
+missing = [m for m in ("modelopt", "onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+print(", ".join(missing))
+sys.exit(1 if missing else 0)
+"""
+
 
 def modelopt_python() -> tuple[Path | None, str]:
     """(the venv's python, '') when Model Optimizer's ONNX PTQ is installed, else (None, why)."""
@@ -38,9 +45,11 @@ def modelopt_python() -> tuple[Path | None, str]:
     py = venv / "bin" / "python"
     if not py.is_file():
         return None, f"no Model Optimizer ONNX venv at {venv} (bash .ci/setup creates it; or set ${VENV_ENV})"
-    probe = subprocess.run([str(py), "-c", "import modelopt.onnx.quantization"], capture_output=True, text=True, timeout=300)
+    # Finds the packages without importing them: importing modelopt.onnx takes ~12 s, and the PTQ run
+    # imports it anyway (a broken install fails there, with its own last line, in quantize_with_modelopt).
+    probe = subprocess.run([str(py), "-c", _PROBE], capture_output=True, text=True, timeout=60)
     if probe.returncode != 0:
-        return None, f"{py} cannot import modelopt.onnx.quantization: {(probe.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+        return None, f"{py} lacks {probe.stdout.strip() or (probe.stderr.strip().splitlines() or ['?'])[-1][:160]}"
     return py, ""
 
 
