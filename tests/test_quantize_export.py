@@ -139,7 +139,9 @@ def test_mse_amax_has_less_error_than_the_max_and_the_first_candidate():
 @pytest.mark.parametrize("unsigned", [False, True])
 def test_entropy_amax_is_modelopts_own_choice(unsigned):
     """The numpy KL search returns exactly what modelopt's per-bin Python loop returns (in a
-    fraction of the time), on a light-tailed, a heavy-tailed and a ReLU-like histogram."""
+    fraction of the time), on a light-tailed, a heavy-tailed and a ReLU-like histogram. (1,024 bins,
+    not calibration's 2,048: modelopt's loop takes ~2.5 s per 2,048-bin histogram; the search is the
+    same at any bin count above its 128-bin start.)"""
     import warnings
 
     with warnings.catch_warnings():
@@ -150,7 +152,7 @@ def test_entropy_amax_is_modelopts_own_choice(unsigned):
 
     rng = np.random.default_rng(0)
     for values in (np.abs(rng.standard_normal(50_000)), np.abs(rng.standard_t(3, 50_000)), np.maximum(3 * rng.standard_normal(50_000) + 1, 0)):
-        hist, edges = np.histogram(values, bins=2048)
+        hist, edges = np.histogram(values, bins=1024)
         ours = float(amax_with_least_kl_divergence(hist, edges, 8, unsigned))
         assert ours == float(_compute_amax_entropy(hist.copy(), edges, 8, unsigned)) and 0 < ours <= edges[-1]
 
