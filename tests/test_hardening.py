@@ -403,17 +403,30 @@ SECRET = "AKIAedgekdSECRETvalue9f3e1"
 TOKEN = "ghp_edgekdTOKENvalue7c2d"
 
 
-def _build_cmd(out: Path, extra: list[str], interrupt: tuple[str, int, str] | None = None) -> list[str]:
-    args = ["build", "--target", "x86-cpu", *PICO, *extra, "--out", str(out), "--json"]
-    if interrupt is None:
-        return [EDGEKD, *args]
-    mark, nth, sig = interrupt
-    return [sys.executable, str(ROOT / "tests" / "interrupt_at.py"), mark, str(nth), sig, "--", *args]
+def _build_args(out: Path, extra: list[str]) -> list[str]:
+    return ["build", "--target", "x86-cpu", *PICO, *extra, "--out", str(out), "--json"]
 
 
-def _run_build(out: Path, extra: list[str], interrupt: tuple[str, int, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "EDGEKD_QUIET": "1", **ENV, "AWS_SECRET_ACCESS_KEY": SECRET, "GITHUB_TOKEN": TOKEN}
-    return subprocess.run(_build_cmd(out, extra, interrupt), env=env, capture_output=True, text=True, timeout=600)
+def _kill_build(out: Path, extra: list[str], mark: str, nth: int) -> subprocess.CompletedProcess:
+    """The build in a process of its own, SIGKILLed just before the NTH write to MARK (tests/interrupt_at.py)."""
+    env = {**os.environ, "EDGEKD_QUIET": "1", **ENV}
+    cmd = [sys.executable, str(ROOT / "tests" / "interrupt_at.py"), mark, str(nth), "SIGKILL", "--", *_build_args(out, extra)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _build_here(out: Path, extra: list[str], ctrl_c: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    """The build in this process (the CLI's own entry point), with a real SIGINT to this process just
+    before the NTH write to MARK when ``ctrl_c`` = (MARK, NTH). A KeyboardInterrupt that escaped the CLI
+    would end the whole test session: it fails this test instead."""
+    from interrupt_at import signal_before_replace
+
+    try:
+        if ctrl_c is None:
+            return run_inprocess(*_build_args(out, extra))
+        with signal_before_replace(ctrl_c[0], ctrl_c[1], "SIGINT"):
+            return run_inprocess(*_build_args(out, extra))
+    except KeyboardInterrupt:
+        pytest.fail(f"Ctrl-C before {ctrl_c} escaped edgekd's CLI as a KeyboardInterrupt")
 
 
 def _interrupt_points(out: Path) -> list[tuple[str, str, int, int | None]]:
@@ -429,12 +442,15 @@ def _interrupt_points(out: Path) -> list[tuple[str, str, int, int | None]]:
 
 @pytest.mark.slow
 @needs_fmnist
-def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path):
+def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path, monkeypatch):
     """For each stage of ``edgekd build`` in turn: SIGINT (Ctrl-C) in it, then SIGKILL in it, each just
     before one of its artifacts is renamed into place. Ctrl-C exits 130 with one line and leaves no
     temporary file; SIGKILL leaves the stage 'running'. Every rerun resumes (training stages from their
     last epoch, finished stages skipped) and the last one ends with a manifest whose every checksum
-    matches. No secret from the environment appears in any output or file."""
+    matches. No secret from the environment appears in any output or file. (Ctrl-C and the reruns run
+    in this process, each SIGKILL in a process of its own.)"""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("GITHUB_TOKEN", TOKEN)
     out = tmp_path / "run"
     extra = ["--set", "data.train_subset=600", "--set", "data.test_subset=200", "--set", "teacher.train.epochs=3",
              "--set", "student.train.epochs=3", "--set", "quantize.train.epochs=3"]  # 3: interrupted after epoch 2, one left to resume
@@ -445,7 +461,7 @@ def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path):
 
     done: list[str] = []
     for stage, mark, nth_int, nth_kill in _interrupt_points(out):
-        r = _run_build(out, extra, (mark, nth_int, "SIGINT"))
+        r = _build_here(out, extra, (mark, nth_int))
         logs += [r.stdout, r.stderr]
         assert "interrupt_at: SIGINT" in r.stderr, f"{stage}: the signal point was never reached: {r.stderr[-2000:]}"
         assert r.returncode == 130, f"{stage}: {r.stderr[-2000:]}"
@@ -453,13 +469,13 @@ def test_sigint_and_sigkill_in_every_stage_then_resume(tmp_path):
         assert status(stage) == "running" and all(status(s) == "done" for s in done), stage
         assert not list(out.rglob("*.tmp")), f"{stage}: Ctrl-C left temporary files"
         if nth_kill is not None:
-            r = _run_build(out, extra, (mark, nth_kill, "SIGKILL"))
+            r = _kill_build(out, extra, mark, nth_kill)
             logs += [r.stdout, r.stderr]
             assert r.returncode == -signal.SIGKILL, f"{stage}: {r.stderr[-2000:]}"
             assert status(stage) == "running" and all(status(s) == "done" for s in done), stage
         done.append(stage)
     assert list(out.rglob("*.tmp")), "the last SIGKILL (mid bundle write) should have left its temporary file"
-    r = _run_build(out, extra)
+    r = _build_here(out, extra)
     logs += [r.stdout, r.stderr]
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
