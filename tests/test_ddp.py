@@ -43,16 +43,13 @@ def test_qad_ranges_train_the_same_on_two_gloo_ranks(tmp_path):
     gradients, through the fine-tune loop, are compared in test_torchrun_build_end_to_end_matches_one_process.)
     SGD: its step is linear in the gradient, so float rounding stays at rounding size; Adam's sign-like
     step turns a near-zero gradient's rounding noise into a full step at the ranges' learning rate."""
-    start = subprocess.run([EDGEKD, "finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "256",
-                            "--test-subset", "64", "--epochs", "1", "--batch-size", "64", "--set", "data.augment=none", "--no-resume",
-                            "--out", str(tmp_path / "start")], capture_output=True, text=True, env=RUN_ENV, timeout=300)
-    assert start.returncode == 0, start.stderr[-2000:]
+    json_out(run_inprocess("finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "256", "--test-subset", "64",
+                           "--epochs", "1", "--batch-size", "64", "--set", "data.augment=none", "--no-resume", "--out", tmp_path / "start", "--json"))
     qad = ["quantize", str(tmp_path / "start" / "best.pt"), "--train-subset", "256", "--test-subset", "64", "--epochs", "1", "--calib-images", "64",
            "--calibrator", "max", "--learn-ranges", "--set", "quantize.train.optimizer=sgd", "--set", "quantize.range_lr=1.0", "--set", "data.augment=none",
            "--set", "quantize.train.min_steps=0", "--no-resume"]
-    single = subprocess.run([EDGEKD, *qad, "--set", "quantize.train.batch_size=64", "--out", str(tmp_path / "qsingle"), "--json"], capture_output=True,
-                            text=True, env=RUN_ENV, timeout=300)
-    moved = json_out(single)["learned_ranges"]
+    with one_thread():
+        moved = json_out(run_inprocess(*qad, "--set", "quantize.train.batch_size=64", "--out", tmp_path / "qsingle", "--json"))["learned_ranges"]
     assert moved["quantizers"] >= 5 and max(abs(moved["lowest_ratio"] - 1), abs(moved["highest_ratio"] - 1)) > 1e-3, moved
     ddp = _torchrun(*qad, "--set", "quantize.train.batch_size=32", "--out", str(tmp_path / "qddp"), timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
