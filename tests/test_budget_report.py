@@ -8,7 +8,7 @@ import pytest
 import torch.nn as nn
 from rich.console import Console
 
-from cli_helpers import json_out, run_cli
+from cli_helpers import json_out, run_cli, run_inprocess
 from edgekd import ui
 from edgekd.config import TrainConfig, load_recipe, parse_duration
 from edgekd.data import load_dataset
@@ -105,7 +105,7 @@ def test_build_distils_from_the_control_when_the_teacher_is_weaker(tmp_path):
     """An untrained teacher: the build distils from the control (born-again) and says so."""
     weak = ["teacher.model=pico_cnn", "teacher.pretrained=none", "teacher.input_size=28", "teacher.train.epochs=0", "student.model=pico_cnn",
             "student.train.epochs=1", "data.train_subset=600", "data.test_subset=200"]
-    json_out(run_cli("build", "--target", "x86-cpu", *[x for s in weak for x in ("--set", s)], "--until", "distill", "--out", tmp_path / "run", "--json"))
+    json_out(run_inprocess("build", "--target", "x86-cpu", *[x for s in weak for x in ("--set", s)], "--until", "distill", "--out", tmp_path / "run", "--json"))
     distill = Manifest(tmp_path / "run").stage("distill")
     assert distill["metrics"]["distilled_from"] == "control" and "born-again" in distill["metrics"]["distilled_from_reason"]
     assert distill["artifacts"]["kd_teacher"]["path"] == "control/best.pt"

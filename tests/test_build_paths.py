@@ -37,12 +37,12 @@ def _onnx_ops(path) -> set[str]:
 def test_quick_build_runs_every_stage_from_the_pretrained_teacher(tmp_path):
     """The README's first look: --quick's settings (ImageNet-pretrained EfficientNet-Lite0 at 48 px,
     one teacher epoch, three student epochs) under the user's own --set, which wins."""
-    res, _ = _build(tmp_path / "q", "--quick", "--set", "data.train_subset=600", "--set", "data.test_subset=200", "--set", "bench.runs=10")
+    res, _ = _build(tmp_path / "q", "--quick", "--set", "data.train_subset=300", "--set", "data.test_subset=200", "--set", "bench.runs=10")
     assert all(s["status"] == "done" for s in res["stages"].values()) and list(res["stages"])[0] == "teacher" and "bundle" in res["stages"]
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     rc = manifest["recipe"]
     assert (rc["data"]["train_subset"], rc["teacher"]["input_size"], rc["teacher"]["train"]["epochs"], rc["student"]["train"]["epochs"],
-            rc["quantize"]["calib_images"]) == (600, 48, 1, 3, 256)  # the user's subset, --quick's everything else
+            rc["quantize"]["calib_images"]) == (300, 48, 1, 3, 256)  # the user's subset, --quick's everything else
     teacher = json.loads((tmp_path / "q" / "teacher" / "metrics.json").read_text())
     assert teacher["model"] == "efficientnet_lite0" and teacher["weights_source"].startswith("offline:") and teacher["test"]["n"] == 200
     assert res["precision"] == "int8" and "QuantizeLinear" in _onnx_ops(res["onnx"]) and 0.3 < res["accuracy"] <= 1.0
