@@ -72,7 +72,7 @@ def test_resume_after_interruption_continues_from_last_epoch(tmp_path):
     the same command again: it resumes from last.pt instead of starting over, keeps the killed
     run's finished epochs, and ends with all four and no temporary files."""
     out = tmp_path / "r"
-    args = [EDGEKD, "finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "2048",
+    args = [EDGEKD, "finetune", "--model", "pico_cnn", "--pretrained", "none", "--input-size", "28", "--train-subset", "1024",
             "--test-subset", "256", "--batch-size", "32", "--epochs", "4", "--out", str(out), "--json"]
     env = {**os.environ, "EDGEKD_QUIET": "1"}
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

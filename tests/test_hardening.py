@@ -579,7 +579,7 @@ def test_zero_epochs_never_returns_a_stale_best_checkpoint(tmp_path):
 @needs_fmnist
 def test_same_recipe_and_seed_give_the_same_metrics(tmp_path):
     """deterministic: true on CPU: two builds up to the distilled student agree exactly (metrics and weights)."""
-    args = ["--set", "deterministic=true", "--set", "seed=7", "--set", "data.train_subset=800", "--set", "data.test_subset=200",
+    args = ["--set", "deterministic=true", "--set", "seed=7", "--set", "data.train_subset=400", "--set", "data.test_subset=200",
             "--set", "teacher.train.epochs=1", "--set", "student.train.epochs=1", "--until", "distill", "--json"]
     runs = [json_out(run_cli("build", "--target", "x86-cpu", *PICO, *args, "--out", tmp_path / f"r{i}", env=ENV)) for i in (1, 2)]
     for stage in ("teacher", "student"):
