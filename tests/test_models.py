@@ -153,11 +153,10 @@ def test_control_trains_a_pretrained_timm_student_on_grey_images(tmp_path):
     from edgekd.data import load_data
 
     data = load_data(DataConfig(train_subset=256, test_subset=64), 0)
-    top1 = {}
-    for weights in ("offline", "none"):
-        cfg = StudentConfig(model="efficientnet_lite0", pretrained=weights, input_size=32, train=TrainConfig(epochs=4, lr=1e-3, batch_size=32, min_steps=0))
-        res = run_control(cfg, data, tmp_path / weights, StageContext(data_cfg=DataConfig()))
-        top1[weights] = res["metrics"]["test"]["top1"]
+    cfg = StudentConfig(model="efficientnet_lite0", pretrained="offline", input_size=32, train=TrainConfig(epochs=4, lr=1e-3, batch_size=32, min_steps=0))
+    top1 = run_control(cfg, data, tmp_path / "offline", StageContext(data_cfg=DataConfig()))["metrics"]["test"]["top1"]
     model = model_from_checkpoint(load_checkpoint(tmp_path / "offline" / "best.pt"))
     assert model.edgekd_spec["in_chans"] == 3 and model(model.preprocess(data.test.images[:4])).shape == (4, 10)
-    assert top1["offline"] > top1["none"] + 0.15, top1  # 32 steps: ImageNet features learn, a random init barely starts (0.33 vs 0.06 here)
+    # 32 steps: ImageNet features learn (0.38 measured), a random init barely starts (0.06 with pretrained="none",
+    # same seed and steps, measured 2026-12-06): weights that silently failed to load stay below 0.25
+    assert top1 > 0.25, top1
