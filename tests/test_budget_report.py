@@ -131,7 +131,7 @@ def test_intervals():
 LOSING = [
     "--set", "teacher.model=pico_cnn", "--set", "teacher.pretrained=none", "--set", "teacher.input_size=28", "--set", "teacher.train.epochs=0",
     "--set", "student.model=pico_cnn", "--set", "student.train.epochs=3", "--set", "distill.alpha=1.0", "--set", "distill.temperature=1.0",
-    "--set", "distill.weak_teacher=keep", "--set", "data.train_subset=1000", "--set", "data.test_subset=300", "--set", "quantize.train.epochs=1",
+    "--set", "distill.weak_teacher=keep", "--set", "data.train_subset=1500", "--set", "data.test_subset=500", "--set", "quantize.train.epochs=1",
     "--set", "quantize.calib_images=128", "--set", "bench.runs=20", "--set", "bench.warmup=2", "--set", "bench.batches=[1,8]",
     "--set", "export.check_batch=128",
 ]
