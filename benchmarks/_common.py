@@ -8,16 +8,13 @@ from pathlib import Path
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
+    cpu, flags = "unknown CPU", ""
     try:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    flags = ""
-    try:
-        have = set(next(line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")))
+        info = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in Path("/proc/cpuinfo").read_text().splitlines()) if v}
+        cpu = info.get("model name", cpu)
+        have = set(info.get("flags", "").split())
         flags = " (" + ("AVX-512 VNNI" if "avx512_vnni" in have else "AVX2 only, no AVX-512 VNNI" if "avx2" in have else "no AVX2") + ")"
-    except (OSError, StopIteration):
+    except OSError:
         pass
     load = ""
     try:

@@ -21,9 +21,9 @@ from typing import Iterator
 
 
 @contextlib.contextmanager
-def signal_before_replace(mark: str, nth: int, sig_name: str) -> Iterator[list[int]]:
+def signal_before_replace(mark: str, nth: int, sig_name: str) -> Iterator[None]:
     """While inside, the NTH ``os.replace`` onto a path containing MARK first sends SIG_NAME to this
-    process. Yields [replaces seen], so a caller can tell whether the point was reached."""
+    process (and says so on stderr, so a caller can tell the point was reached)."""
     sig = getattr(signal, sig_name)
     real_replace, seen = os.replace, [0]
 
@@ -41,7 +41,7 @@ def signal_before_replace(mark: str, nth: int, sig_name: str) -> Iterator[list[i
     old_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     os.replace = replace
     try:
-        yield seen
+        yield
     finally:
         os.replace = real_replace
         signal.signal(signal.SIGINT, old_handler)
